@@ -1,0 +1,444 @@
+"""The backup lifecycle: snapshot → mount → back up → clean up, as idempotent steps."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .. import journal
+from ..config import Config
+from ..journal import MessageId
+from ..lvm import Lvm, LvmError
+from ..model import VM, Disk, DiskMode, PlannedCommand, SnapshotRecord, snapshot_name
+from ..mount import Mounter, mount_options, mounts_below
+from ..progress import Reporter
+from ..repository import BackupSummary, Restic, tags_for
+from ..state import Busy, Owner, RunState, StateStore, new_run_id
+from .watch import OverflowWatch, SnapshotOverflowed
+
+log = logging.getLogger(__name__)
+
+
+class StepError(Exception):
+    """A step failed for a reason worth one clear line in the journal."""
+
+
+@dataclass
+class Context:
+    cfg: Config
+    lvm: Lvm
+    mounter: Mounter
+    restic: Restic
+    store: StateStore
+    host: str
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Context:
+        return cls(
+            cfg=cfg,
+            lvm=Lvm(cfg.commands),
+            mounter=Mounter(cfg.commands),
+            restic=Restic(cfg.repository, cfg.command("restic")),
+            store=StateStore(cfg.settings.runtime_dir, cfg.settings.state_dir),
+            host=cfg.repository.host or socket.gethostname(),
+        )
+
+
+def _event(level: int, msg: str, message_id: MessageId, *args: object, **fields: object) -> None:
+    log.log(level, msg, *args, extra={"message_id": message_id.value, "fields": fields})
+
+
+# --- snapshot ---------------------------------------------------------------------------------
+
+def sweep_stale(ctx: Context, vm: VM) -> list[str]:
+    """Unmount and remove what an earlier crashed run of this VM left. Only tagged LVs are touched."""
+    removed: list[str] = []
+    for entry in mounts_below(ctx.store.mount_root(vm.name)):
+        log.warning("unmounting leftover mount %s", entry.target)
+        ctx.mounter.umount(entry.target)
+    for lv in ctx.lvm.tagged(vm.lv_tag):
+        ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries)
+        removed.append(str(lv.ref))
+        _event(logging.WARNING, "removed stale snapshot %s left by an earlier run", MessageId.STALE_REMOVED,
+               lv.ref, snapshot=lv.ref)
+    return removed
+
+
+def sweep_all(ctx: Context) -> list[str]:
+    """Boot-time sweep: every VM's leftovers, and tagged snapshots of VMs no longer configured."""
+    removed: list[str] = []
+    for vm in ctx.cfg.vms.values():
+        with journal.context(vm=vm.name, phase="sweep"):
+            try:
+                with ctx.store.lock(vm.name, wait=False):
+                    state = ctx.store.load(vm.name)
+                    if state is not None and state.owner.alive():
+                        continue
+                    removed += sweep_stale(ctx, vm)
+                    ctx.store.clear(vm.name)
+            except Busy:
+                log.info("a run of %s is in progress; not sweeping it", vm.name)
+    known = {vm.lv_tag for vm in ctx.cfg.vms.values()}
+    for lv in ctx.lvm.tagged("xenbackup"):
+        vm_tags = [t for t in lv.tags if t.startswith("xenbackup-vm:")]
+        if vm_tags and not known.intersection(vm_tags):
+            ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries)
+            removed.append(str(lv.ref))
+            _event(logging.WARNING, "removed stale snapshot %s of an unconfigured VM", MessageId.STALE_REMOVED,
+                   lv.ref, snapshot=lv.ref)
+    return removed
+
+
+def claim(ctx: Context, vm: VM) -> RunState:
+    """Take ownership of the VM for a new run, clearing a dead run's leftovers first."""
+    old = ctx.store.load(vm.name)
+    me = Owner.current()
+    if old is not None and old.owner != me and old.owner.alive():
+        raise Busy(f"a backup of {vm.name} is already running ({old.owner.describe()}, run {old.run_id})")
+    sweep_stale(ctx, vm)
+    state = RunState(vm=vm.name, run_id=new_run_id(), owner=me, started=time.time())
+    ctx.store.save(state)
+    return state
+
+
+def preflight(ctx: Context, vm: VM) -> dict[str, bool]:
+    """Check every origin and the free space before creating anything. Returns thin-ness per disk."""
+    problems: list[str] = []
+    thin: dict[str, bool] = {}
+    need: dict[str, int] = {}
+    for disk in vm.disks:
+        lv = ctx.lvm.lv(disk.lv)
+        if lv is None:
+            problems.append(f"logical volume {disk.lv} does not exist")
+            continue
+        if lv.is_classic_snapshot or lv.origin:
+            problems.append(f"{disk.lv} is itself a snapshot; configure its origin instead")
+            continue
+        thin[str(disk.lv)] = lv.is_thin
+        if not lv.is_thin:
+            vg = ctx.lvm.vg(disk.lv.vg)
+            need[vg.name] = need.get(vg.name, 0) + vm.snapshot_size.bytes_needed(lv.size, vg.size, vg.free)
+    for vg_name, needed in need.items():
+        vg = ctx.lvm.vg(vg_name)
+        if needed > vg.free:
+            problems.append(f"volume group {vg_name} has {vg.free} bytes free, but the snapshots of "
+                            f"{vm.name} need {needed} ({vm.snapshot_size} each); free space or set a "
+                            "smaller snapshot_size")
+    if problems:
+        raise StepError("; ".join(problems))
+    return thin
+
+
+def step_snapshot(ctx: Context, vm: VM) -> RunState:
+    with journal.context(phase="snapshot"), ctx.store.lock(vm.name):
+        state = claim(ctx, vm)
+        _event(logging.INFO, "backup of %s started (run %s)", MessageId.STARTED, vm.name, state.run_id,
+               run=state.run_id)
+        thin = preflight(ctx, vm)
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
+        tags = ["xenbackup", vm.lv_tag, f"xenbackup-run:{state.run_id}"]
+        with ExitStack() as stack:
+            for disk in vm.disks:
+                is_thin = thin[str(disk.lv)]
+                name = snapshot_name(vm.name, disk, stamp)
+                ref = ctx.lvm.create_snapshot(disk.lv, name, None if is_thin else vm.snapshot_size, tags)
+                stack.callback(ctx.lvm.remove, ref, ctx.cfg.settings.lvremove_retries)
+                state = state.with_snapshot(SnapshotRecord(disk.lv, name, disk.slug, thin=is_thin))
+                ctx.store.save(state)
+                log.info("created %s snapshot %s of %s", "thin" if is_thin else f"{vm.snapshot_size}",
+                         ref, disk.lv)
+            stack.pop_all()
+        state = replace(state, phase="mount")
+        ctx.store.save(state)
+        return state
+
+
+# --- mount ------------------------------------------------------------------------------------
+
+def _disk(vm: VM, slug: str) -> Disk:
+    for d in vm.disks:
+        if d.slug == slug:
+            return d
+    raise StepError(f"run state names disk {slug}, which is no longer in the config of {vm.name}")
+
+
+def _own_state(ctx: Context, vm: VM) -> RunState:
+    state = ctx.store.load(vm.name)
+    if state is None:
+        raise StepError(f"no snapshot step has run for {vm.name} (no state in {ctx.store.vm_dir(vm.name)})")
+    if state.owner != Owner.current():
+        raise Busy(f"the snapshots of {vm.name} belong to {state.owner.describe()}")
+    return state
+
+
+def step_mount(ctx: Context, vm: VM) -> RunState:
+    with journal.context(phase="mount"), ctx.store.lock(vm.name):
+        state = _own_state(ctx, vm)
+        ctx.lvm.settle()
+        try:
+            for rec in state.snapshots:
+                disk = _disk(vm, rec.disk_slug)
+                if disk.mode is not DiskMode.FILES:
+                    continue
+                target = ctx.store.mountpoint(vm.name, rec.disk_slug)
+                entry = ctx.mounter.mount(rec.lv.path, target, disk.mount_options)
+                state = state.with_snapshot(replace(rec, mountpoint=target))
+                ctx.store.save(state)
+                log.info("mounted %s (%s) read-only on %s", rec.lv, entry.fstype, target)
+        except BaseException:
+            # A failed mount aborts the job, and the snapshot must not outlive it.
+            release(ctx, vm, state)
+            raise
+        state = replace(state, phase="backup")
+        ctx.store.save(state)
+        return state
+
+
+# --- backup -----------------------------------------------------------------------------------
+
+def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord) -> BackupSummary:
+    disk = _disk(vm, rec.disk_slug)
+    tags = tags_for(ctx.host, vm.name, str(disk.lv), disk.mode.value, state.run_id)
+    reporter = Reporter(f"{vm.name} {disk.lv}", ctx.cfg.settings.progress_interval)
+    try:
+        if disk.mode is DiskMode.FILES:
+            if not rec.mountpoint:
+                raise StepError(f"snapshot {rec.lv} is not mounted; did the mount step run?")
+            source = os.path.normpath(os.path.join(rec.mountpoint, disk.path))
+            if not os.path.lexists(source):
+                raise StepError(f"{disk.path} does not exist in the filesystem of {disk.lv}")
+            # Relative to the mount point, so the stored tree reads like the origin's filesystem.
+            return ctx.restic.backup([disk.path], tags, ctx.host, reporter, cwd=rec.mountpoint)
+        with open(rec.lv.path, "rb") as dev:
+            return ctx.restic.backup([], tags, ctx.host, reporter, stdin=dev,
+                                     stdin_filename=f"{disk.slug}.img")
+    finally:
+        reporter.close()
+
+
+def step_backup(ctx: Context, vm: VM) -> RunState:
+    with journal.context(phase="backup"):
+        with ctx.store.lock(vm.name):
+            state = _own_state(ctx, vm)
+        ctx.restic.ensure_initialized()
+        watch = OverflowWatch(ctx.lvm, vm, [r for r in state.snapshots if not r.thin],
+                              ctx.cfg.settings.watch_interval)
+        try:
+            with watch:
+                state = _store_all(ctx, vm, state)
+                watch.check()
+        except SnapshotOverflowed:
+            ctx.store.save(replace(state, peak_fill=watch.peak, overflowed=True))
+            raise
+        state = replace(state, peak_fill=watch.peak, phase="cleanup", summary=dict(state.summary))
+        ctx.store.save(state)
+        return state
+
+
+def _store_all(ctx: Context, vm: VM, state: RunState) -> RunState:
+    """Back up every disk, then the domain config; record each restic snapshot as it appears."""
+    totals = {"data_added": 0, "total_bytes": 0, "files": 0}
+    for rec in state.snapshots:
+        summary = _backup_disk(ctx, vm, state, rec)
+        state = replace(state, restic_snapshots=(*state.restic_snapshots, summary.snapshot_id))
+        ctx.store.save(state)
+        log.info("stored %s as restic snapshot %s: %d files, %d bytes read, %d bytes new",
+                 rec.origin, summary.snapshot_id[:8], summary.files, summary.total_bytes, summary.data_added)
+        for key in totals:
+            totals[key] += getattr(summary, key)
+    if vm.domain_config and os.path.isfile(vm.domain_config):
+        tags = tags_for(ctx.host, vm.name, "config", "config", state.run_id)
+        summary = ctx.restic.backup([vm.domain_config], tags, ctx.host, lambda p: None)
+        state = replace(state, restic_snapshots=(*state.restic_snapshots, summary.snapshot_id))
+        ctx.store.save(state)
+        log.info("saved domain config %s", vm.domain_config)
+    elif vm.domain_config:
+        log.warning("domain config %s does not exist; backing up the disks only", vm.domain_config)
+    return replace(state, summary=totals)
+
+
+# --- cleanup ----------------------------------------------------------------------------------
+
+def release(ctx: Context, vm: VM, state: RunState | None) -> list[str]:
+    """Unmount and remove this run's snapshots, and anything else tagged for the VM. Idempotent."""
+    removed: list[str] = []
+    for entry in mounts_below(ctx.store.mount_root(vm.name)):
+        ctx.mounter.umount(entry.target)
+        log.info("unmounted %s", entry.target)
+    if state is not None and not state.overflowed and _any_invalid(ctx, state):
+        state = replace(state, overflowed=True)
+        ctx.store.save(state)
+    names = {rec.name for rec in state.snapshots} if state else set()
+    refs = [rec.lv for rec in state.snapshots] if state else []
+    refs += [lv.ref for lv in ctx.lvm.tagged(vm.lv_tag) if lv.name not in names]
+    for ref in refs:
+        if ctx.lvm.remove(ref, ctx.cfg.settings.lvremove_retries):
+            removed.append(str(ref))
+            log.info("removed snapshot %s", ref)
+    return removed
+
+
+def _any_invalid(ctx: Context, state: RunState) -> bool:
+    for rec in state.snapshots:
+        lv = ctx.lvm.lv(rec.lv)
+        if lv is not None and not rec.thin and lv.is_invalid:
+            log.error("snapshot %s is invalid: it overflowed during the run", rec.lv,
+                      extra={"message_id": MessageId.OVERFLOW.value, "fields": {"snapshot": rec.lv}})
+            return True
+    return False
+
+
+def forget_run(ctx: Context, state: RunState, why: str) -> None:
+    """An untrustworthy run must not leave a restic snapshot that could be restored as good."""
+    if state.restic_snapshots:
+        log.warning("forgetting restic snapshots %s of run %s: %s", ", ".join(s[:8] for s in
+                    state.restic_snapshots), state.run_id, why)
+        ctx.restic.forget(state.restic_snapshots)
+
+
+def step_cleanup(ctx: Context, vm: VM, result: str | None = None) -> int:
+    """Release everything; log the run's outcome. Returns the exit code for this step."""
+    # Cleanup must finish even if the unit is being stopped; systemd's timeout is the backstop.
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        return _cleanup(ctx, vm, result)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _cleanup(ctx: Context, vm: VM, result: str | None) -> int:
+    with journal.context(phase="cleanup"), ctx.store.lock(vm.name):
+        result = result or os.environ.get("SERVICE_RESULT", "unknown")
+        detail = " ".join(f"{k}={os.environ[k]}" for k in ("EXIT_CODE", "EXIT_STATUS") if k in os.environ)
+        log.info("cleanup after result=%s%s", result, f" ({detail})" if detail else "")
+        state = ctx.store.load(vm.name)
+        if state is not None and state.owner != Owner.current() and state.owner.alive():
+            log.warning("a run owned by %s is in progress; leaving its snapshots alone",
+                        state.owner.describe())
+            return 0
+        code = 0
+        try:
+            removed = release(ctx, vm, state)
+            if not removed:
+                log.info("no snapshot to remove")
+        except Exception as exc:
+            log.error("cleanup failed, a snapshot may be left: %s", exc)
+            code = 1
+        state = ctx.store.load(vm.name) or state
+        if state is not None and state.overflowed:
+            try:
+                forget_run(ctx, state, "a snapshot overflowed, so what was read from it is inconsistent")
+            except Exception as exc:
+                log.error("could not forget the overflowed run's restic snapshots: %s", exc)
+                code = 1
+            result = "overflow"
+            code = 1
+        _finish(ctx, vm, state, result, code)
+        return code
+
+
+def _finish(ctx: Context, vm: VM, state: RunState | None, result: str, cleanup_code: int) -> None:
+    if result == "success" and cleanup_code != 0:
+        result = "cleanup-failed"
+    ok = result == "success"
+    now = time.time()
+    record: dict[str, Any] = {
+        "vm": vm.name, "result": result, "finished": now,
+        "run_id": state.run_id if state else "", "started": state.started if state else None,
+        "duration": (now - state.started) if state else None,
+        "peak_fill": state.peak_fill if state else None,
+        "restic_snapshots": list(state.restic_snapshots) if state and ok else [],
+        **(state.summary if state else {}),
+    }
+    if state is not None:
+        ctx.store.write_record(vm.name, record)
+    fields = {"result": record["result"], "peak_fill": record["peak_fill"] or 0}
+    if ok:
+        _event(logging.INFO, "backup of %s succeeded in %.0f s (snapshot peak fill %.1f%%)",
+               MessageId.SUCCEEDED, vm.name, record["duration"] or 0, record["peak_fill"] or 0, **fields)
+    elif state is not None:
+        _event(logging.ERROR, "backup of %s failed (result=%s)", MessageId.FAILED, vm.name,
+               record["result"], **fields)
+    ctx.store.clear(vm.name)
+
+
+# --- the whole job in one process -------------------------------------------------------------
+
+def backup_foreground(ctx: Context, vm: VM) -> None:
+    """`xenbackup backup VM`: the unit's steps in sequence, with cleanup on every outcome."""
+    result = "exit-code"
+    try:
+        step_snapshot(ctx, vm)
+        step_mount(ctx, vm)
+        step_backup(ctx, vm)
+        result = "success"
+    except KeyboardInterrupt:
+        result = "signal"
+        raise
+    finally:
+        if step_cleanup(ctx, vm, result) != 0 and result == "success":
+            raise StepError("the backup succeeded but its snapshot could not be removed")
+
+
+@contextlib.contextmanager
+def vm_context(vm: VM, phase: str) -> Iterator[None]:
+    with journal.context(vm=vm.name, phase=phase):
+        yield
+
+
+# --- dry run ----------------------------------------------------------------------------------
+
+def plan(ctx: Context, vm: VM) -> list[PlannedCommand]:
+    """Every command a run would execute, computed without touching anything."""
+    out: list[PlannedCommand] = []
+    stamp = "<YYYYmmddHHMMSS>"
+    run_id = "<run-id>"
+    tags = ["xenbackup", vm.lv_tag, f"xenbackup-run:{run_id}"]
+    out.append(PlannedCommand("snapshot", tuple(ctx.lvm.lvs_argv([f"@{vm.lv_tag}"])),
+                              "find leftovers of a crashed run (removed if found)"))
+    for disk in vm.disks:
+        out.append(PlannedCommand("snapshot", tuple(ctx.lvm.lvs_argv([str(disk.lv)])), "check the origin"))
+        name = snapshot_name(vm.name, disk, stamp)
+        out.append(PlannedCommand("snapshot", tuple(ctx.lvm.create_snapshot_argv(
+            disk.lv, name, vm.snapshot_size, tags)), "a thin origin gets a thin snapshot without --size"))
+    for disk in vm.disks:
+        if disk.mode is DiskMode.FILES:
+            name = snapshot_name(vm.name, disk, stamp)
+            target = ctx.store.mountpoint(vm.name, disk.slug)
+            opts = mount_options("<fstype>", True, disk.mount_options)
+            out.append(PlannedCommand("mount", tuple(ctx.mounter.mount_argv(
+                f"/dev/{disk.lv.vg}/{name}", target, "<fstype>", opts)),
+                "xfs adds nouuid,norecovery; ext4 adds noload only when its journal is dirty"))
+    for disk in vm.disks:
+        tags_r = tags_for(ctx.host, vm.name, str(disk.lv), disk.mode.value, run_id)
+        if disk.mode is DiskMode.FILES:
+            argv = ctx.restic.backup_argv([disk.path], tags_r, ctx.host)
+            note = f"in {ctx.store.mountpoint(vm.name, disk.slug)}"
+        else:
+            argv = ctx.restic.backup_argv([], tags_r, ctx.host, stdin_filename=f"{disk.slug}.img")
+            note = f"stdin from /dev/{disk.lv.vg}/{snapshot_name(vm.name, disk, stamp)}"
+        out.append(PlannedCommand("backup", tuple(argv), note))
+    if vm.domain_config:
+        argv = ctx.restic.backup_argv([vm.domain_config], tags_for(ctx.host, vm.name, "config", "config",
+                                                                    run_id), ctx.host)
+        out.append(PlannedCommand("backup", tuple(argv), "if the domain config exists"))
+    for disk in vm.disks:
+        name = snapshot_name(vm.name, disk, stamp)
+        if disk.mode is DiskMode.FILES:
+            out.append(PlannedCommand("cleanup", (ctx.cfg.command("umount"),
+                                                  ctx.store.mountpoint(vm.name, disk.slug))))
+        out.append(PlannedCommand("cleanup", tuple(ctx.lvm.remove_argv(type(disk.lv)(disk.lv.vg, name)))))
+    return out
+
+
+__all__ = ["Busy", "Context", "LvmError", "SnapshotOverflowed", "StepError", "backup_foreground", "plan",
+           "step_backup", "step_cleanup", "step_mount", "step_snapshot", "sweep_stale"]

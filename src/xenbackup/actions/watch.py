@@ -1,0 +1,100 @@
+"""The overflow guard: watch classic snapshots while restic reads them, extend them, fail on overflow."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from types import TracebackType
+
+from ..journal import MessageId
+from ..lvm import Lvm
+from ..model import VM, SizeKind, SnapshotRecord, SnapshotSize, format_bytes
+from ..run import CommandError
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotOverflowed(Exception):
+    """A classic snapshot filled up; LVM invalidated it and what was read from it is worthless."""
+
+
+def suggested_size(origin_size: int, cow_size: int, peak: float) -> SnapshotSize:
+    """A COW size with headroom: twice what the run used, at least 10% of the origin."""
+    used = cow_size * max(peak, 100.0) / 100
+    want = max(int(used * 2), origin_size // 10)
+    gib = 1 << 30
+    return SnapshotSize(((want + gib - 1) // gib) * gib, SizeKind.BYTES)
+
+
+class OverflowWatch:
+    """A thread polling `lvs` for each classic snapshot's fill during the backup."""
+
+    def __init__(self, lvm: Lvm, vm: VM, snapshots: Sequence[SnapshotRecord], interval: float) -> None:
+        self.lvm = lvm
+        self.vm = vm
+        self.snapshots = list(snapshots)
+        self.interval = interval
+        self.peak = 0.0
+        self.overflowed: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="overflow-watch", daemon=True)
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> OverflowWatch:
+        if self.snapshots:
+            self.poll()
+            self._thread.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.poll()
+            except CommandError as exc:
+                log.warning("cannot read snapshot fill: %s", exc)
+
+    def poll(self) -> None:
+        with self._lock:
+            for rec in self.snapshots:
+                lv = self.lvm.lv(rec.lv)
+                if lv is None:
+                    continue
+                fill = 100.0 if lv.is_invalid else (lv.fill or 0.0)
+                self.peak = max(self.peak, fill)
+                if lv.is_invalid or fill >= 100.0:
+                    if str(rec.lv) not in self.overflowed:
+                        self.overflowed.append(str(rec.lv))
+                        self._report_overflow(rec, lv.origin_size, lv.size)
+                elif fill >= self.vm.overflow_threshold:
+                    self._extend(rec, fill)
+
+    def _extend(self, rec: SnapshotRecord, fill: float) -> None:
+        try:
+            self.lvm.extend(rec.lv, self.vm.extend_step)
+        except CommandError as exc:
+            log.warning("snapshot %s is %.1f%% full and could not be extended: %s", rec.lv, fill, exc)
+            return
+        log.warning("snapshot %s was %.1f%% full; extended it by %s", rec.lv, fill, self.vm.extend_step,
+                    extra={"message_id": MessageId.EXTENDED.value, "fields": {"fill": fill}})
+
+    def _report_overflow(self, rec: SnapshotRecord, origin_size: int, cow_size: int) -> None:
+        hint = suggested_size(origin_size, cow_size, 100.0)
+        log.error("snapshot %s of %s overflowed (peak fill 100%%, COW %s); the backup is discarded. "
+                  "Set snapshot_size = \"%s\" or larger for vm.%s", rec.lv, rec.origin, format_bytes(cow_size),
+                  hint, self.vm.name,
+                  extra={"message_id": MessageId.OVERFLOW.value,
+                         "fields": {"peak_fill": 100, "suggested_size": str(hint), "snapshot": rec.lv}})
+
+    def check(self) -> None:
+        """Raise if any snapshot overflowed during the run (one last look first)."""
+        if self.snapshots:
+            self.poll()
+        if self.overflowed:
+            raise SnapshotOverflowed(f"snapshot {', '.join(self.overflowed)} overflowed during the backup")

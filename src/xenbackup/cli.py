@@ -1,0 +1,203 @@
+"""The xenbackup command: verbs → actions, and the one place that maps errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from . import config as config_mod
+from . import journal, systemd
+from .actions import backup as backup_mod
+from .actions.listing import group_runs
+from .actions.watch import SnapshotOverflowed
+from .config import Config, ConfigError
+from .hypervisor import HypervisorError
+from .lvm import LvmError
+from .model import format_bytes
+from .mount import MountError
+from .repository import RepositoryError
+from .run import CommandError
+from .state import Busy
+
+log = logging.getLogger("xenbackup")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_BUSY = 3
+EXIT_OVERFLOW = 4
+EXIT_INTERRUPTED = 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: raised so that every finally-block and context manager cleans up."""
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
+def _vm_name(text: str) -> str:
+    # The units pass %i; accept systemd-escape'd instance names as well as plain ones.
+    return systemd.unescape_instance(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xenbackup", description="Live backups of Xen/KVM VMs on LVM with restic.")
+    p.add_argument("--config", help="config file (default: $XENBACKUP_CONFIG or "
+                                     f"{config_mod.DEFAULT_CONFIG})")
+    p.add_argument("--debug", action="store_true", help="log every command and show tracebacks")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    b = sub.add_parser("backup", help="back up a VM now, in the foreground (same steps as the unit)")
+    b.add_argument("vm", type=_vm_name)
+
+    s = sub.add_parser("step", help="one step of xenbackup@.service (used by the unit)")
+    s.add_argument("step", choices=["snapshot", "mount", "backup", "cleanup"])
+    s.add_argument("vm", type=_vm_name)
+
+    ls = sub.add_parser("list", help="list backups with time, size and mode")
+    ls.add_argument("vm", nargs="?", type=_vm_name)
+    ls.add_argument("--json", action="store_true")
+
+    pl = sub.add_parser("plan", help="dry run: print every command a backup would run, change nothing")
+    pl.add_argument("vm", type=_vm_name)
+
+    sub.add_parser("sweep", help="remove snapshots and mounts left by interrupted runs (runs at boot)")
+    sub.add_parser("check-config", help="validate the config and report every problem")
+    sub.add_parser("init", help="initialise the restic repository (local ones are created on first use)")
+    return p
+
+
+def _cmd_backup(cfg: Config, args: argparse.Namespace) -> int:
+    vm = cfg.vm(args.vm)
+    ctx = backup_mod.Context.from_config(cfg)
+    with journal.context(vm=vm.name):
+        backup_mod.backup_foreground(ctx, vm)
+    return EXIT_OK
+
+
+def _cmd_step(cfg: Config, args: argparse.Namespace) -> int:
+    vm = cfg.vm(args.vm)
+    ctx = backup_mod.Context.from_config(cfg)
+    with journal.context(vm=vm.name):
+        if args.step == "snapshot":
+            backup_mod.step_snapshot(ctx, vm)
+        elif args.step == "mount":
+            backup_mod.step_mount(ctx, vm)
+        elif args.step == "backup":
+            backup_mod.step_backup(ctx, vm)
+        else:
+            return backup_mod.step_cleanup(ctx, vm)
+    return EXIT_OK
+
+
+def _cmd_list(cfg: Config, args: argparse.Namespace) -> int:
+    ctx = backup_mod.Context.from_config(cfg)
+    if args.vm:
+        cfg.vm(args.vm)
+    tags = ["xenbackup"] + ([f"vm:{args.vm}"] if args.vm else [])
+    snaps = ctx.restic.snapshots(tags) if ctx.restic.is_initialized() else []
+    records: dict[str, dict[str, object]] = {}
+    for name in cfg.vms:
+        for rec in ctx.store.run_records(name):
+            records[str(rec.get("run_id"))] = rec
+    rows = group_runs(snaps, records)
+    if args.json:
+        print(json.dumps([r.as_json() for r in rows], indent=1))
+        return EXIT_OK
+    print(f"{'VM':<16} {'TIME (UTC)':<19}  {'MODE':<12} {'SIZE':>10} {'ADDED':>10}  SNAPSHOTS")
+    for r in rows:
+        size = format_bytes(r.size) if r.size is not None else "-"
+        added = format_bytes(r.added) if r.added is not None else "-"
+        print(f"{r.vm:<16} {r.time:<19}  {'+'.join(r.modes):<12} {size:>10} {added:>10}  "
+              f"{' '.join(r.snapshot_ids)}")
+    if not rows:
+        print("(no backups)")
+    return EXIT_OK
+
+
+def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
+    vm = cfg.vm(args.vm)
+    ctx = backup_mod.Context.from_config(cfg)
+    print(f"# dry run for {vm.name}: nothing is executed")
+    for cmd in backup_mod.plan(ctx, vm):
+        note = f"    # {cmd.note}" if cmd.note else ""
+        print(f"[{cmd.phase}] {shlex.join(cmd.argv)}{note}")
+    return EXIT_OK
+
+
+def _cmd_sweep(cfg: Config, args: argparse.Namespace) -> int:
+    removed = backup_mod.sweep_all(backup_mod.Context.from_config(cfg))
+    log.info("sweep done: %s", f"removed {', '.join(removed)}" if removed else "nothing left behind")
+    return EXIT_OK
+
+
+def _cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
+    print(f"{cfg.path}: OK, {len(cfg.vms)} VM(s): {', '.join(sorted(cfg.vms)) or 'none'}")
+    return EXIT_OK
+
+
+def _cmd_init(cfg: Config, args: argparse.Namespace) -> int:
+    ctx = backup_mod.Context.from_config(cfg)
+    if ctx.restic.is_initialized():
+        print(f"{cfg.repository.url}: already initialised")
+    else:
+        ctx.restic.init()
+    return EXIT_OK
+
+
+VERBS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
+    "backup": _cmd_backup,
+    "step": _cmd_step,
+    "list": _cmd_list,
+    "plan": _cmd_plan,
+    "sweep": _cmd_sweep,
+    "check-config": _cmd_check_config,
+    "init": _cmd_init,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    journal.setup(debug=args.debug)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    try:
+        cfg = config_mod.load(args.config)
+        return VERBS[args.verb](cfg, args)
+    except ConfigError as exc:
+        for line in exc.errors:
+            log.error("%s", line)
+        return EXIT_USAGE
+    except Busy as exc:
+        log.error("%s", exc)
+        return EXIT_BUSY
+    except SnapshotOverflowed as exc:
+        log.error("%s", exc)
+        return EXIT_OVERFLOW
+    except (backup_mod.StepError, CommandError, LvmError, MountError, RepositoryError, HypervisorError,
+            OSError) as exc:
+        log.error("%s", exc, exc_info=args.debug)
+        if isinstance(exc, CommandError) and exc.stderr_tail:
+            log.error("%s said:\n%s", exc.program, exc.stderr_tail)
+        return EXIT_FAILED
+    except KeyboardInterrupt as exc:
+        log.error("interrupted (%s); cleanup ran", exc or "SIGINT")
+        return EXIT_INTERRUPTED
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

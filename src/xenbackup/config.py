@@ -1,0 +1,408 @@
+"""TOML config → frozen dataclasses, validated once with every error reported together."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .model import (
+    VM,
+    VM_NAME_RE,
+    Disk,
+    DiskMode,
+    HypervisorKind,
+    LvRef,
+    Retention,
+    SnapshotSize,
+)
+
+if sys.version_info >= (3, 11):  # noqa: UP036 - tomli keeps older Pythons working
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_CONFIG = "/etc/xenbackup/xenbackup.toml"
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """The config is unusable; .errors holds one 'file: key: what is wrong' line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+
+# --- value parsers: each returns the value or raises ValueError with what is wrong ---
+
+def p_str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def p_path(v: Any) -> str:
+    s = p_str(v)
+    if not s.startswith("/"):
+        raise ValueError(f"expected an absolute path, got {s!r}")
+    if "\0" in s:
+        raise ValueError("path contains a NUL byte")
+    return s
+
+
+def p_opt_path(v: Any) -> str | None:
+    return None if v == "" else p_path(v)
+
+
+def p_int(lo: int, hi: int) -> Callable[[Any], int]:
+    def parse(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"expected an integer, got {type(v).__name__}")
+        if not lo <= v <= hi:
+            raise ValueError(f"expected {lo}..{hi}, got {v}")
+        return v
+    return parse
+
+
+def p_opt_int(v: Any) -> int | None:
+    return None if v is None else p_int(0, 1_000_000)(v)
+
+
+def p_size(v: Any) -> SnapshotSize:
+    return SnapshotSize.parse(p_str(v))
+
+
+def p_str_list(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError("expected a list of strings")
+    for item in v:
+        if not item or "," in item or any(c.isspace() for c in item):
+            raise ValueError(f"bad mount option {item!r}: one option per list item, no spaces or commas")
+    return tuple(v)
+
+
+def p_enum(enum: type[T]) -> Callable[[Any], T]:
+    def parse(v: Any) -> T:
+        try:
+            return enum(p_str(v))  # type: ignore[call-arg]
+        except ValueError:
+            choices = ", ".join(repr(e.value) for e in enum)  # type: ignore[attr-defined]
+            raise ValueError(f"expected one of {choices}, got {v!r}") from None
+    return parse
+
+
+def p_choice(*choices: str) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        if v not in choices:
+            raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {v!r}")
+        return str(v)
+    return parse
+
+
+def p_bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {v!r}")
+    return v
+
+
+def p_calendar(v: Any) -> str:
+    s = p_str(v).strip()
+    if not s or "\n" in s:
+        raise ValueError("expected a systemd calendar expression such as \"*-*-* 20:00\"")
+    return s
+
+
+def p_timespan(v: Any) -> str:
+    s = p_str(v).strip()
+    if not s or not all(c.isalnum() or c in " ." for c in s):
+        raise ValueError(f'expected a systemd time span such as "30min", got {v!r}')
+    return s
+
+
+@dataclass(frozen=True)
+class Opt:
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+
+
+# Every option is declared once, here, with its default and its meaning.
+REPOSITORY_OPTS: dict[str, Opt] = {
+    "url": Opt(p_str, "/var/lib/xenbackup/repo",
+               "restic repository: a local path, sftp:host:/path, rest:https://host/, s3:host/bucket"),
+    "password_file": Opt(p_path, "/etc/xenbackup/restic-password",
+                         "used when the systemd credential 'restic-password' is absent; generated (0600) "
+                         "on first use of a local repository"),
+    "environment_file": Opt(p_opt_path, None,
+                            "KEY=VALUE lines passed only to restic, e.g. AWS_ACCESS_KEY_ID for S3"),
+    "cache_dir": Opt(p_path, "/var/cache/xenbackup/restic", "restic's local cache"),
+    "host": Opt(p_str, "", "the host name recorded in restic snapshots; empty means this host's name"),
+    "compression": Opt(p_choice("auto", "off", "max"), "auto", "restic --compression"),
+}
+
+DEFAULT_OPTS: dict[str, Opt] = {
+    "hypervisor": Opt(p_enum(HypervisorKind), HypervisorKind.XEN, "xen, kvm or none"),
+    "snapshot_size": Opt(p_size, SnapshotSize.parse("20%ORIGIN"),
+                         'classic snapshot COW size, e.g. "1G" or "20%ORIGIN"'),
+    "mount_options": Opt(p_str_list, (), "extra mount options for files-mode snapshots"),
+    "overflow_threshold": Opt(p_int(1, 99), 80, "snapshot fill (%) at which it is extended"),
+    "extend_step": Opt(p_size, SnapshotSize.parse("10%ORIGIN"), "how much to extend a filling snapshot by"),
+    "schedule": Opt(p_calendar, None, "systemd calendar expression for the VM's timer"),
+    "randomized_delay": Opt(p_timespan, None, "RandomizedDelaySec= for the VM's timer"),
+    "keep_last": Opt(p_opt_int, None, "retention: keep the last N backups"),
+    "keep_daily": Opt(p_opt_int, None, "retention: keep N daily backups"),
+    "keep_weekly": Opt(p_opt_int, None, "retention: keep N weekly backups"),
+    "keep_monthly": Opt(p_opt_int, None, "retention: keep N monthly backups"),
+    "keep_yearly": Opt(p_opt_int, None, "retention: keep N yearly backups"),
+}
+
+SETTINGS_OPTS: dict[str, Opt] = {
+    "runtime_dir": Opt(p_path, "/run/xenbackup", "per-run state and snapshot mount points"),
+    "state_dir": Opt(p_path, "/var/lib/xenbackup/state", "last-run records, kept across reboots"),
+    "watch_interval": Opt(p_int(1, 3600), 5, "seconds between snapshot fill checks during a backup"),
+    "lvremove_retries": Opt(p_int(0, 100), 6, "retries of lvremove while the device is still in use"),
+    "progress_interval": Opt(p_int(1, 3600), 30, "seconds between progress lines in the journal"),
+    "max_parallel": Opt(p_int(1, 64), 1, "how many VMs may hold snapshots at once"),
+}
+
+COMMAND_NAMES = ("lvs", "vgs", "lvcreate", "lvremove", "lvextend", "lvchange", "mount", "umount",
+                 "blkid", "dumpe2fs", "restic", "xl", "virsh", "udevadm")
+COMMAND_OPTS: dict[str, Opt] = {name: Opt(p_str, name, f"the {name} binary") for name in COMMAND_NAMES}
+
+VM_ONLY_OPTS: dict[str, Opt] = {
+    "domain_config": Opt(p_path, None, "the domain config saved with each backup; xen: /etc/xen/<vm>.cfg"),
+    "disks": Opt(lambda v: v, None, "the LVs to snapshot: [{ lv = \"VG/LV\", mode = \"files\", path = \"vm1\" }]"),
+}
+DISK_OPTS: dict[str, Opt] = {
+    "lv": Opt(LvRef.parse, None, '"VG/LV" of the logical volume'),
+    "mode": Opt(p_enum(DiskMode), DiskMode.FILES,
+                "files: mount the snapshot and back up a path; block: back up the device's bytes"),
+    "path": Opt(p_str, ".", "files mode: the directory inside the filesystem to back up"),
+    "mount_options": Opt(p_str_list, (), "extra mount options for this disk"),
+}
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    url: str
+    password_file: str
+    environment_file: str | None
+    cache_dir: str
+    host: str
+    compression: str
+
+    @property
+    def is_local(self) -> bool:
+        return not any(self.url.startswith(p) for p in ("sftp:", "rest:", "s3:", "b2:", "azure:", "gs:",
+                                                         "swift:", "rclone:"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    runtime_dir: str = "/run/xenbackup"
+    state_dir: str = "/var/lib/xenbackup/state"
+    watch_interval: int = 5
+    lvremove_retries: int = 6
+    progress_interval: int = 30
+    max_parallel: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    repository: RepositoryConfig
+    settings: Settings
+    commands: Mapping[str, str]
+    vms: Mapping[str, VM]
+    default_retention: Retention = field(default_factory=Retention)
+
+    def vm(self, name: str) -> VM:
+        try:
+            return self.vms[name]
+        except KeyError:
+            known = ", ".join(sorted(self.vms)) or "none"
+            raise ConfigError([f"{self.path}: vm.{name}: no such VM in the config (configured: {known})"]
+                              ) from None
+
+    def command(self, name: str) -> str:
+        return self.commands[name]
+
+
+class _Collector:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.errors: list[str] = []
+
+    def error(self, key: str, what: str) -> None:
+        self.errors.append(f"{self.path}: {key}: {what}")
+
+    def section(self, raw: Any, key: str) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.error(key, f"expected a table, got {type(raw).__name__}")
+            return {}
+        return raw
+
+    def options(self, raw: Mapping[str, Any], opts: Mapping[str, Opt], prefix: str,
+                inherited: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Parse the declared options of one table; unknown keys are errors."""
+        out: dict[str, Any] = {}
+        for key in raw:
+            if key not in opts:
+                self.error(f"{prefix}{key}", f"unknown key (known: {', '.join(sorted(opts))})")
+        for key, opt in opts.items():
+            if key in raw:
+                try:
+                    out[key] = opt.parse(raw[key])
+                except ValueError as exc:
+                    self.error(f"{prefix}{key}", str(exc))
+            elif inherited is not None and key in inherited:
+                out[key] = inherited[key]
+            else:
+                out[key] = opt.default
+        return out
+
+
+def load(path: str | None = None) -> Config:
+    """Read and validate the config file; raises ConfigError listing every problem."""
+    path = path or os.environ.get("XENBACKUP_CONFIG") or DEFAULT_CONFIG
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return parse(data, path)
+
+
+def parse(data: bytes | str, path: str = "<config>") -> Config:
+    c = _Collector(path)
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        raw = tomllib.loads(text)
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: (file): not UTF-8: {exc.reason} at byte {exc.start}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: (syntax): {exc}"]) from None
+
+    known = {"repository", "defaults", "settings", "commands", "vm"}
+    for key in raw:
+        if key not in known:
+            c.error(key, f"unknown section (known: {', '.join(sorted(known))})")
+
+    repo = c.options(c.section(raw.get("repository"), "repository"), REPOSITORY_OPTS, "repository.")
+    if not repo.get("url"):
+        c.error("repository.url", "must not be empty")
+    defaults = c.options(c.section(raw.get("defaults"), "defaults"), DEFAULT_OPTS, "defaults.")
+    settings = c.options(c.section(raw.get("settings"), "settings"), SETTINGS_OPTS, "settings.")
+    commands = c.options(c.section(raw.get("commands"), "commands"), COMMAND_OPTS, "commands.")
+
+    vms: dict[str, VM] = {}
+    for name, vm_raw in c.section(raw.get("vm"), "vm").items():
+        vm = _parse_vm(c, name, vm_raw, defaults)
+        if vm is not None:
+            vms[name] = vm
+    _cross_checks(c, vms)
+
+    if c.errors:
+        raise ConfigError(c.errors)
+    return Config(
+        path=path,
+        repository=RepositoryConfig(**repo),
+        settings=Settings(**settings),
+        commands=commands,
+        vms=vms,
+        default_retention=_retention(defaults),
+    )
+
+
+def _retention(values: Mapping[str, Any]) -> Retention:
+    return Retention(**{k: values[k] for k in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly",
+                                               "keep_yearly")})
+
+
+def _parse_vm(c: _Collector, name: str, raw: Any, defaults: Mapping[str, Any]) -> VM | None:
+    prefix = f"vm.{name}."
+    if not VM_NAME_RE.match(name):
+        c.error(f"vm.{name}", "VM names are 1-63 characters of letters, digits, '_', '.', '+', '-'")
+    table = c.section(raw, f"vm.{name}")
+    opts = {**DEFAULT_OPTS, **VM_ONLY_OPTS}
+    values = c.options(table, opts, prefix, inherited=defaults)
+    disks = _parse_disks(c, table.get("disks"), prefix, values.get("mount_options", ()))
+    hypervisor = values.get("hypervisor", HypervisorKind.XEN)
+    domain_config = values.get("domain_config")
+    if domain_config is None and hypervisor is HypervisorKind.XEN:
+        domain_config = f"/etc/xen/{name}.cfg"
+    if not isinstance(hypervisor, HypervisorKind):
+        return None
+    try:
+        return VM(
+            name=name,
+            disks=disks,
+            hypervisor=hypervisor,
+            domain_config=domain_config,
+            snapshot_size=values["snapshot_size"],
+            schedule=values["schedule"],
+            randomized_delay=values["randomized_delay"],
+            retention=_retention(values),
+            overflow_threshold=values["overflow_threshold"],
+            extend_step=values["extend_step"],
+        )
+    except (KeyError, TypeError):
+        return None  # an error for the missing key was already collected
+
+
+def _parse_disks(c: _Collector, raw: Any, prefix: str, vm_mount_options: tuple[str, ...]) -> tuple[Disk, ...]:
+    if raw is None:
+        c.error(f"{prefix}disks", "missing: list the LVs to back up, e.g. disks = [{ lv = \"system/xenvm\" }]")
+        return ()
+    if not isinstance(raw, list) or not raw:
+        c.error(f"{prefix}disks", "expected a non-empty list of tables")
+        return ()
+    disks: list[Disk] = []
+    for i, item in enumerate(raw):
+        key = f"{prefix}disks[{i}]"
+        table = c.section(item, key)
+        if not table:
+            if isinstance(item, dict):
+                c.error(f"{key}.lv", "missing")
+            continue
+        values = c.options(table, DISK_OPTS, f"{key}.")
+        if "lv" not in table:
+            c.error(f"{key}.lv", 'missing: the logical volume as "VG/LV"')
+            continue
+        path = values.get("path", ".")
+        if isinstance(path, str):
+            norm = os.path.normpath(path)
+            if path.startswith("/") or norm == ".." or norm.startswith("../") or "\0" in path:
+                c.error(f"{key}.path", f"must be a relative path inside the filesystem, got {path!r}")
+                continue
+            path = norm
+        if values.get("mode") is DiskMode.BLOCK and "path" in table:
+            c.error(f"{key}.path", "block mode backs up the whole device; path applies to files mode only")
+        if any(k not in values for k in ("lv", "mode")):
+            continue
+        disks.append(Disk(lv=values["lv"], mode=values["mode"], path=path,
+                          mount_options=vm_mount_options + tuple(values.get("mount_options", ()))))
+    seen: set[str] = set()
+    for i, d in enumerate(disks):
+        if str(d.lv) in seen:
+            c.error(f"{prefix}disks[{i}].lv", f"{d.lv} is listed twice")
+        seen.add(str(d.lv))
+    return tuple(disks)
+
+
+def _cross_checks(c: _Collector, vms: Mapping[str, VM]) -> None:
+    """Checks that need more than one option at a time live here, in one place."""
+    owner: dict[str, str] = {}
+    for vm in vms.values():
+        for i, disk in enumerate(vm.disks):
+            other = owner.get(str(disk.lv))
+            if other is not None and other != vm.name:
+                c.error(f"vm.{vm.name}.disks[{i}].lv", f"{disk.lv} already belongs to vm.{other}")
+            owner[str(disk.lv)] = vm.name
+        if vm.hypervisor is HypervisorKind.KVM and vm.domain_config is None:
+            pass  # libvirt keeps the XML itself; nothing to save by default

@@ -1,0 +1,241 @@
+"""LVM adapter: JSON reports from lvs/vgs, and lvcreate/lvextend/lvremove."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from .model import LvRef, SnapshotSize
+from .run import CommandError, run
+
+log = logging.getLogger(__name__)
+
+LV_FIELDS = ("lv_name,vg_name,lv_attr,lv_size,origin,origin_size,snap_percent,data_percent,"
+             "metadata_percent,lv_tags,pool_lv,lv_path")
+VG_FIELDS = "vg_name,vg_size,vg_free,vg_extent_size"
+
+
+class LvmError(Exception):
+    pass
+
+
+class MalformedReport(LvmError):
+    def __init__(self, command: str, what: str) -> None:
+        super().__init__(f"{command} printed a report xenbackup cannot read: {what}")
+
+
+@dataclass(frozen=True)
+class LogicalVolume:
+    vg: str
+    name: str
+    attr: str
+    size: int
+    origin: str
+    origin_size: int
+    snap_percent: float | None
+    data_percent: float | None
+    metadata_percent: float | None
+    tags: tuple[str, ...]
+    pool: str
+
+    @property
+    def ref(self) -> LvRef:
+        return LvRef(self.vg, self.name)
+
+    @property
+    def is_thin(self) -> bool:
+        return self.attr[:1] == "V"
+
+    @property
+    def is_classic_snapshot(self) -> bool:
+        return self.attr[:1] in ("s", "S")
+
+    @property
+    def is_invalid(self) -> bool:
+        """A classic snapshot that overflowed: LVM marks it (I)nvalid or type (S)."""
+        return self.attr[:1] == "S" or self.attr[4:5] in ("I", "S")
+
+    @property
+    def is_active(self) -> bool:
+        return self.attr[4:5] == "a"
+
+    @property
+    def is_open(self) -> bool:
+        return self.attr[5:6] == "o"
+
+    @property
+    def fill(self) -> float | None:
+        """Percent used: COW for classic snapshots, data for thin volumes."""
+        return self.snap_percent if self.is_classic_snapshot else self.data_percent
+
+
+@dataclass(frozen=True)
+class VolumeGroup:
+    name: str
+    size: int
+    free: int
+    extent_size: int
+
+
+def _num(value: Any) -> int:
+    text = str(value).strip().rstrip("Bb")
+    return int(float(text)) if text else 0
+
+
+def _pct(value: Any) -> float | None:
+    text = str(value).strip()
+    return float(text) if text else None
+
+
+def _rows(command: str, stdout: str, kind: str) -> list[Mapping[str, Any]]:
+    try:
+        data = json.loads(stdout)
+        rows = [row for report in data["report"] for row in report.get(kind, [])]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MalformedReport(command, f"{type(exc).__name__}: {exc}") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise MalformedReport(command, f"'{kind}' entries are not objects")
+    return rows
+
+
+def parse_lvs(stdout: str) -> list[LogicalVolume]:
+    """Parse `lvs --reportformat json --units b --nosuffix -o LV_FIELDS` output."""
+    out = []
+    for row in _rows("lvs", stdout, "lv"):
+        try:
+            out.append(LogicalVolume(
+                vg=row["vg_name"], name=row["lv_name"], attr=row["lv_attr"], size=_num(row["lv_size"]),
+                origin=row.get("origin", ""), origin_size=_num(row.get("origin_size", "")),
+                snap_percent=_pct(row.get("snap_percent", "")),
+                data_percent=_pct(row.get("data_percent", "")),
+                metadata_percent=_pct(row.get("metadata_percent", "")),
+                tags=tuple(t for t in str(row.get("lv_tags", "")).split(",") if t),
+                pool=row.get("pool_lv", ""),
+            ))
+        except (KeyError, ValueError) as exc:
+            raise MalformedReport("lvs", f"bad row {row!r}: {exc}") from None
+    return out
+
+
+def parse_vgs(stdout: str) -> list[VolumeGroup]:
+    out = []
+    for row in _rows("vgs", stdout, "vg"):
+        try:
+            out.append(VolumeGroup(row["vg_name"], _num(row["vg_size"]), _num(row["vg_free"]),
+                                   _num(row["vg_extent_size"])))
+        except (KeyError, ValueError) as exc:
+            raise MalformedReport("vgs", f"bad row {row!r}: {exc}") from None
+    return out
+
+
+def is_missing(err: CommandError) -> bool:
+    text = err.stderr.lower()
+    return "failed to find logical volume" in text or ("not found" in text and "volume group" in text)
+
+
+def is_in_use(err: CommandError) -> bool:
+    text = err.stderr.lower()
+    return "in use" in text or "is open" in text or "device or resource busy" in text
+
+
+class Lvm:
+    def __init__(self, commands: Mapping[str, str], sleep: Callable[[float], None] = time.sleep) -> None:
+        self.cmd = commands
+        self.sleep = sleep
+
+    def lvs_argv(self, selection: Sequence[str]) -> list[str]:
+        return [self.cmd["lvs"], "--reportformat", "json", "--units", "b", "--nosuffix",
+                "-o", LV_FIELDS, *selection]
+
+    def lvs(self, *selection: str) -> list[LogicalVolume]:
+        return parse_lvs(run(self.lvs_argv(selection)).stdout)
+
+    def lv(self, ref: LvRef) -> LogicalVolume | None:
+        try:
+            found = self.lvs(str(ref))
+        except CommandError as err:
+            if is_missing(err):
+                return None
+            raise
+        return found[0] if found else None
+
+    def tagged(self, tag: str) -> list[LogicalVolume]:
+        """Every LV carrying the tag; only these may ever be removed by cleanup."""
+        return self.lvs(f"@{tag}")
+
+    def vg(self, name: str) -> VolumeGroup:
+        argv = [self.cmd["vgs"], "--reportformat", "json", "--units", "b", "--nosuffix", "-o", VG_FIELDS, name]
+        found = parse_vgs(run(argv).stdout)
+        if not found:
+            raise LvmError(f"volume group {name} not found")
+        return found[0]
+
+    def create_snapshot_argv(self, origin: LvRef, name: str, size: SnapshotSize | None,
+                             tags: Sequence[str]) -> list[str]:
+        argv = [self.cmd["lvcreate"], "--snapshot", "--name", name]
+        if size is not None:
+            argv += size.lvcreate_args()
+        else:
+            # Thin snapshots get the activation-skip flag by default; we want it active to read it.
+            argv += ["--setactivationskip", "n"]
+        for tag in tags:
+            argv += ["--addtag", tag]
+        return [*argv, str(origin)]
+
+    def create_snapshot(self, origin: LvRef, name: str, size: SnapshotSize | None,
+                        tags: Sequence[str]) -> LvRef:
+        run(self.create_snapshot_argv(origin, name, size, tags))
+        return LvRef(origin.vg, name)
+
+    def extend_argv(self, ref: LvRef, step: SnapshotSize) -> list[str]:
+        if step.kind.value == "bytes":
+            size = ["--size", f"+{step.amount}b"]
+        else:
+            size = ["--extents", f"+{step.amount}%{step.kind.value}"]
+        return [self.cmd["lvextend"], *size, str(ref)]
+
+    def extend(self, ref: LvRef, step: SnapshotSize) -> None:
+        run(self.extend_argv(ref, step))
+
+    def remove_argv(self, ref: LvRef) -> list[str]:
+        return [self.cmd["lvremove"], "--yes", str(ref)]
+
+    def remove(self, ref: LvRef, retries: int = 6) -> bool:
+        """Remove an LV; False if it was already gone. Retries the well-known 'in use' race."""
+        delay = 0.5
+        for attempt in range(retries + 1):
+            try:
+                run(self.remove_argv(ref))
+                return True
+            except CommandError as err:
+                if is_missing(err):
+                    return False
+                if not is_in_use(err) or attempt == retries:
+                    raise
+                log.warning("%s is still in use, retrying lvremove in %.1f s", ref, delay)
+                self.settle()
+                self.sleep(delay)
+                delay = min(delay * 2, 8.0)
+        return False
+
+    def settle(self) -> None:
+        # udev creates /dev/VG/LV links for a new snapshot asynchronously; without udevadm there is nothing to wait for.
+        with contextlib.suppress(CommandError):
+            run([self.cmd["udevadm"], "settle", "--timeout=10"], check=False)
+
+
+@contextmanager
+def snapshot(lvm: Lvm, origin: LvRef, name: str, size: SnapshotSize | None, tags: Sequence[str],
+             retries: int = 6) -> Iterator[LvRef]:
+    """A snapshot that exists for the body of the with-block and is removed after it."""
+    ref = lvm.create_snapshot(origin, name, size, tags)
+    try:
+        yield ref
+    finally:
+        lvm.remove(ref, retries)

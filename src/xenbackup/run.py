@@ -1,0 +1,206 @@
+"""The single subprocess runner: argv lists only, a clean environment, typed errors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import IO
+
+log = logging.getLogger(__name__)
+
+Arg = str | os.PathLike[str]
+
+# A clean PATH: systemd gives units a fixed one too, and sbin must be on it for lvm tools.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+STDERR_TAIL_LINES = 20
+MASK = "***"
+
+
+class CommandError(Exception):
+    """A command could not be started or ended unsuccessfully."""
+
+    def __init__(self, argv: Sequence[str], returncode: int | None, stderr: str, reason: str = "") -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        self.reason = reason or describe_returncode(returncode)
+        super().__init__(self.message())
+
+    @property
+    def program(self) -> str:
+        return os.path.basename(self.argv[0]) if self.argv else "?"
+
+    @property
+    def stderr_tail(self) -> str:
+        lines = [line for line in self.stderr.strip().splitlines() if line.strip()]
+        return "\n".join(lines[-STDERR_TAIL_LINES:])
+
+    def message(self) -> str:
+        tail = self.stderr_tail
+        last = tail.splitlines()[-1].strip() if tail else ""
+        text = f"{self.program} {self.reason}"
+        return f"{text}: {last}" if last else text
+
+
+class CommandNotFound(CommandError):
+    def __init__(self, argv: Sequence[str]) -> None:
+        super().__init__(argv, None, "", reason="not found")
+
+
+def describe_returncode(returncode: int | None) -> str:
+    if returncode is None:
+        return "failed"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"failed with exit code {returncode}"
+
+
+def mask(argv: Iterable[str], secrets: Iterable[str] = ()) -> str:
+    """Render argv for a log line with every secret replaced."""
+    text = shlex.join(argv)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    # PATH is kept (it is no secret, and tests put recording fakes on it); sbin must be there for lvm tools.
+    path = os.environ.get("PATH") or DEFAULT_PATH
+    missing = [d for d in DEFAULT_PATH.split(":") if d not in path.split(":")]
+    env = {"PATH": ":".join([path, *missing]), "LC_ALL": "C", "LANG": "C"}
+    # HOME matters to tools that keep caches; TERM is harmless.
+    for key in ("HOME", "TERM", "TMPDIR"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    if extra:
+        env.update(extra)
+    return env
+
+
+@dataclass(frozen=True)
+class Completed:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _argv(argv: Sequence[Arg]) -> list[str]:
+    return [os.fspath(a) for a in argv]
+
+
+def run(
+    argv: Sequence[Arg],
+    *,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+    secrets: Iterable[str] = (),
+    stdin: IO[bytes] | None = None,
+    timeout: float | None = None,
+    cwd: str | None = None,
+    stdout: IO[bytes] | None = None,
+) -> Completed:
+    """Run a command to completion, capturing text output (or sending stdout to a file)."""
+    args = _argv(argv)
+    log.debug("+ %s", mask(args, secrets))
+    try:
+        proc = subprocess.Popen(
+            args,
+            stdin=stdin if stdin is not None else subprocess.DEVNULL,
+            stdout=stdout if stdout is not None else subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=clean_env(env),
+            cwd=cwd,
+        )
+    except FileNotFoundError as exc:
+        raise CommandNotFound(args) from exc
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        _stop(proc)
+        out, err = proc.communicate()
+        raise CommandError(args, proc.returncode, (err or b"").decode(errors="replace"),
+                           reason=f"timed out after {timeout:g} s") from exc
+    except BaseException:
+        # SIGTERM arrives as an exception; the child must not outlive us.
+        _stop(proc)
+        raise
+    result = Completed(tuple(args), proc.returncode, (out or b"").decode(errors="replace"),
+                       (err or b"").decode(errors="replace"))
+    if check and proc.returncode != 0:
+        raise CommandError(args, proc.returncode, result.stderr)
+    return result
+
+
+def stream(
+    argv: Sequence[Arg],
+    on_line: Callable[[str], None],
+    *,
+    env: Mapping[str, str] | None = None,
+    secrets: Iterable[str] = (),
+    stdin: IO[bytes] | None = None,
+    cwd: str | None = None,
+) -> Completed:
+    """Run a long command, handing each stdout line to on_line as it arrives."""
+    args = _argv(argv)
+    log.debug("+ %s", mask(args, secrets))
+    try:
+        proc = subprocess.Popen(
+            args,
+            stdin=stdin if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=clean_env(env),
+            cwd=cwd,
+        )
+    except FileNotFoundError as exc:
+        raise CommandNotFound(args) from exc
+    assert proc.stdout is not None and proc.stderr is not None
+    err_chunks: list[bytes] = []
+    stderr_pipe = proc.stderr
+    # stderr is drained on a thread so a chatty child can never block on a full pipe.
+    reader = threading.Thread(target=lambda: err_chunks.extend(iter(lambda: stderr_pipe.read(4096), b"")),
+                              daemon=True)
+    reader.start()
+    lines: list[str] = []
+    try:
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            lines.append(line)
+            on_line(line)
+        proc.wait()
+    except BaseException:
+        _stop(proc)
+        raise
+    finally:
+        reader.join(timeout=5)
+    stderr = b"".join(err_chunks).decode(errors="replace")
+    result = Completed(tuple(args), proc.returncode, "\n".join(lines[-50:]), stderr)
+    if proc.returncode != 0:
+        raise CommandError(args, proc.returncode, stderr)
+    return result
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    """Ask the child to stop (restic finishes its lock removal on SIGTERM), then insist."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()

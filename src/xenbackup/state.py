@@ -1,0 +1,193 @@
+"""Run state passed between unit steps, per-VM locks, and the persistent last-run record."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from .model import LvRef, SnapshotRecord
+
+log = logging.getLogger(__name__)
+
+
+class Busy(Exception):
+    """Another run of the same VM holds it."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who a run belongs to: a unit invocation (stable across its steps) or a foreground process."""
+
+    invocation_id: str = ""
+    pid: int = 0
+
+    @classmethod
+    def current(cls) -> Owner:
+        inv = os.environ.get("INVOCATION_ID", "")
+        return cls(invocation_id=inv) if inv else cls(pid=os.getpid())
+
+    def alive(self) -> bool:
+        if self.invocation_id:
+            # A unit has one invocation at a time; only the current one can still be running.
+            return self.invocation_id == os.environ.get("INVOCATION_ID", "")
+        if self.pid:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+            return True
+        return False
+
+    def describe(self) -> str:
+        return f"unit invocation {self.invocation_id}" if self.invocation_id else f"process {self.pid}"
+
+
+@dataclass(frozen=True)
+class RunState:
+    vm: str
+    run_id: str
+    owner: Owner
+    started: float
+    snapshots: tuple[SnapshotRecord, ...] = ()
+    restic_snapshots: tuple[str, ...] = ()
+    peak_fill: float = 0.0
+    overflowed: bool = False
+    phase: str = "snapshot"
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["snapshots"] = [
+            {**asdict(s), "origin": str(s.origin)} for s in self.snapshots
+        ]
+        return json.dumps(data, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunState:
+        d = json.loads(text)
+        return cls(
+            vm=d["vm"], run_id=d["run_id"], owner=Owner(**d["owner"]), started=d["started"],
+            snapshots=tuple(SnapshotRecord(origin=LvRef.parse(s["origin"]), name=s["name"],
+                                           disk_slug=s["disk_slug"], thin=s.get("thin", False),
+                                           mountpoint=s.get("mountpoint")) for s in d.get("snapshots", [])),
+            restic_snapshots=tuple(d.get("restic_snapshots", [])),
+            peak_fill=float(d.get("peak_fill", 0.0)),
+            overflowed=bool(d.get("overflowed", False)),
+            phase=d.get("phase", "snapshot"),
+            summary=d.get("summary", {}),
+        )
+
+    def with_snapshot(self, rec: SnapshotRecord) -> RunState:
+        others = tuple(s for s in self.snapshots if s.name != rec.name)
+        return replace(self, snapshots=(*others, rec))
+
+
+def write_atomic(path: str, text: str, mode: int = 0o600) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class StateStore:
+    """Files under runtime_dir/<vm>/ (the unit's RuntimeDirectory) and state_dir/."""
+
+    def __init__(self, runtime_dir: str, state_dir: str) -> None:
+        self.runtime_dir = runtime_dir
+        self.state_dir = state_dir
+
+    def vm_dir(self, vm: str) -> str:
+        return os.path.join(self.runtime_dir, vm)
+
+    def mount_root(self, vm: str) -> str:
+        return os.path.join(self.vm_dir(vm), "mnt")
+
+    def mountpoint(self, vm: str, slug: str) -> str:
+        # The same path every run: restic finds its parent snapshot by path and skips unchanged files.
+        return os.path.join(self.mount_root(vm), slug)
+
+    def _run_path(self, vm: str) -> str:
+        return os.path.join(self.vm_dir(vm), "state.json")
+
+    def load(self, vm: str) -> RunState | None:
+        try:
+            with open(self._run_path(vm), encoding="utf-8") as f:
+                return RunState.from_json(f.read())
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable run state of %s: %s", vm, exc)
+            return None
+
+    def save(self, state: RunState) -> None:
+        write_atomic(self._run_path(state.vm), state.to_json())
+
+    def clear(self, vm: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._run_path(vm))
+
+    @contextlib.contextmanager
+    def lock(self, vm: str, wait: bool = True) -> Iterator[None]:
+        """The per-VM lock: an flock, so a crashed holder never leaves it taken."""
+        path = os.path.join(self.runtime_dir, "locks", f"{vm}.lock")
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or not wait:
+                    raise Busy(f"another xenbackup process holds the lock of {vm}") from None
+                log.info("waiting for another xenbackup process working on %s", vm)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # --- persistent records ---
+
+    def record_path(self, vm: str) -> str:
+        return os.path.join(self.state_dir, f"{vm}.json")
+
+    def write_record(self, vm: str, record: dict[str, Any]) -> None:
+        write_atomic(self.record_path(vm), json.dumps(record, indent=1, sort_keys=True), mode=0o644)
+        catalogue = os.path.join(self.state_dir, f"{vm}.runs.jsonl")
+        with open(catalogue, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def read_record(self, vm: str) -> dict[str, Any] | None:
+        try:
+            with open(self.record_path(vm), encoding="utf-8") as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else None
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def run_records(self, vm: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        try:
+            with open(os.path.join(self.state_dir, f"{vm}.runs.jsonl"), encoding="utf-8") as f:
+                for line in f:
+                    with contextlib.suppress(ValueError):
+                        out.append(json.loads(line))
+        except FileNotFoundError:
+            pass
+        return out
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"

@@ -1,0 +1,80 @@
+"""pystemd adapter: sd_notify and unit properties. Bytes from D-Bus never leave this module."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def notify_status(text: str) -> None:
+    """Show text in `systemctl status`; a no-op outside a unit with NotifyAccess."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    try:
+        from pystemd import daemon
+
+        daemon.notify(False, f"STATUS={text}")
+    except Exception as exc:  # progress reporting must never break a backup
+        log.debug("sd_notify failed: %s", exc)
+
+
+def unescape_instance(text: str) -> str:
+    r"""Undo systemd-escape's \xNN escapes; VM names never contain '/', so '-' stays '-'."""
+    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
+
+
+def escape_instance(name: str) -> str:
+    """The instance name as `systemd-escape` writes it."""
+    out = []
+    for i, ch in enumerate(name):
+        if ch.isascii() and (ch.isalnum() or ch in "_:" or (ch == "." and i > 0)):
+            out.append(ch)
+        elif ch == "/":
+            out.append("-")
+        else:
+            out.extend(f"\\x{b:02x}" for b in ch.encode())
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class UnitState:
+    name: str
+    load_state: str
+    active_state: str
+    result: str
+    exec_main_status: int | None
+    invocation_id: str
+    inactive_exit_usec: int
+    inactive_enter_usec: int
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def unit_state(name: str) -> UnitState | None:
+    """The unit's properties from PID 1 over D-Bus, or None where no system bus is reachable."""
+    try:
+        from pystemd.systemd1 import Unit
+
+        unit = Unit(name.encode())
+        unit.load()
+        svc = unit.Service
+        return UnitState(
+            name=name,
+            load_state=_text(unit.Unit.LoadState),
+            active_state=_text(unit.Unit.ActiveState),
+            result=_text(svc.Result),
+            exec_main_status=int(svc.ExecMainStatus) if svc.ExecMainPID or svc.ExecMainStatus else None,
+            invocation_id=bytes(unit.Unit.InvocationID).hex() if unit.Unit.InvocationID else "",
+            inactive_exit_usec=int(unit.Unit.InactiveExitTimestamp),
+            inactive_enter_usec=int(unit.Unit.InactiveEnterTimestamp),
+        )
+    except Exception as exc:
+        log.debug("cannot read %s over D-Bus: %s", name, exc)
+        return None
