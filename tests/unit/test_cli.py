@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import pytest
+
+from xenbackup import cli
+
+CONFIG = """
+[repository]
+url = "{repo}"
+password_file = "{pw}"
+
+[settings]
+runtime_dir = "{run}"
+state_dir = "{state}"
+
+[vm.vm1]
+snapshot_size = "1G"
+disks = [{{ lv = "system/xenvm", mode = "files", path = "vm1" }}, {{ lv = "system/vm1-swap", mode = "block" }}]
+"""
+
+
+@pytest.fixture
+def cfg_path(write_config, tmp_path):
+    return write_config(CONFIG.format(repo=tmp_path / "repo", pw=tmp_path / "pw", run=tmp_path / "run",
+                                      state=tmp_path / "state"))
+
+
+def test_plan_prints_every_command_and_runs_nothing(cfg_path, no_path_lvm, capsys) -> None:
+    assert cli.main(["--config", str(cfg_path), "plan", "vm1"]) == 0
+    out = capsys.readouterr().out
+    assert not no_path_lvm.exists(), "plan must not execute anything"
+    lines = out.splitlines()
+    creates = [line for line in lines if "lvcreate --snapshot" in line]
+    assert len(creates) == 2
+    assert "--addtag xenbackup-vm:vm1" in creates[0] and f"--size {1 << 30}b" in creates[0]
+    assert any(line.startswith("[mount] mount -t") and "ro," in line for line in lines)
+    assert any("restic backup" in line and "--stdin --stdin-filename system-vm1-swap.img" in line for line in lines)
+    assert sum(line.startswith("[cleanup] lvremove --yes ") for line in lines) == 2
+
+
+def test_config_error_exits_2_lists_all_and_touches_no_lvm(write_config, no_path_lvm, capsys) -> None:
+    bad = write_config('[vm.vm1]\nsnapshot_size = "huge"\ndisks = [{ lv = "nope" }]\n')
+    assert cli.main(["--config", str(bad), "step", "snapshot", "vm1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: vm.vm1.snapshot_size:" in err and f"{bad}: vm.vm1.disks[0].lv:" in err
+    assert not no_path_lvm.exists(), "a config error must never reach LVM"
+
+
+def test_check_config_ok(cfg_path, capsys) -> None:
+    assert cli.main(["--config", str(cfg_path), "check-config"]) == 0
+    assert "OK, 1 VM(s): vm1" in capsys.readouterr().out
+
+
+def test_unknown_vm_exits_2(cfg_path, no_path_lvm) -> None:
+    assert cli.main(["--config", str(cfg_path), "step", "snapshot", "vm9"]) == 2
+    assert not no_path_lvm.exists()
+
+
+def test_escaped_instance_names_are_accepted(write_config, tmp_path, capsys) -> None:
+    path = write_config(CONFIG.format(repo=tmp_path / "r", pw=tmp_path / "p", run=tmp_path / "run",
+                                      state=tmp_path / "s").replace("[vm.vm1]", '[vm."web-01"]'))
+    assert cli.main(["--config", str(path), "plan", "web\\x2d01"]) == 0
+    assert "xenbackup-vm:web-01" in capsys.readouterr().out
+
+
+def test_missing_lvm_tool_is_one_line_exit_1(write_config, tmp_path, capsys) -> None:
+    path = write_config(CONFIG.format(repo=tmp_path / "r", pw=tmp_path / "p", run=tmp_path / "run",
+                                      state=tmp_path / "s") + '\n[commands]\nlvs = "lvs-not-installed"\n')
+    assert cli.main(["--config", str(path), "step", "snapshot", "vm1"]) == 1
+    err = capsys.readouterr().err
+    assert "lvs-not-installed not found" in err and "Traceback" not in err

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import pytest
+
+from xenbackup import config
+from xenbackup.config import ConfigError
+from xenbackup.model import DiskMode, HypervisorKind, LvRef, SizeKind, SnapshotSize
+
+GOOD = """
+[repository]
+url = "/srv/restic"
+
+[defaults]
+snapshot_size = "2G"
+keep_daily = 7
+
+[vm.vm1]
+disks = [{ lv = "system/xenvm", mode = "files", path = "vm1" }]
+
+[vm."web-01"]
+hypervisor = "kvm"
+snapshot_size = "20%ORIGIN"
+keep_daily = 3
+disks = [{ lv = "/dev/system/web01", mode = "block" }]
+"""
+
+
+def test_valid_config_builds_frozen_vms(write_config) -> None:
+    cfg = config.load(str(write_config(GOOD)))
+    vm1 = cfg.vm("vm1")
+    assert vm1.disks[0].lv == LvRef("system", "xenvm")
+    assert vm1.disks[0].mode is DiskMode.FILES and vm1.disks[0].path == "vm1"
+    assert vm1.snapshot_size == SnapshotSize(2 << 30)
+    assert vm1.domain_config == "/etc/xen/vm1.cfg"
+    assert vm1.retention.keep_daily == 7
+    web = cfg.vm("web-01")
+    assert web.hypervisor is HypervisorKind.KVM and web.domain_config is None
+    assert web.snapshot_size == SnapshotSize(20, SizeKind.ORIGIN)
+    assert web.retention.keep_daily == 3
+    assert cfg.repository.url == "/srv/restic" and cfg.repository.is_local
+    with pytest.raises(AttributeError):
+        vm1.name = "x"  # type: ignore[misc]
+
+
+def test_every_error_is_reported_at_once_with_file_and_key(write_config) -> None:
+    path = write_config("""
+        [repository]
+        urll = "/x"
+        compression = "fast"
+
+        [defaults]
+        snapshot_size = "ten gigs"
+
+        [vm.vm1]
+        hypervisor = "vmware"
+        disks = [{ lv = "xenvm", mode = "tape", path = "../etc" }, { mode = "files" }]
+
+        [vm.vm2]
+        disks = []
+
+        [bogus]
+    """)
+    with pytest.raises(ConfigError) as exc:
+        config.load(str(path))
+    errors = exc.value.errors
+    expected_keys = [
+        "repository.urll", "repository.compression", "defaults.snapshot_size", "vm.vm1.hypervisor",
+        "vm.vm1.disks[0].lv", "vm.vm1.disks[0].mode", "vm.vm1.disks[1].lv", "vm.vm2.disks", "bogus",
+    ]
+    for key in expected_keys:
+        assert any(e.startswith(f"{path}: {key}: ") for e in errors), (key, errors)
+    assert any("expected a size like" in e for e in errors)
+
+
+def test_syntax_error_names_file(write_config) -> None:
+    path = write_config("[vm.vm1\n")
+    with pytest.raises(ConfigError) as exc:
+        config.load(str(path))
+    assert exc.value.errors[0].startswith(f"{path}: (syntax): ")
+
+
+def test_missing_file_is_one_clear_error(tmp_path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        config.load(str(tmp_path / "nope.toml"))
+    assert exc.value.errors == [f"{tmp_path / 'nope.toml'}: cannot read: No such file or directory"]
+
+
+def test_same_lv_in_two_vms_is_rejected(write_config) -> None:
+    path = write_config("""
+        [vm.a]
+        disks = [{ lv = "system/xenvm" }]
+        [vm.b]
+        disks = [{ lv = "system/xenvm" }]
+    """)
+    with pytest.raises(ConfigError) as exc:
+        config.load(str(path))
+    assert exc.value.errors == [f"{path}: vm.b.disks[0].lv: system/xenvm already belongs to vm.a"]
+
+
+def test_path_escaping_filesystem_is_rejected(write_config) -> None:
+    path = write_config("""
+        [vm.a]
+        disks = [{ lv = "system/xenvm", path = "vm1/../../x" }]
+    """)
+    with pytest.raises(ConfigError) as exc:
+        config.load(str(path))
+    assert "vm.a.disks[0].path: must be a relative path" in exc.value.errors[0]
+
+
+@pytest.mark.parametrize("name", ["web 01", "a/b", "-x", ""])
+def test_bad_vm_names_are_rejected(write_config, name: str) -> None:
+    path = write_config(f'[vm."{name}"]\ndisks = [{{ lv = "system/xenvm" }}]\n')
+    with pytest.raises(ConfigError) as exc:
+        config.load(str(path))
+    assert f"vm.{name}: VM names are" in exc.value.errors[0]
+
+
+def test_unknown_vm_lists_configured(write_config) -> None:
+    cfg = config.load(str(write_config(GOOD)))
+    with pytest.raises(ConfigError) as exc:
+        cfg.vm("vm9")
+    assert "vm.vm9: no such VM in the config (configured: vm1, web-01)" in exc.value.errors[0]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("1G", SnapshotSize(1 << 30)),
+    ("512M", SnapshotSize(512 << 20)),
+    ("1.5g", SnapshotSize(int(1.5 * (1 << 30)))),
+    ("20%ORIGIN", SnapshotSize(20, SizeKind.ORIGIN)),
+    ("50%free", SnapshotSize(50, SizeKind.FREE)),
+])
+def test_snapshot_sizes(text: str, expected: SnapshotSize) -> None:
+    assert SnapshotSize.parse(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "-1G", "20%", "150%ORIGIN", "0%VG", "1X", ""])
+def test_bad_snapshot_sizes(text: str) -> None:
+    with pytest.raises(ValueError):
+        SnapshotSize.parse(text)
+
+
+def test_env_var_selects_config(write_config, monkeypatch) -> None:
+    path = write_config(GOOD)
+    monkeypatch.setenv("XENBACKUP_CONFIG", str(path))
+    assert config.load().path == str(path)

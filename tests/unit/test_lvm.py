@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import pytest
+
+from xenbackup.lvm import Lvm, MalformedReport, parse_lvs, parse_vgs
+from xenbackup.model import LvRef, SnapshotSize
+
+CMDS = {n: n for n in ("lvs", "vgs", "lvcreate", "lvremove", "lvextend", "udevadm")}
+
+
+def test_parse_recorded_classic_report(data) -> None:
+    lvs = {lv.name: lv for lv in parse_lvs((data / "lvs-classic.json").read_text())}
+    origin = lvs["xenvm"]
+    assert origin.size == 1 << 30 and not origin.is_classic_snapshot and origin.is_active
+    snap = lvs["xenvm.xb-vm1-20261126200000"]
+    assert snap.is_classic_snapshot and not snap.is_invalid and snap.is_open
+    assert snap.fill == pytest.approx(37.52)
+    assert snap.origin == "xenvm" and snap.origin_size == 1 << 30
+    assert snap.tags == ("xenbackup", "xenbackup-run:20261126T200000-812", "xenbackup-vm:vm1")
+    overflowed = lvs["manual-snap"]
+    assert overflowed.is_invalid and overflowed.fill == 100.0 and overflowed.tags == ()
+
+
+def test_parse_recorded_thin_report(data) -> None:
+    lvs = {lv.name: lv for lv in parse_lvs((data / "lvs-thin.json").read_text())}
+    assert lvs["vm2"].is_thin and lvs["vm2"].pool == "pool"
+    assert lvs["pool"].data_percent == 12.5 and lvs["pool"].metadata_percent == pytest.approx(10.94)
+    assert lvs["vm2.xb-vm2-20261126200000"].is_thin and lvs["vm2.xb-vm2-20261126200000"].is_active
+
+
+def test_parse_vgs(data) -> None:
+    (vg,) = parse_vgs((data / "vgs.json").read_text())
+    assert (vg.name, vg.free, vg.extent_size) == ("system", 2143289344, 4 << 20)
+
+
+@pytest.mark.parametrize("text", ["", "not json", '{"report": 3}', '{"report": [{"lv": [1]}]}',
+                                  '{"report": [{"lv": [{"lv_name": "x"}]}]}'])
+def test_malformed_reports_name_the_command(text: str) -> None:
+    with pytest.raises(MalformedReport, match=r"^lvs printed a report"):
+        parse_lvs(text)
+
+
+def test_classic_snapshot_argv_is_tagged() -> None:
+    argv = Lvm(CMDS).create_snapshot_argv(LvRef("system", "xenvm"), "snap", SnapshotSize(1 << 30),
+                                          ["xenbackup", "xenbackup-vm:vm1"])
+    assert argv == ["lvcreate", "--snapshot", "--name", "snap", "--size", f"{1 << 30}b",
+                    "--addtag", "xenbackup", "--addtag", "xenbackup-vm:vm1", "system/xenvm"]
+
+
+def test_thin_snapshot_argv_has_no_size_and_is_activated() -> None:
+    argv = Lvm(CMDS).create_snapshot_argv(LvRef("thin", "vm2"), "snap", None, ["xenbackup"])
+    assert "--size" not in argv and "--extents" not in argv
+    assert argv[-3:] == ["--addtag", "xenbackup", "thin/vm2"]
+    assert argv[4:6] == ["--setactivationskip", "n"]
+
+
+def test_percent_sizes_and_extends() -> None:
+    lvm = Lvm(CMDS)
+    argv = lvm.create_snapshot_argv(LvRef("s", "o"), "n", SnapshotSize.parse("20%ORIGIN"), [])
+    assert argv[4:6] == ["--extents", "20%ORIGIN"]
+    assert lvm.extend_argv(LvRef("s", "n"), SnapshotSize.parse("10%ORIGIN")) == [
+        "lvextend", "--extents", "+10%ORIGIN", "s/n"]
+    assert lvm.extend_argv(LvRef("s", "n"), SnapshotSize.parse("256M")) == [
+        "lvextend", "--size", f"+{256 << 20}b", "s/n"]
+
+
+def test_remove_retries_in_use_then_succeeds(fake_bin, tmp_path) -> None:
+    # A fake lvremove that fails "in use" twice, then succeeds: the retry loop must persist.
+    counter = tmp_path / "n"
+    counter.write_text("0")
+    script = fake_bin.dir / "lvremove"
+    script.write_text(f"""#!/bin/sh
+n=$(cat {counter}); n=$((n+1)); echo $n > {counter}
+if [ $n -lt 3 ]; then echo "  Logical volume system/snap contains a filesystem in use." >&2; exit 5; fi
+exit 0
+""")
+    script.chmod(0o755)
+    fake_bin("udevadm")
+    sleeps: list[float] = []
+    lvm = Lvm({**CMDS, "lvremove": str(script), "udevadm": str(fake_bin.dir / "udevadm")}, sleep=sleeps.append)
+    assert lvm.remove(LvRef("system", "snap"), retries=5) is True
+    assert counter.read_text().strip() == "3"
+    assert sleeps == [0.5, 1.0]
+
+
+def test_remove_of_missing_lv_is_not_an_error(fake_bin) -> None:
+    script = fake_bin("lvremove", code=5, stderr='  Failed to find logical volume "system/snap"\n')
+    assert Lvm({**CMDS, "lvremove": str(script)}).remove(LvRef("system", "snap")) is False
+
+
+def test_remove_gives_up_with_stderr(fake_bin) -> None:
+    script = fake_bin("lvremove", code=5, stderr="  Logical volume system/snap in use.\n")
+    fake_bin("udevadm")
+    lvm = Lvm({**CMDS, "lvremove": str(script), "udevadm": str(fake_bin.dir / "udevadm")}, sleep=lambda s: None)
+    from xenbackup.run import CommandError
+    with pytest.raises(CommandError, match=r"lvremove failed with exit code 5: Logical volume system/snap in use\."):
+        lvm.remove(LvRef("system", "snap"), retries=2)

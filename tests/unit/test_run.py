@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import pytest
+
+from xenbackup.run import CommandError, CommandNotFound, mask, run, stream
+
+
+def test_not_found_is_a_readable_error() -> None:
+    with pytest.raises(CommandNotFound, match=r"^lvcreate-xyz not found$"):
+        run(["lvcreate-xyz"])
+
+
+def test_failure_carries_exit_code_and_stderr_tail() -> None:
+    with pytest.raises(CommandError) as exc:
+        run(["sh", "-c", "for i in $(seq 1 40); do echo line$i >&2; done; exit 3"])
+    assert exc.value.returncode == 3
+    assert str(exc.value) == "sh failed with exit code 3: line40"
+    assert exc.value.stderr_tail.splitlines() == [f"line{i}" for i in range(21, 41)]
+
+
+def test_killed_by_signal_is_named() -> None:
+    with pytest.raises(CommandError, match="killed by SIGTERM"):
+        run(["sh", "-c", "kill -TERM $$"])
+
+
+def test_environment_is_clean_and_c_locale(monkeypatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.setenv("LANG", "de_DE.UTF-8")
+    out = run(["env"]).stdout
+    assert "LC_ALL=C" in out.splitlines()
+    assert "s3cr3t" not in out and "de_DE" not in out
+    assert "/usr/sbin" in next(line for line in out.splitlines() if line.startswith("PATH="))
+
+
+def test_secrets_are_masked_in_log_lines() -> None:
+    assert mask(["restic", "-o", "s3.key=abc123"], ["abc123"]) == "restic -o s3.key=***"
+
+
+def test_commands_are_logged_at_debug(caplog) -> None:
+    caplog.set_level("DEBUG", logger="xenbackup.run")
+    run(["true"])
+    assert "+ true" in caplog.text
+
+
+def test_stream_delivers_lines_in_order() -> None:
+    seen: list[str] = []
+    stream(["sh", "-c", "echo a; echo b; echo err >&2"], seen.append)
+    assert seen == ["a", "b"]
+
+
+def test_stream_failure_raises_with_stderr() -> None:
+    with pytest.raises(CommandError, match="boom"):
+        stream(["sh", "-c", "echo boom >&2; exit 1"], lambda line: None)

@@ -1,0 +1,58 @@
+"""Static checks of the unit files; their behaviour is proven in the VM tests."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+UNITS = Path(__file__).parents[2] / "units"
+NAMESPACING = ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateMounts", "ReadWritePaths", "ReadOnlyPaths",
+               "InaccessiblePaths", "ProtectKernelTunables", "ProtectKernelModules", "ProtectControlGroups",
+               "PrivateDevices", "DevicePolicy", "DeviceAllow", "ProtectClock", "TemporaryFileSystem",
+               "BindPaths", "RootDirectory", "ProtectProc", "ProcSubset", "ProtectKernelLogs")
+
+
+def directives(name: str) -> list[tuple[str, str]]:
+    out = []
+    for line in (UNITS / name).read_text().splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            out.append((key.strip(), value.strip()))
+    return out
+
+
+def test_service_runs_the_recipe_in_order() -> None:
+    d = directives("xenbackup@.service")
+    execs = [(k, v) for k, v in d if k.startswith("Exec")]
+    assert execs == [
+        ("ExecStartPre", "xenbackup step snapshot %i"),
+        ("ExecStartPre", "xenbackup step mount %i"),
+        ("ExecStart", "xenbackup step backup %i"),
+        ("ExecStopPost", "xenbackup step cleanup %i"),
+    ]
+    assert ("Type", "oneshot") in d
+    assert ("RuntimeDirectory", "xenbackup/%i") in d
+    assert any(k == "TimeoutStartSec" for k, _ in d), "oneshot units have no start timeout by default"
+
+
+def test_service_has_no_mount_namespacing() -> None:
+    # Any of these hides the ExecStartPre= mount from ExecStart= (verified on systemd 252).
+    used = {k for k, _ in directives("xenbackup@.service")}
+    assert not used.intersection(NAMESPACING)
+
+
+def test_timer_defaults_to_daily_at_20() -> None:
+    d = dict(directives("xenbackup@.timer"))
+    assert d["OnCalendar"] == "*-*-* 20:00:00" and d["Persistent"] == "true"
+    assert d["RandomizedDelaySec"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_timer_calendar_is_valid() -> None:
+    cal = dict(directives("xenbackup@.timer"))["OnCalendar"]
+    out = subprocess.run(["systemd-analyze", "calendar", cal], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "Normalized form: *-*-* 20:00:00" in out.stdout
