@@ -16,11 +16,12 @@ from . import config as config_mod
 from . import journal, systemd
 from .actions import backup as backup_mod
 from .actions.listing import group_runs
+from .actions.restore import RestoreError, Restorer, RestoreRequest
 from .actions.watch import SnapshotOverflowed
 from .config import Config, ConfigError
 from .hypervisor import HypervisorError
 from .lvm import LvmError
-from .model import format_bytes
+from .model import LvRef, format_bytes
 from .mount import MountError
 from .repository import RepositoryError
 from .run import CommandError
@@ -69,6 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="dry run: print every command a backup would run, change nothing")
     pl.add_argument("vm", type=_vm_name)
+
+    r = sub.add_parser("restore", help="restore a VM: stop it, restore over the original, verify, start it")
+    r.add_argument("vm", type=_vm_name)
+    r.add_argument("--snapshot", default="latest", help="run ID or restic snapshot ID (default: latest)")
+    where = r.add_mutually_exclusive_group()
+    where.add_argument("--in-place", action="store_true", help="restore over the VM's own files or LV (default)")
+    where.add_argument("--to", dest="to_path", metavar="PATH", help="restore a files-mode disk into PATH instead")
+    where.add_argument("--to-lv", metavar="VG/LV", help="write a block-mode image to another LV")
+    r.add_argument("--disk", metavar="VG/LV", help="restore only this disk of the VM")
+    r.add_argument("--flatten", action="store_true", help="put every file straight into the target directory")
+    r.add_argument("--include", nargs="+", default=[], metavar="PATH", help="restore only these paths")
+    r.add_argument("--stop", action="store_true", help="shut the VM down first if it is running")
+    r.add_argument("--no-start", action="store_true", help="leave the VM stopped afterwards")
+    r.add_argument("--with-config", action="store_true", help="also restore the saved domain config")
+    r.add_argument("--delete", action="store_true", help="delete files in the target that are not in the backup")
+    r.add_argument("--dry-run", action="store_true", help="print every step, change nothing")
 
     sub.add_parser("sweep", help="remove snapshots and mounts left by interrupted runs (runs at boot)")
     sub.add_parser("check-config", help="validate the config and report every problem")
@@ -134,6 +151,26 @@ def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_restore(cfg: Config, args: argparse.Namespace) -> int:
+    vm = cfg.vm(args.vm)
+    try:
+        to_lv = LvRef.parse(args.to_lv) if args.to_lv else None
+    except ValueError as exc:
+        raise RestoreError(f"--to-lv: {exc}") from None
+    req = RestoreRequest(vm=vm.name, snapshot=args.snapshot, to_path=args.to_path, to_lv=to_lv, disk=args.disk,
+                         flatten=args.flatten, includes=tuple(args.include), stop=args.stop,
+                         start=not args.no_start, with_config=args.with_config, delete=args.delete,
+                         dry_run=args.dry_run, shutdown_timeout=cfg.settings.shutdown_timeout)
+    ctx = backup_mod.Context.from_config(cfg)
+    with journal.context(vm=vm.name, phase="restore"):
+        if args.dry_run:
+            print(f"# dry run: restore of {vm.name}; nothing is changed")
+        outcome = Restorer(ctx, vm, req, say=print).run()
+    if not args.dry_run:
+        print(f"restored {vm.name}: {', '.join(outcome.restored)}")
+    return EXIT_OK
+
+
 def _cmd_sweep(cfg: Config, args: argparse.Namespace) -> int:
     removed = backup_mod.sweep_all(backup_mod.Context.from_config(cfg))
     log.info("sweep done: %s", f"removed {', '.join(removed)}" if removed else "nothing left behind")
@@ -159,6 +196,7 @@ VERBS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "step": _cmd_step,
     "list": _cmd_list,
     "plan": _cmd_plan,
+    "restore": _cmd_restore,
     "sweep": _cmd_sweep,
     "check-config": _cmd_check_config,
     "init": _cmd_init,
@@ -183,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SnapshotOverflowed as exc:
         log.error("%s", exc)
         return EXIT_OVERFLOW
-    except (backup_mod.StepError, CommandError, LvmError, MountError, RepositoryError, HypervisorError,
+    except (backup_mod.StepError, RestoreError, CommandError, LvmError, MountError, RepositoryError, HypervisorError,
             OSError) as exc:
         log.error("%s", exc, exc_info=args.debug)
         if isinstance(exc, CommandError) and exc.stderr_tail:

@@ -166,10 +166,11 @@ SETTINGS_OPTS: dict[str, Opt] = {
     "lvremove_retries": Opt(p_int(0, 100), 6, "retries of lvremove while the device is still in use"),
     "progress_interval": Opt(p_int(1, 3600), 30, "seconds between progress lines in the journal"),
     "max_parallel": Opt(p_int(1, 64), 1, "how many VMs may hold snapshots at once"),
+    "shutdown_timeout": Opt(p_int(1, 86400), 300, "seconds a VM gets to shut down before a restore destroys it"),
 }
 
 COMMAND_NAMES = ("lvs", "vgs", "lvcreate", "lvremove", "lvextend", "lvchange", "mount", "umount",
-                 "blkid", "dumpe2fs", "restic", "xl", "virsh", "udevadm")
+                 "blkid", "dumpe2fs", "restic", "xl", "virsh", "udevadm", "fallocate")
 COMMAND_OPTS: dict[str, Opt] = {name: Opt(p_str, name, f"the {name} binary") for name in COMMAND_NAMES}
 
 VM_ONLY_OPTS: dict[str, Opt] = {
@@ -208,6 +209,7 @@ class Settings:
     lvremove_retries: int = 6
     progress_interval: int = 30
     max_parallel: int = 1
+    shutdown_timeout: int = 300
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import IO, Any
 
 from .config import RepositoryConfig
 from .model import Retention
-from .run import Completed, run, stream
+from .run import Completed, run, stream, stream_bytes
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,13 @@ class BackupSummary:
     total_bytes: int
     files: int
     duration: float
+
+
+@dataclass(frozen=True)
+class Node:
+    path: str
+    type: str
+    size: int
 
 
 @dataclass(frozen=True)
@@ -237,15 +244,32 @@ class Restic:
             args += ["--read-data-subset", read_data_subset]
         return self._run(args)
 
-    def restore(self, snapshot: str, target: str, includes: Sequence[str] = ()) -> None:
-        args = ["restore", snapshot, "--target", target]
+    def restore_argv(self, snapshot: str, target: str, includes: Sequence[str] = ()) -> list[str]:
+        # --verify re-reads every restored file and checks it against the stored blobs.
+        argv = [self.bin, "restore", snapshot, "--target", target, "--verify"]
         for inc in includes:
-            args += ["--include", inc]
-        self._run(args)
+            argv += ["--include", inc]
+        return argv
 
-    def dump(self, snapshot: str, filename: str, out: IO[bytes]) -> None:
-        """Write one stored file's bytes (a block-mode image) to out."""
-        self._run(["dump", snapshot, filename], stdout=out)
+    def restore(self, snapshot: str, target: str, includes: Sequence[str] = ()) -> None:
+        self._run(self.restore_argv(snapshot, target, includes)[1:])
+
+    def ls(self, snapshot: str) -> list[Node]:
+        out = self._run(["ls", "--json", snapshot]).stdout
+        nodes = []
+        for line in out.splitlines():
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(d, dict) and d.get("struct_type") == "node":
+                nodes.append(Node(path=str(d.get("path", "")), type=str(d.get("type", "")),
+                                  size=int(d.get("size") or 0)))
+        return nodes
+
+    def dump(self, snapshot: str, filename: str, sink: Callable[[bytes], None]) -> None:
+        """Stream one stored file's bytes (a block-mode image) to sink."""
+        stream_bytes([self.bin, "dump", snapshot, filename], sink, env=self.env(), secrets=self.secrets())
 
 
 def tags_for(host: str, vm: str, disk: str, mode: str, run_id: str) -> list[str]:

@@ -204,3 +204,38 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait()
+
+
+def stream_bytes(
+    argv: Sequence[Arg],
+    sink: Callable[[bytes], None],
+    *,
+    env: Mapping[str, str] | None = None,
+    secrets: Iterable[str] = (),
+    chunk: int = 1 << 20,
+) -> None:
+    """Run a command and hand its binary stdout to sink in chunks (for restic dump into a device)."""
+    args = _argv(argv)
+    log.debug("+ %s", mask(args, secrets))
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=clean_env(env))
+    except FileNotFoundError as exc:
+        raise CommandNotFound(args) from exc
+    assert proc.stdout is not None and proc.stderr is not None
+    err_chunks: list[bytes] = []
+    stderr_pipe = proc.stderr
+    reader = threading.Thread(target=lambda: err_chunks.extend(iter(lambda: stderr_pipe.read(4096), b"")),
+                              daemon=True)
+    reader.start()
+    try:
+        while data := proc.stdout.read(chunk):
+            sink(data)
+        proc.wait()
+    except BaseException:
+        _stop(proc)
+        raise
+    finally:
+        reader.join(timeout=5)
+    if proc.returncode != 0:
+        raise CommandError(args, proc.returncode, b"".join(err_chunks).decode(errors="replace"))

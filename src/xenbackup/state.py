@@ -28,16 +28,23 @@ class Owner:
 
     invocation_id: str = ""
     pid: int = 0
+    unit: str = ""
 
     @classmethod
     def current(cls) -> Owner:
         inv = os.environ.get("INVOCATION_ID", "")
-        return cls(invocation_id=inv) if inv else cls(pid=os.getpid())
+        return cls(invocation_id=inv, unit=own_unit()) if inv else cls(pid=os.getpid())
 
     def alive(self) -> bool:
         if self.invocation_id:
-            # A unit has one invocation at a time; only the current one can still be running.
-            return self.invocation_id == os.environ.get("INVOCATION_ID", "")
+            if self.invocation_id == os.environ.get("INVOCATION_ID", ""):
+                return True
+            # A unit has one invocation at a time; the recorded one lives only while PID 1 says so.
+            from .systemd import unit_state
+
+            st = unit_state(self.unit) if self.unit else None
+            return (st is not None and st.invocation_id == self.invocation_id
+                    and st.active_state in ("activating", "active", "deactivating", "reloading"))
         if self.pid:
             try:
                 os.kill(self.pid, 0)
@@ -49,7 +56,23 @@ class Owner:
         return False
 
     def describe(self) -> str:
-        return f"unit invocation {self.invocation_id}" if self.invocation_id else f"process {self.pid}"
+        if self.invocation_id:
+            return f"{self.unit or 'unit'} (invocation {self.invocation_id})"
+        return f"process {self.pid}"
+
+
+def own_unit(cgroup_file: str = "/proc/self/cgroup") -> str:
+    """The unit we run in, from our cgroup path (systemd passes no unit name in the environment)."""
+    try:
+        with open(cgroup_file, encoding="utf-8") as f:
+            for line in f:
+                path = line.rstrip("\n").split(":", 2)[-1]
+                last = path.rsplit("/", 1)[-1]
+                if last.endswith(".service"):
+                    return last
+    except OSError:
+        pass
+    return ""
 
 
 @dataclass(frozen=True)
