@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import secrets
+import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -204,7 +205,8 @@ class Restic:
 
     def backup(self, paths: Sequence[str], tags: Iterable[str], host: str,
                on_progress: Callable[[Progress], None], cwd: str | None = None,
-               stdin: IO[bytes] | None = None, stdin_filename: str | None = None) -> BackupSummary:
+               stdin: IO[bytes] | None = None, stdin_filename: str | None = None,
+               on_start: Callable[[subprocess.Popen[bytes]], None] | None = None) -> BackupSummary:
         summary: list[BackupSummary] = []
 
         def on_line(line: str) -> None:
@@ -215,7 +217,7 @@ class Restic:
                 summary.append(item)
 
         argv = self.backup_argv(paths, tags, host, stdin_filename)
-        stream(argv, on_line, env=self.env(), secrets=self.secrets(), cwd=cwd, stdin=stdin)
+        stream(argv, on_line, env=self.env(), secrets=self.secrets(), cwd=cwd, stdin=stdin, on_start=on_start)
         if not summary or not summary[-1].snapshot_id:
             raise RepositoryError("restic backup ended without reporting a snapshot")
         return summary[-1]

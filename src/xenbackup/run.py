@@ -151,6 +151,7 @@ def stream(
     secrets: Iterable[str] = (),
     stdin: IO[bytes] | None = None,
     cwd: str | None = None,
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
 ) -> Completed:
     """Run a long command, handing each stdout line to on_line as it arrives."""
     args = _argv(argv)
@@ -167,6 +168,8 @@ def stream(
     except FileNotFoundError as exc:
         raise CommandNotFound(args) from exc
     assert proc.stdout is not None and proc.stderr is not None
+    if on_start is not None:
+        on_start(proc)
     err_chunks: list[bytes] = []
     stderr_pipe = proc.stderr
     # stderr is drained on a thread so a chatty child can never block on a full pipe.

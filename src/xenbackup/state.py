@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -214,3 +214,68 @@ class StateStore:
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+
+
+class Slots:
+    """At most max_parallel VMs hold snapshots at once, across all units and processes.
+
+    A slot is a small file naming its owner. Claims happen under an flock, and a slot whose owner is
+    no longer alive (a crashed run, a killed unit) is free again, so a crash never leaves one taken;
+    /run is emptied by a reboot.
+    """
+
+    def __init__(self, runtime_dir: str, max_parallel: int) -> None:
+        self.dir = os.path.join(runtime_dir, "slots")
+        self.max_parallel = max_parallel
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(self.dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def holders(self) -> dict[str, Owner]:
+        out: dict[str, Owner] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.dir):
+                if not name.endswith(".slot"):
+                    continue
+                try:
+                    with open(os.path.join(self.dir, name), encoding="utf-8") as f:
+                        out[name[:-5]] = Owner(**json.load(f))
+                except (OSError, ValueError, TypeError):
+                    continue
+        return out
+
+    def try_acquire(self, vm: str, owner: Owner) -> list[str]:
+        """Take a slot for vm; returns [] on success, else the VMs holding the slots."""
+        with self._guard():
+            live = {}
+            for name, holder in self.holders().items():
+                if name == vm or not holder.alive():
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self.dir, f"{name}.slot"))
+                else:
+                    live[name] = holder
+            if len(live) >= self.max_parallel:
+                return sorted(live)
+            write_atomic(os.path.join(self.dir, f"{vm}.slot"), json.dumps(asdict(owner)))
+            return []
+
+    def acquire(self, vm: str, owner: Owner, poll: float = 2.0,
+                sleep: Callable[[float], None] = time.sleep) -> None:
+        last_said: list[str] = []
+        while holders := self.try_acquire(vm, owner):
+            if holders != last_said:
+                log.info("waiting for a snapshot slot: max_parallel=%d is held by %s", self.max_parallel,
+                         ", ".join(f"{h} (xenbackup@{h}.service)" for h in holders))
+                last_said = holders
+            sleep(poll)
+
+    def release(self, vm: str) -> None:
+        with self._guard(), contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.dir, f"{vm}.slot"))

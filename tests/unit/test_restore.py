@@ -21,7 +21,7 @@ from xenbackup.repository import Snapshot, tags_for
 
 def snap(id_: str, time: str, run: str, disk: str, mode: str = "files") -> Snapshot:
     return Snapshot(id=id_ * 8, short_id=id_ * 2, time=time, hostname="h", paths=("/x",),
-                    tags=("xenbackup", f"vm:vm1", f"run:{run}", f"disk:{disk}", f"mode:{mode}"))
+                    tags=("xenbackup", "vm:vm1", f"run:{run}", f"disk:{disk}", f"mode:{mode}"))
 
 
 SNAPS = [

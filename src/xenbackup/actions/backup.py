@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -21,7 +22,8 @@ from ..model import VM, Disk, DiskMode, PlannedCommand, SnapshotRecord, snapshot
 from ..mount import Mounter, mount_options, mounts_below
 from ..progress import Reporter
 from ..repository import BackupSummary, Restic, tags_for
-from ..state import Busy, Owner, RunState, StateStore, new_run_id
+from ..run import CommandError
+from ..state import Busy, Owner, RunState, Slots, StateStore, new_run_id
 from .watch import OverflowWatch, SnapshotOverflowed
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ class Context:
     mounter: Mounter
     restic: Restic
     store: StateStore
+    slots: Slots
     host: str
 
     @classmethod
@@ -48,6 +51,7 @@ class Context:
             mounter=Mounter(cfg.commands),
             restic=Restic(cfg.repository, cfg.command("restic")),
             store=StateStore(cfg.settings.runtime_dir, cfg.settings.state_dir),
+            slots=Slots(cfg.settings.runtime_dir, cfg.settings.max_parallel),
             host=cfg.repository.host or socket.gethostname(),
         )
 
@@ -142,6 +146,7 @@ def step_snapshot(ctx: Context, vm: VM) -> RunState:
         state = claim(ctx, vm)
         _event(logging.INFO, "backup of %s started (run %s)", MessageId.STARTED, vm.name, state.run_id,
                run=state.run_id)
+        ctx.slots.acquire(vm.name, state.owner)
         thin = preflight(ctx, vm)
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
         tags = ["xenbackup", vm.lv_tag, f"xenbackup-run:{state.run_id}"]
@@ -204,7 +209,21 @@ def step_mount(ctx: Context, vm: VM) -> RunState:
 
 # --- backup -----------------------------------------------------------------------------------
 
-def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord) -> BackupSummary:
+class _Current:
+    """The restic process now running, so the overflow guard can stop it early."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def set(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+
+def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord, current: _Current) -> BackupSummary:
     disk = _disk(vm, rec.disk_slug)
     tags = tags_for(ctx.host, vm.name, str(disk.lv), disk.mode.value, state.run_id)
     reporter = Reporter(f"{vm.name} {disk.lv}", ctx.cfg.settings.progress_interval)
@@ -216,10 +235,11 @@ def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord) -> 
             if not os.path.lexists(source):
                 raise StepError(f"{disk.path} does not exist in the filesystem of {disk.lv}")
             # Relative to the mount point, so the stored tree reads like the origin's filesystem.
-            return ctx.restic.backup([disk.path], tags, ctx.host, reporter, cwd=rec.mountpoint)
+            return ctx.restic.backup([disk.path], tags, ctx.host, reporter, cwd=rec.mountpoint,
+                                     on_start=current.set)
         with open(rec.lv.path, "rb") as dev:
-            return ctx.restic.backup([], tags, ctx.host, reporter, stdin=dev,
-                                     stdin_filename=f"{disk.slug}.img")
+            return ctx.restic.backup([], tags, ctx.host, reporter, stdin=dev, stdin_filename=f"{disk.slug}.img",
+                                     on_start=current.set)
     finally:
         reporter.close()
 
@@ -229,26 +249,31 @@ def step_backup(ctx: Context, vm: VM) -> RunState:
         with ctx.store.lock(vm.name):
             state = _own_state(ctx, vm)
         ctx.restic.ensure_initialized()
-        watch = OverflowWatch(ctx.lvm, vm, [r for r in state.snapshots if not r.thin],
-                              ctx.cfg.settings.watch_interval)
+        current = _Current()
+        watch = OverflowWatch(ctx.lvm, vm, state.snapshots, ctx.cfg.settings.watch_interval,
+                              on_abort=current.stop)
         try:
             with watch:
-                state = _store_all(ctx, vm, state)
+                try:
+                    state = _store_all(ctx, vm, state, current)
+                except CommandError:
+                    watch.check()  # restic stopped by the guard: report the overflow, not SIGTERM
+                    raise
                 watch.check()
         except SnapshotOverflowed:
             ctx.store.save(replace(state, peak_fill=watch.peak, overflowed=True))
             raise
-        state = replace(state, peak_fill=watch.peak, phase="cleanup", summary=dict(state.summary))
+        state = replace(state, peak_fill=watch.peak, phase="cleanup")
         ctx.store.save(state)
         return state
 
 
-def _store_all(ctx: Context, vm: VM, state: RunState) -> RunState:
+def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunState:
     """Back up every disk, then the domain config; record each restic snapshot as it appears."""
     totals = {"data_added": 0, "total_bytes": 0, "files": 0}
     for rec in state.snapshots:
-        summary = _backup_disk(ctx, vm, state, rec)
-        state = replace(state, restic_snapshots=(*state.restic_snapshots, summary.snapshot_id))
+        summary = _backup_disk(ctx, vm, state, rec, current)
+        state = replace(state, restic_snapshots=(*state.restic_snapshots, summary.snapshot_id), summary=totals)
         ctx.store.save(state)
         log.info("stored %s as restic snapshot %s: %d files, %d bytes read, %d bytes new",
                  rec.origin, summary.snapshot_id[:8], summary.files, summary.total_bytes, summary.data_added)
@@ -262,7 +287,7 @@ def _store_all(ctx: Context, vm: VM, state: RunState) -> RunState:
         log.info("saved domain config %s", vm.domain_config)
     elif vm.domain_config:
         log.warning("domain config %s does not exist; backing up the disks only", vm.domain_config)
-    return replace(state, summary=totals)
+    return replace(state, summary=dict(totals))
 
 
 # --- cleanup ----------------------------------------------------------------------------------
@@ -283,6 +308,7 @@ def release(ctx: Context, vm: VM, state: RunState | None) -> list[str]:
         if ctx.lvm.remove(ref, ctx.cfg.settings.lvremove_retries):
             removed.append(str(ref))
             log.info("removed snapshot %s", ref)
+    ctx.slots.release(vm.name)
     return removed
 
 

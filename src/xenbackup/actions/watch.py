@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
 from ..journal import MessageId
 from ..lvm import Lvm
-from ..model import VM, SizeKind, SnapshotRecord, SnapshotSize, format_bytes
+from ..model import VM, LvRef, SizeKind, SnapshotRecord, SnapshotSize, format_bytes
 from ..run import CommandError
 
 log = logging.getLogger(__name__)
@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 
 class SnapshotOverflowed(Exception):
     """A classic snapshot filled up; LVM invalidated it and what was read from it is worthless."""
+
+
+class PoolFilling(SnapshotOverflowed):
+    """A thin pool holding a snapshot is nearly full; the run stops before the pool (and the VM) stalls."""
 
 
 def suggested_size(origin_size: int, cow_size: int, peak: float) -> SnapshotSize:
@@ -30,13 +34,17 @@ def suggested_size(origin_size: int, cow_size: int, peak: float) -> SnapshotSize
 class OverflowWatch:
     """A thread polling `lvs` for each classic snapshot's fill during the backup."""
 
-    def __init__(self, lvm: Lvm, vm: VM, snapshots: Sequence[SnapshotRecord], interval: float) -> None:
+    def __init__(self, lvm: Lvm, vm: VM, snapshots: Sequence[SnapshotRecord], interval: float,
+                 pool_threshold: float = 95.0, on_abort: Callable[[], None] = lambda: None) -> None:
         self.lvm = lvm
         self.vm = vm
         self.snapshots = list(snapshots)
         self.interval = interval
+        self.pool_threshold = pool_threshold
+        self.on_abort = on_abort
         self.peak = 0.0
         self.overflowed: list[str] = []
+        self.pools_full: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="overflow-watch", daemon=True)
         self._lock = threading.Lock()
@@ -66,14 +74,33 @@ class OverflowWatch:
                 lv = self.lvm.lv(rec.lv)
                 if lv is None:
                     continue
+                if rec.thin:
+                    self._poll_pool(rec, lv.pool)
+                    continue
                 fill = 100.0 if lv.is_invalid else (lv.fill or 0.0)
                 self.peak = max(self.peak, fill)
                 if lv.is_invalid or fill >= 100.0:
                     if str(rec.lv) not in self.overflowed:
                         self.overflowed.append(str(rec.lv))
                         self._report_overflow(rec, lv.origin_size, lv.size)
+                        self.on_abort()
                 elif fill >= self.vm.overflow_threshold:
                     self._extend(rec, fill)
+
+    def _poll_pool(self, rec: SnapshotRecord, pool_name: str) -> None:
+        pool = self.lvm.lv(LvRef(rec.lv.vg, pool_name)) if pool_name else None
+        if pool is None:
+            return
+        fill = max(pool.data_percent or 0.0, pool.metadata_percent or 0.0)
+        self.peak = max(self.peak, fill)
+        if fill >= self.pool_threshold and pool_name not in self.pools_full:
+            self.pools_full.append(pool_name)
+            log.error("thin pool %s/%s is %.1f%% full (data %.1f%%, metadata %.1f%%); stopping the backup and "
+                      "removing its snapshot before the pool fills and stalls the VMs", rec.lv.vg, pool_name,
+                      fill, pool.data_percent or 0.0, pool.metadata_percent or 0.0,
+                      extra={"message_id": MessageId.OVERFLOW.value,
+                             "fields": {"peak_fill": fill, "pool": f"{rec.lv.vg}/{pool_name}"}})
+            self.on_abort()
 
     def _extend(self, rec: SnapshotRecord, fill: float) -> None:
         try:
@@ -96,5 +123,7 @@ class OverflowWatch:
         """Raise if any snapshot overflowed during the run (one last look first)."""
         if self.snapshots:
             self.poll()
+        if self.pools_full and not self.overflowed:
+            raise PoolFilling(f"thin pool {', '.join(self.pools_full)} nearly full during the backup")
         if self.overflowed:
             raise SnapshotOverflowed(f"snapshot {', '.join(self.overflowed)} overflowed during the backup")

@@ -1,0 +1,118 @@
+"""Snapshot slots and the overflow guard, with LVM faked at the process boundary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from xenbackup.actions.watch import OverflowWatch, PoolFilling, SnapshotOverflowed, suggested_size
+from xenbackup.lvm import Lvm
+from xenbackup.model import VM, Disk, DiskMode, LvRef, SnapshotRecord, SnapshotSize
+from xenbackup.state import Owner, Slots
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_slots_limit_parallel_snapshots_and_survive_crashes(tmp_path: Path) -> None:
+    slots = Slots(str(tmp_path), max_parallel=1)
+    me = Owner(pid=__import__("os").getpid())
+    assert slots.try_acquire("vm1", me) == []
+    assert slots.try_acquire("vm2", me) == ["vm1"]
+    slots.release("vm1")
+    assert slots.try_acquire("vm2", me) == []
+    # A holder that died without releasing (SIGKILL, power cut) does not keep its slot.
+    crashed = Slots(str(tmp_path), max_parallel=1)
+    (tmp_path / "slots" / "vm2.slot").write_text(json.dumps({"invocation_id": "", "pid": dead_pid(), "unit": ""}))
+    assert crashed.try_acquire("vm3", me) == []
+
+
+def test_waiting_for_a_slot_says_for_whom(tmp_path: Path, caplog) -> None:
+    slots = Slots(str(tmp_path), max_parallel=1)
+    me = Owner(pid=__import__("os").getpid())
+    slots.try_acquire("vm1", me)
+    sleeps: list[float] = []
+
+    def sleep(s: float) -> None:
+        sleeps.append(s)
+        slots.release("vm1")
+
+    caplog.set_level("INFO")
+    slots.acquire("vm2", me, sleep=sleep)
+    assert "max_parallel=1 is held by vm1 (xenbackup@vm1.service)" in caplog.text and sleeps == [2.0]
+
+
+def lv_row(name: str, attr: str, snap: str = "", data: str = "", meta: str = "", pool: str = "") -> dict[str, str]:
+    return {"lv_name": name, "vg_name": "system", "lv_attr": attr, "lv_size": str(256 << 20), "origin": "xenvm",
+            "origin_size": str(1 << 30), "snap_percent": snap, "data_percent": data, "metadata_percent": meta,
+            "lv_tags": "xenbackup", "pool_lv": pool, "lv_path": ""}
+
+
+@pytest.fixture
+def fake_lvm(tmp_path: Path):
+    """lvs prints whatever the test puts in rows.json; lvextend records its argv."""
+    rows = tmp_path / "rows.json"
+    calls = tmp_path / "calls"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "lvs").write_text(f"""#!/usr/bin/env python3
+import json, sys
+rows = json.load(open("{rows}"))
+want = sys.argv[-1].split("/")[-1]
+print(json.dumps({{"report": [{{"lv": [r for r in rows if r["lv_name"] == want]}}]}}))
+""")
+    (bindir / "lvextend").write_text(f'#!/bin/sh\necho "lvextend $*" >> {calls}\n')
+    for p in bindir.iterdir():
+        p.chmod(0o755)
+    lvm = Lvm({"lvs": str(bindir / "lvs"), "lvextend": str(bindir / "lvextend")})
+
+    def set_rows(*r: dict[str, str]) -> None:
+        rows.write_text(json.dumps(list(r)))
+
+    return lvm, set_rows, calls
+
+
+VM1 = VM(name="vm1", disks=(Disk(LvRef("system", "xenvm"), DiskMode.FILES),), overflow_threshold=80)
+CLASSIC = SnapshotRecord(LvRef("system", "xenvm"), "snap", "system-xenvm")
+THIN = SnapshotRecord(LvRef("system", "thinvm"), "tsnap", "system-thinvm", thin=True)
+
+
+def test_filling_snapshot_is_extended(fake_lvm) -> None:
+    lvm, set_rows, calls = fake_lvm
+    set_rows(lv_row("snap", "swi-a-s---", snap="85.00"))
+    watch = OverflowWatch(lvm, VM1, [CLASSIC], interval=3600)
+    watch.poll()
+    assert calls.read_text() == "lvextend --extents +10%ORIGIN system/snap\n"
+    watch.check()  # extended, not overflowed: the run stays good
+    assert watch.peak == 85.0
+
+
+def test_invalid_snapshot_aborts_and_fails(fake_lvm) -> None:
+    lvm, set_rows, _ = fake_lvm
+    set_rows(lv_row("snap", "swi-I-s---", snap="100.00"))
+    aborted: list[bool] = []
+    watch = OverflowWatch(lvm, VM1, [CLASSIC], interval=3600, on_abort=lambda: aborted.append(True))
+    with pytest.raises(SnapshotOverflowed, match="system/snap overflowed"):
+        watch.check()
+    assert aborted == [True] and watch.peak == 100.0
+
+
+def test_thin_pool_nearly_full_stops_the_run(fake_lvm) -> None:
+    lvm, set_rows, _ = fake_lvm
+    set_rows(lv_row("tsnap", "Vwi-a-tz-k", data="20.0", pool="pool"),
+             lv_row("pool", "twi-aotz--", data="96.5", meta="12.0"))
+    aborted: list[bool] = []
+    watch = OverflowWatch(lvm, VM1, [THIN], interval=3600, on_abort=lambda: aborted.append(True))
+    with pytest.raises(PoolFilling, match="thin pool pool nearly full"):
+        watch.check()
+    assert aborted == [True]
+
+
+def test_suggested_size_has_headroom() -> None:
+    assert suggested_size(origin_size=10 << 30, cow_size=256 << 20, peak=100.0) == SnapshotSize(1 << 30)
