@@ -71,6 +71,10 @@ def p_opt_int(v: Any) -> int | None:
     return None if v is None else p_int(0, 1_000_000)(v)
 
 
+def p_lv(v: Any) -> LvRef:
+    return LvRef.parse(p_str(v))
+
+
 def p_size(v: Any) -> SnapshotSize:
     return SnapshotSize.parse(p_str(v))
 
@@ -178,7 +182,7 @@ VM_ONLY_OPTS: dict[str, Opt] = {
     "disks": Opt(lambda v: v, None, "the LVs to snapshot: [{ lv = \"VG/LV\", mode = \"files\", path = \"vm1\" }]"),
 }
 DISK_OPTS: dict[str, Opt] = {
-    "lv": Opt(LvRef.parse, None, '"VG/LV" of the logical volume'),
+    "lv": Opt(p_lv, None, '"VG/LV" of the logical volume'),
     "mode": Opt(p_enum(DiskMode), DiskMode.FILES,
                 "files: mount the snapshot and back up a path; block: back up the device's bytes"),
     "path": Opt(p_str, ".", "files mode: the directory inside the filesystem to back up"),
