@@ -13,7 +13,10 @@ python3 -m pip install --quiet --no-index --no-deps --no-build-isolation --break
 python3 -m pip install --quiet --no-index --no-deps --no-build-isolation --prefix "$prefix" .
 
 install -d "$unitdir" "$catalogdir" /etc/xenbackup
-install -m 0644 units/xenbackup@.service units/xenbackup@.timer units/xenbackup-cleanup.service "$unitdir"/
+install -m 0644 units/*.service units/*.timer "$unitdir"/
+generatordir=${GENERATORDIR:-$prefix/lib/systemd/system-generators}
+install -d "$generatordir"
+ln -sf "$prefix/bin/xenbackup-generator" "$generatordir/xenbackup-generator"
 install -m 0644 packaging/xenbackup.catalog "$catalogdir"/xenbackup.catalog
 install -m 0644 packaging/xenbackup.toml.example /etc/xenbackup/xenbackup.toml.example
 chmod 0700 /etc/xenbackup
@@ -21,6 +24,6 @@ chmod 0700 /etc/xenbackup
 if [ -d /run/systemd/system ]; then
     journalctl --update-catalog || true
     systemctl daemon-reload
-    systemctl enable xenbackup-cleanup.service >/dev/null 2>&1 || true
+    systemctl enable xenbackup-cleanup.service xenbackup-prune.timer xenbackup-verify.timer >/dev/null 2>&1 || true
 fi
 echo "xenbackup installed: $(command -v xenbackup || echo "$prefix/bin/xenbackup")"

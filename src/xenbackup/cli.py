@@ -15,6 +15,9 @@ from types import FrameType
 from . import config as config_mod
 from . import journal, systemd
 from .actions import backup as backup_mod
+from .actions import notify as notify_mod
+from .actions import ops
+from .actions import status as status_mod
 from .actions.listing import group_runs
 from .actions.restore import RestoreError, Restorer, RestoreRequest
 from .actions.watch import SnapshotOverflowed
@@ -86,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--with-config", action="store_true", help="also restore the saved domain config")
     r.add_argument("--delete", action="store_true", help="delete files in the target that are not in the backup")
     r.add_argument("--dry-run", action="store_true", help="print every step, change nothing")
+
+    pr = sub.add_parser("prune", help="apply the retention policy (restic forget --prune) per VM")
+    pr.add_argument("vm", nargs="?", type=_vm_name)
+
+    ve = sub.add_parser("verify", help="restic check, plus a test restore of each VM's latest backup")
+    ve.add_argument("--read-data-subset", metavar="N%|n/t", help="how much pack data restic check reads")
+    ve.add_argument("--restore-test", nargs="*", metavar="VM", type=_vm_name,
+                    help="test-restore these VMs (no names: every VM)")
+    ve.add_argument("--no-check", action="store_true", help="skip restic check")
+
+    st = sub.add_parser("status", help="one row per VM: last result, size, peak fill, next run")
+    st.add_argument("--json", action="store_true")
+
+    no = sub.add_parser("notify", help="send the failure alert for a unit (used by xenbackup-notify@.service)")
+    no.add_argument("unit")
 
     sub.add_parser("sweep", help="remove snapshots and mounts left by interrupted runs (runs at boot)")
     sub.add_parser("check-config", help="validate the config and report every problem")
@@ -178,8 +196,64 @@ def _cmd_sweep(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
+    errors = []
+    for vm in cfg.vms.values():
+        if vm.schedule is not None:
+            problem = systemd.calendar_error(vm.schedule, cfg.command("systemd-analyze"))
+            if problem is not None:
+                errors.append(f"{cfg.path}: vm.{vm.name}.schedule: invalid calendar expression "
+                              f"{vm.schedule!r}: {problem}")
+    if errors:
+        raise ConfigError(errors)
     print(f"{cfg.path}: OK, {len(cfg.vms)} VM(s): {', '.join(sorted(cfg.vms)) or 'none'}")
     return EXIT_OK
+
+
+def _cmd_prune(cfg: Config, args: argparse.Namespace) -> int:
+    ctx = backup_mod.Context.from_config(cfg)
+    names = [cfg.vm(args.vm).name] if args.vm else sorted(cfg.vms)
+    for name in names:
+        with ctx.store.lock(name):
+            ops.prune(ctx, cfg.vm(name))
+    return EXIT_OK
+
+
+def _cmd_verify(cfg: Config, args: argparse.Namespace) -> int:
+    ctx = backup_mod.Context.from_config(cfg)
+    if not args.no_check:
+        ops.check_repository(ctx, args.read_data_subset or cfg.settings.verify_read_data_subset)
+    if args.restore_test is None:
+        names = sorted(cfg.vms) if cfg.settings.verify_restore_test else []
+    else:
+        names = args.restore_test or sorted(cfg.vms)
+    failed = []
+    for name in names:
+        try:
+            res = ops.restore_test(ctx, cfg.vm(name))
+            print(f"{name}: restore test of run {res.run_id} passed ({res.entries} files, "
+                  f"{format_bytes(res.bytes)})")
+        except (ops.VerifyFailed, RestoreError, CommandError) as exc:
+            log.error("restore test of %s failed: %s", name, exc)
+            failed.append(name)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    units = {f"xenbackup@{systemd.escape_instance(n)}.service": systemd.unit_state(
+        f"xenbackup@{systemd.escape_instance(n)}.service") for n in cfg.vms}
+    rows = status_mod.collect(cfg, units, systemd.timer_states())
+    if args.json:
+        print(json.dumps([r.as_json() for r in rows], indent=1))
+    else:
+        print(status_mod.render_table(rows))
+    return EXIT_OK if all(r.ok for r in rows) else EXIT_FAILED
+
+
+def _cmd_notify(cfg: Config, args: argparse.Namespace) -> int:
+    msg = notify_mod.build_message(cfg, args.unit)
+    with journal.context(vm=msg.vm, phase="notify"):
+        failed = notify_mod.send(cfg, msg)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _cmd_init(cfg: Config, args: argparse.Namespace) -> int:
@@ -198,6 +272,10 @@ VERBS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "plan": _cmd_plan,
     "restore": _cmd_restore,
     "sweep": _cmd_sweep,
+    "prune": _cmd_prune,
+    "verify": _cmd_verify,
+    "status": _cmd_status,
+    "notify": _cmd_notify,
     "check-config": _cmd_check_config,
     "init": _cmd_init,
 }

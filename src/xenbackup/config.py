@@ -106,6 +106,19 @@ def p_choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
+def p_cmd_list(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ValueError('expected an argv list such as ["/usr/local/bin/page-oncall", "--team", "ops"]')
+    return tuple(v)
+
+
+def p_url(v: Any) -> str:
+    s = p_str(v)
+    if s and not s.startswith(("http://", "https://")):
+        raise ValueError(f"expected an http:// or https:// URL, got {s!r}")
+    return s
+
+
 def p_bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise ValueError(f"expected true or false, got {v!r}")
@@ -171,10 +184,24 @@ SETTINGS_OPTS: dict[str, Opt] = {
     "progress_interval": Opt(p_int(1, 3600), 30, "seconds between progress lines in the journal"),
     "max_parallel": Opt(p_int(1, 64), 1, "how many VMs may hold snapshots at once"),
     "shutdown_timeout": Opt(p_int(1, 86400), 300, "seconds a VM gets to shut down before a restore destroys it"),
+    "metrics_file": Opt(p_opt_path, "/var/lib/prometheus/node-exporter/xenbackup.prom",
+                        "Prometheus textfile written after each run; \"\" turns it off"),
+    "max_age_hours": Opt(p_int(1, 100000), 48, "`xenbackup status` fails when a VM's last good backup is older"),
+    "verify_read_data_subset": Opt(p_str, "5%", "restic check --read-data-subset for `xenbackup verify`"),
+    "verify_restore_test": Opt(p_bool, True, "`xenbackup verify` also test-restores every VM's latest backup"),
+}
+
+NOTIFY_OPTS: dict[str, Opt] = {
+    "command": Opt(p_cmd_list, (), "argv run on failure; the JSON message arrives on stdin"),
+    "mail_to": Opt(p_str, "", "mail the failure through the local sendmail to this address"),
+    "webhook": Opt(p_url, "", "POST the failure as JSON to this http(s) URL"),
+    "sendmail": Opt(p_str, "/usr/sbin/sendmail", "the sendmail binary"),
+    "timeout": Opt(p_int(1, 600), 30, "seconds each notifier may take"),
 }
 
 COMMAND_NAMES = ("lvs", "vgs", "lvcreate", "lvremove", "lvextend", "lvchange", "mount", "umount",
-                 "blkid", "dumpe2fs", "restic", "xl", "virsh", "udevadm", "fallocate")
+                 "blkid", "dumpe2fs", "restic", "xl", "virsh", "udevadm", "fallocate", "systemd-analyze",
+                 "journalctl")
 COMMAND_OPTS: dict[str, Opt] = {name: Opt(p_str, name, f"the {name} binary") for name in COMMAND_NAMES}
 
 VM_ONLY_OPTS: dict[str, Opt] = {
@@ -207,13 +234,30 @@ class RepositoryConfig:
 
 @dataclass(frozen=True)
 class Settings:
-    runtime_dir: str = "/run/xenbackup"
-    state_dir: str = "/var/lib/xenbackup/state"
-    watch_interval: int = 5
-    lvremove_retries: int = 6
-    progress_interval: int = 30
-    max_parallel: int = 1
-    shutdown_timeout: int = 300
+    """See SETTINGS_OPTS for each field's default and meaning."""
+
+    runtime_dir: str
+    state_dir: str
+    watch_interval: int
+    lvremove_retries: int
+    progress_interval: int
+    max_parallel: int
+    shutdown_timeout: int
+    metrics_file: str | None
+    max_age_hours: int
+    verify_read_data_subset: str
+    verify_restore_test: bool
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """See NOTIFY_OPTS."""
+
+    command: tuple[str, ...]
+    mail_to: str
+    webhook: str
+    sendmail: str
+    timeout: int
 
 
 @dataclass(frozen=True)
@@ -223,6 +267,7 @@ class Config:
     settings: Settings
     commands: Mapping[str, str]
     vms: Mapping[str, VM]
+    notify: NotifyConfig
     default_retention: Retention = field(default_factory=Retention)
 
     def vm(self, name: str) -> VM:
@@ -294,7 +339,7 @@ def parse(data: bytes | str, path: str = "<config>") -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: (syntax): {exc}"]) from None
 
-    known = {"repository", "defaults", "settings", "commands", "vm"}
+    known = {"repository", "defaults", "settings", "commands", "notify", "vm"}
     for key in raw:
         if key not in known:
             c.error(key, f"unknown section (known: {', '.join(sorted(known))})")
@@ -305,6 +350,7 @@ def parse(data: bytes | str, path: str = "<config>") -> Config:
     defaults = c.options(c.section(raw.get("defaults"), "defaults"), DEFAULT_OPTS, "defaults.")
     settings = c.options(c.section(raw.get("settings"), "settings"), SETTINGS_OPTS, "settings.")
     commands = c.options(c.section(raw.get("commands"), "commands"), COMMAND_OPTS, "commands.")
+    notify = c.options(c.section(raw.get("notify"), "notify"), NOTIFY_OPTS, "notify.")
 
     vms: dict[str, VM] = {}
     for name, vm_raw in c.section(raw.get("vm"), "vm").items():
@@ -321,13 +367,17 @@ def parse(data: bytes | str, path: str = "<config>") -> Config:
         settings=Settings(**settings),
         commands=commands,
         vms=vms,
+        notify=NotifyConfig(**notify),
         default_retention=_retention(defaults),
     )
 
 
+KEEP_KEYS = ("keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
+
+
 def _retention(values: Mapping[str, Any]) -> Retention:
-    return Retention(**{k: values[k] for k in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly",
-                                               "keep_yearly")})
+    """A VM that sets any keep_* has its own policy; otherwise the [defaults] policy applies whole."""
+    return Retention(**{k: values[k] for k in KEEP_KEYS})
 
 
 def _parse_vm(c: _Collector, name: str, raw: Any, defaults: Mapping[str, Any]) -> VM | None:
@@ -353,7 +403,8 @@ def _parse_vm(c: _Collector, name: str, raw: Any, defaults: Mapping[str, Any]) -
             snapshot_size=values["snapshot_size"],
             schedule=values["schedule"],
             randomized_delay=values["randomized_delay"],
-            retention=_retention(values),
+            retention=_retention(values if not any(k in table for k in KEEP_KEYS)
+                                 else {k: values[k] if k in table else None for k in KEEP_KEYS}),
             overflow_threshold=values["overflow_threshold"],
             extend_step=values["extend_step"],
         )

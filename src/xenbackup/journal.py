@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping
 from enum import StrEnum
+from typing import Any
 
 IDENTIFIER = "xenbackup"
 VM: contextvars.ContextVar[str] = contextvars.ContextVar("xenbackup_vm", default="")
@@ -166,3 +168,19 @@ def setup(debug: bool = False, quiet: bool = False) -> None:
         if quiet:
             handler.setLevel(logging.WARNING)
     root.addHandler(handler)
+
+
+def read_entries(matches: list[str], lines: int = 30, journalctl: str = "journalctl") -> list[dict[str, Any]]:
+    """The last entries matching journalctl match arguments, as dicts."""
+    from .run import run
+
+    out = run([journalctl, "--no-pager", "-o", "json", "-n", str(lines), *matches], check=False)
+    entries = []
+    for line in out.stdout.splitlines():
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(item, dict):
+            entries.append(item)
+    return entries

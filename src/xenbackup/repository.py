@@ -172,6 +172,10 @@ class Restic:
     def _run(self, args: Sequence[str], **kw: Any) -> Completed:
         return run([self.bin, *args], env=self.env(), secrets=self.secrets(), **kw)
 
+    def run_argv(self, argv: Sequence[str]) -> Completed:
+        """Run an argv built by one of the *_argv methods."""
+        return run(argv, env=self.env(), secrets=self.secrets())
+
     # --- repository ---
 
     def is_initialized(self) -> bool:
@@ -238,7 +242,9 @@ class Restic:
 
     def forget_policy_argv(self, tags: Iterable[str], host: str, retention: Retention) -> list[str]:
         return [self.bin, "forget", "--prune", "--host", host, "--tag", ",".join(tags),
-                "--group-by", "host,tags", *retention.forget_args()]
+                # The tag filter already scopes to one VM's disk; grouping by tags would make every run
+                # (each has its own run: tag) a group of one, and nothing would ever be forgotten.
+                "--group-by", "host", *retention.forget_args()]
 
     def check(self, read_data_subset: str | None = None) -> Completed:
         args = ["check"]

@@ -78,3 +78,44 @@ def unit_state(name: str) -> UnitState | None:
     except Exception as exc:
         log.debug("cannot read %s over D-Bus: %s", name, exc)
         return None
+
+
+def calendar_error(expr: str, analyze: str = "systemd-analyze") -> str | None:
+    """None if systemd accepts the calendar expression, else its complaint."""
+    from .run import CommandError, run
+
+    try:
+        out = run([analyze, "calendar", expr], check=False)
+    except CommandError as exc:
+        return str(exc)
+    if out.returncode == 0:
+        return None
+    lines = [line.strip() for line in (out.stderr or out.stdout).splitlines() if line.strip()]
+    return lines[-1] if lines else f"systemd-analyze calendar exited {out.returncode}"
+
+
+@dataclass(frozen=True)
+class TimerState:
+    name: str
+    next_elapse_usec: int
+    last_trigger_usec: int
+
+
+def timer_states(pattern: str = "xenbackup@*.timer") -> dict[str, TimerState]:
+    """Loaded timers matching pattern with their next elapse (realtime µs), over D-Bus."""
+    try:
+        from pystemd.systemd1 import Manager, Unit
+
+        manager = Manager()
+        manager.load()
+        out: dict[str, TimerState] = {}
+        for row in manager.Manager.ListUnitsByPatterns([], [pattern.encode()]):
+            name = _text(row[0])
+            unit = Unit(name.encode())
+            unit.load()
+            out[name] = TimerState(name=name, next_elapse_usec=int(unit.Timer.NextElapseUSecRealtime),
+                                   last_trigger_usec=int(unit.Timer.LastTriggerUSec))
+        return out
+    except Exception as exc:
+        log.debug("cannot list timers over D-Bus: %s", exc)
+        return {}

@@ -24,6 +24,7 @@ from ..progress import Reporter
 from ..repository import BackupSummary, Restic, tags_for
 from ..run import CommandError
 from ..state import Busy, Owner, RunState, Slots, StateStore, new_run_id
+from .status import write_metrics
 from .watch import OverflowWatch, SnapshotOverflowed
 
 log = logging.getLogger(__name__)
@@ -385,8 +386,14 @@ def _finish(ctx: Context, vm: VM, state: RunState | None, result: str, cleanup_c
         "restic_snapshots": list(state.restic_snapshots) if state and ok else [],
         **(state.summary if state else {}),
     }
+    previous = ctx.store.read_record(vm.name) or {}
+    record["last_success"] = now if ok else previous.get("last_success")
     if state is not None:
         ctx.store.write_record(vm.name, record)
+        try:
+            write_metrics(ctx.cfg)
+        except OSError as exc:
+            log.warning("cannot write metrics file %s: %s", ctx.cfg.settings.metrics_file, exc)
     fields = {"result": record["result"], "peak_fill": record["peak_fill"] or 0}
     if ok:
         _event(logging.INFO, "backup of %s succeeded in %.0f s (snapshot peak fill %.1f%%)",

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from xenbackup import config, generator
+from xenbackup.actions.notify import failing_phase
+from xenbackup.actions.ops import policy_for, prune_groups
+from xenbackup.actions.status import render_metrics, vm_status
+from xenbackup.config import RepositoryConfig
+from xenbackup.model import Retention
+from xenbackup.repository import Restic
+from xenbackup.systemd import TimerState, UnitState, escape_instance
+
+CFG = """
+[defaults]
+keep_daily = 7
+[vm.vm1]
+schedule = "*-*-* 20:00"
+randomized_delay = "10min"
+disks = [{ lv = "system/xenvm", path = "vm1" }]
+[vm."web-01"]
+schedule = "bogus o'clock"
+hypervisor = "none"
+disks = [{ lv = "system/web", mode = "block" }]
+[vm.vm3]
+keep_last = 2
+disks = [{ lv = "system/vm3" }]
+"""
+
+
+def test_generator_writes_dropins_and_enables_only_valid_schedules(write_config, tmp_path: Path) -> None:
+    cfg = config.load(str(write_config(CFG)))
+    out = tmp_path / "gen"
+    said: list[tuple[int, str]] = []
+    enabled = generator.generate(str(out), cfg, "/usr/lib/systemd/system/xenbackup@.timer",
+                                 lambda e: None if e.startswith("*") else "Failed to parse calendar specification",
+                                 lambda lvl, text: said.append((lvl, text)))
+    assert enabled == ["xenbackup@vm1.timer"]
+    dropin = (out / "xenbackup@vm1.timer.d" / generator.DROPIN).read_text()
+    assert "OnCalendar=\nOnCalendar=*-*-* 20:00\nRandomizedDelaySec=10min\n" in dropin
+    link = out / "timers.target.wants" / "xenbackup@vm1.timer"
+    assert os.readlink(link) == "/usr/lib/systemd/system/xenbackup@.timer"
+    assert not (out / "timers.target.wants" / f"xenbackup@{escape_instance('web-01')}.timer").exists()
+    assert said and said[0][0] == 3 and "vm.web-01.schedule: invalid calendar expression" in said[0][1]
+
+
+def test_generator_never_fails_on_a_broken_config(tmp_path: Path, monkeypatch) -> None:
+    bad = tmp_path / "x.toml"
+    bad.write_text("[vm.vm1\n")
+    monkeypatch.setenv("XENBACKUP_CONFIG", str(bad))
+    assert generator.main([str(tmp_path / "out")]) == 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_escape_matches_systemd_escape() -> None:
+    assert escape_instance("web-01") == "web\\x2d01"
+    assert escape_instance("db.example") == "db.example"
+    assert escape_instance("vm_1") == "vm_1"
+
+
+def test_retention_falls_back_to_default_and_is_scoped(write_config) -> None:
+    cfg = config.load(str(write_config(CFG)))
+    assert policy_for(cfg.vm("vm3"), cfg.default_retention).forget_args() == ["--keep-last", "2"]
+    assert policy_for(cfg.vm("vm1"), Retention()).forget_args() == ["--keep-daily", "7"]
+    assert prune_groups(cfg.vm("vm1")) == ["system/xenvm", "config"]
+    restic = Restic(RepositoryConfig("/r", "/p", None, "/c", "", "auto"), credentials_dir="")
+    argv = restic.forget_policy_argv(["xenbackup", "host:h", "vm:vm3", "disk:system/vm3"], "h",
+                                     cfg.vm("vm3").retention)
+    assert argv == ["restic", "forget", "--prune", "--host", "h", "--tag", "xenbackup,host:h,vm:vm3,disk:system/vm3",
+                    "--group-by", "host", "--keep-last", "2"]
+
+
+RECORD = {"result": "success", "finished": 1000.0, "last_success": 1000.0, "duration": 42.5, "data_added": 1234,
+          "total_bytes": 99999, "files": 12, "peak_fill": 37.5}
+
+
+def test_status_combines_record_unit_and_timer() -> None:
+    unit = UnitState("xenbackup@vm1.service", "loaded", "inactive", "success", 0, "abc", 900_000_000, 1_000_000_000)
+    timer = TimerState("xenbackup@vm1.timer", 2_000_000_000, 0)
+    s = vm_status("vm1", RECORD, unit, timer, max_age_hours=48, now=2000.0)
+    assert s.ok and s.result == "success" and s.next_run == 2000.0 and s.bytes_added == 1234
+    old = vm_status("vm1", RECORD, unit, None, max_age_hours=1, now=1000.0 + 7200)
+    assert old.stale and not old.ok
+
+
+def test_status_sees_a_failure_pid1_recorded_after_ours() -> None:
+    unit = UnitState("xenbackup@vm1.service", "loaded", "failed", "exit-code", 1, "abc", 0, 5_000_000_000)
+    s = vm_status("vm1", RECORD, unit, None, max_age_hours=48, now=5001.0)
+    assert s.result == "exit-code" and not s.ok
+
+
+def test_never_run_vm_is_not_a_failure() -> None:
+    assert vm_status("vm9", None, None, None, 48, 0.0).ok
+
+
+def test_metrics_parse_as_prometheus_text() -> None:
+    text = render_metrics({"vm1": RECORD, 'we"ird': {**RECORD, "result": "exit-code"}, "never": None})
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {(s.name, s.labels["vm"]): s.value for f in families.values() for s in f.samples}
+    assert samples[("xenbackup_last_success_timestamp_seconds", "vm1")] == 1000.0
+    assert samples[("xenbackup_last_run_bytes_added", "vm1")] == 1234
+    assert samples[("xenbackup_snapshot_peak_fill_percent", "vm1")] == 37.5
+    assert samples[("xenbackup_last_run_success", "vm1")] == 1
+    assert samples[("xenbackup_last_run_success", 'we"ird')] == 0
+    assert not any(vm == "never" for _, vm in samples)
+
+
+def test_failing_phase_is_the_last_error() -> None:
+    entries = [{"XENBACKUP_PHASE": "snapshot", "PRIORITY": "6"}, {"XENBACKUP_PHASE": "mount", "PRIORITY": "3"},
+               {"XENBACKUP_PHASE": "cleanup", "PRIORITY": "6"}]
+    assert failing_phase(entries) == "mount"
+    assert failing_phase([{"XENBACKUP_PHASE": "backup", "PRIORITY": "6"}]) == "backup"
+    assert failing_phase([]) == "unknown"
