@@ -7,16 +7,21 @@ prefix=${PREFIX:-/usr/local}
 unitdir=${UNITDIR:-$prefix/lib/systemd/system}
 catalogdir=${CATALOGDIR:-/usr/lib/systemd/catalog}
 
-# Debian marks its Python as externally managed; this installs into /usr/local, beside it.
-python3 -m pip install --quiet --no-index --no-deps --no-build-isolation --break-system-packages \
-    --prefix "$prefix" . 2>/dev/null ||
-python3 -m pip install --quiet --no-index --no-deps --no-build-isolation --prefix "$prefix" .
+# Debian marks its Python as externally managed; pip then installs into /usr/local beside it.
+# (Debian's pip maps --prefix=/usr/local to /usr/local/local, so pass --prefix only when asked to.)
+pip_args="--quiet --no-index --no-deps --no-build-isolation"
+[ -n "${PREFIX:-}" ] && pip_args="$pip_args --prefix $PREFIX"
+# shellcheck disable=SC2086
+python3 -m pip install $pip_args --break-system-packages . 2>/dev/null ||
+    python3 -m pip install $pip_args .
+bin=$(PATH="$prefix/bin:$PATH" command -v xenbackup) || { echo "install.sh: xenbackup did not land on PATH" >&2; exit 1; }
+bindir=$(dirname "$bin")
 
 install -d "$unitdir" "$catalogdir" /etc/xenbackup
 install -m 0644 units/*.service units/*.timer "$unitdir"/
 generatordir=${GENERATORDIR:-$prefix/lib/systemd/system-generators}
 install -d "$generatordir"
-ln -sf "$prefix/bin/xenbackup-generator" "$generatordir/xenbackup-generator"
+ln -sf "$bindir/xenbackup-generator" "$generatordir/xenbackup-generator"
 install -m 0644 packaging/xenbackup.catalog "$catalogdir"/xenbackup.catalog
 install -m 0644 packaging/xenbackup.toml.example /etc/xenbackup/xenbackup.toml.example
 chmod 0700 /etc/xenbackup
@@ -26,4 +31,4 @@ if [ -d /run/systemd/system ]; then
     systemctl daemon-reload
     systemctl enable xenbackup-cleanup.service xenbackup-prune.timer xenbackup-verify.timer >/dev/null 2>&1 || true
 fi
-echo "xenbackup installed: $(command -v xenbackup || echo "$prefix/bin/xenbackup")"
+echo "xenbackup installed: $bin"

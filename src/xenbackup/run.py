@@ -43,10 +43,18 @@ class CommandError(Exception):
         return "\n".join(lines[-STDERR_TAIL_LINES:])
 
     def message(self) -> str:
-        tail = self.stderr_tail
-        last = tail.splitlines()[-1].strip() if tail else ""
         text = f"{self.program} {self.reason}"
-        return f"{text}: {last}" if last else text
+        cause = self.cause()
+        return f"{text}: {cause}" if cause else text
+
+    def cause(self) -> str:
+        """The stderr line that says why: the first naming an error, else the last that is not a usage hint."""
+        lines = [line.strip() for line in self.stderr_tail.splitlines()]
+        lines = [line for line in lines if line and not line.startswith("Run `")]
+        for line in lines:
+            if "error" in line.lower() or "fatal" in line.lower():
+                return line
+        return lines[-1] if lines else ""
 
 
 class CommandNotFound(CommandError):

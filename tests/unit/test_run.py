@@ -51,3 +51,10 @@ def test_stream_delivers_lines_in_order() -> None:
 def test_stream_failure_raises_with_stderr() -> None:
     with pytest.raises(CommandError, match="boom"):
         stream(["sh", "-c", "echo boom >&2; exit 1"], lambda line: None)
+
+
+def test_error_line_is_preferred_over_usage_hint() -> None:
+    err = CommandError(["lvcreate"], 3, "  modprobe: ERROR: could not insert 'dm_snapshot': Operation not permitted\n"
+                       "  /sbin/modprobe failed: 1\n  Run `lvcreate --help' for more information.\n")
+    assert str(err) == ("lvcreate failed with exit code 3: modprobe: ERROR: could not insert 'dm_snapshot': "
+                        "Operation not permitted")
