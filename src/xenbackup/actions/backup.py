@@ -325,10 +325,13 @@ def _any_invalid(ctx: Context, state: RunState) -> bool:
 
 def forget_run(ctx: Context, state: RunState, why: str) -> None:
     """An untrustworthy run must not leave a restic snapshot that could be restored as good."""
-    if state.restic_snapshots:
-        log.warning("forgetting restic snapshots %s of run %s: %s", ", ".join(s[:8] for s in
-                    state.restic_snapshots), state.run_id, why)
-        ctx.restic.forget(state.restic_snapshots)
+    ids = set(state.restic_snapshots)
+    # restic can store a snapshot and still fail (exit 3: some files unreadable), so ask it by run tag too.
+    ids |= {s.id for s in ctx.restic.snapshots(["xenbackup", f"vm:{state.vm}", f"run:{state.run_id}"])}
+    if ids:
+        log.warning("forgetting restic snapshots %s of run %s: %s", ", ".join(sorted(i[:8] for i in ids)),
+                    state.run_id, why)
+        ctx.restic.forget(sorted(ids))
 
 
 def step_cleanup(ctx: Context, vm: VM, result: str | None = None) -> int:

@@ -9,7 +9,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MSG_FAILED, MSG_STARTED, MSG_SUCCEEDED, Journal, Xb, our_mounts, our_snapshots, sh, tree_hashes
+from vmlib.product import (
+    MSG_FAILED,
+    MSG_STARTED,
+    MSG_SUCCEEDED,
+    Journal,
+    Xb,
+    our_mounts,
+    our_snapshots,
+    sh,
+    tree_hashes,
+)
 
 SEED_CONFIG = """
 [vm.vm1]

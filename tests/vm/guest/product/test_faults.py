@@ -1,0 +1,287 @@
+"""The fault matrix: each fault once, where it hurts; afterwards nothing of ours is left, the origin is
+unchanged, earlier backups still pass restic check, and the next run succeeds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from vmlib.product import MSG_EXTENDED, MSG_OVERFLOW, MSG_STALE, Journal, Xb, our_mounts, our_snapshots, sh, tree_hashes
+
+BASE = """
+[settings]
+watch_interval = {interval}
+[vm.vm1]
+snapshot_size = "{size}"
+overflow_threshold = {threshold}
+extend_step = "{step}"
+disks = [{{ lv = "system/xenvm", mode = "files", path = "vm1" }}]
+"""
+
+
+def config(size: str = "256M", threshold: int = 80, step: str = "10%ORIGIN", interval: int = 5) -> str:
+    return BASE.format(size=size, threshold=threshold, step=step, interval=interval)
+
+
+def big_file(layout, mb: int, name: str = "big.img") -> Path:
+    path = layout.vmdir / name
+    sh("dd", "if=/dev/urandom", f"of={path}", "bs=1M", f"count={mb}", "status=none")
+    return path
+
+
+def wait_for_restic(xb: Xb, journal: Journal, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while sh("pgrep", "-x", "restic", check=False).returncode != 0:
+        assert time.monotonic() < deadline, "restic never started"
+        state = sh("systemctl", "is-active", "xenbackup@vm1.service", check=False).stdout.strip()
+        assert state in ("activating", "active"), journal.text("-u", "xenbackup@vm1")
+        time.sleep(0.1)
+
+
+def assert_recovered(xb: Xb, journal: Journal, layout, static: dict[str, str]) -> None:
+    """The invariants every fault must leave behind."""
+    assert our_snapshots() == [], "a snapshot of ours is left"
+    assert our_mounts() == [], "a mount of ours is left"
+    assert tree_hashes(layout.vmdir) == static, "the origin changed"
+    if Path("/var/lib/xenbackup/repo/config").exists():
+        xb.restic("check")
+    sh("systemctl", "reset-failed", "xenbackup@vm1.service", check=False)
+    run = xb.start()
+    assert run.returncode == 0, journal.text("-u", "xenbackup@vm1")
+    assert our_snapshots() == []
+
+
+@pytest.fixture
+def baseline(seed_layout, xb: Xb, journal: Journal) -> Iterator[dict[str, str]]:
+    """One good backup first, so that every fault is also checked against an earlier backup."""
+    xb.write_config(config())
+    assert xb.start().returncode == 0, journal.text("-u", "xenbackup@vm1")
+    yield tree_hashes(seed_layout.vmdir)
+
+
+def test_full_volume_group_fails_before_lvcreate(seed_layout, xb: Xb, journal: Journal, baseline) -> None:
+    sh("lvcreate", "--yes", "-l", "100%FREE", "-n", "filler", "system")
+    try:
+        run = xb.start()
+        assert run.returncode != 0
+        assert "volume group system has" in journal.text("-u", "xenbackup@vm1")
+    finally:
+        sh("lvremove", "--yes", "system/filler")
+    assert_recovered(xb, journal, seed_layout, baseline)
+
+
+def test_restic_killed_mid_backup(seed_layout, xb: Xb, journal: Journal, baseline) -> None:
+    big = big_file(seed_layout, 300)
+    static = tree_hashes(seed_layout.vmdir)
+    sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
+    wait_for_restic(xb, journal)
+    time.sleep(1)
+    sh("pkill", "-KILL", "-x", "restic")
+    assert xb.wait_inactive() == "failed"
+    assert "restic killed by SIGKILL" in journal.text("-u", "xenbackup@vm1")
+    assert_recovered(xb, journal, seed_layout, static)
+    big.unlink()
+
+
+def test_systemctl_stop_mid_backup(seed_layout, xb: Xb, journal: Journal, baseline) -> None:
+    big = big_file(seed_layout, 300)
+    static = tree_hashes(seed_layout.vmdir)
+    sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
+    wait_for_restic(xb, journal)
+    sh("systemctl", "stop", "xenbackup@vm1.service", timeout=400)
+    text = journal.text("-u", "xenbackup@vm1")
+    assert "cleanup after result=" in text
+    assert_recovered(xb, journal, seed_layout, static)
+    big.unlink()
+
+
+def test_start_timeout_cleans_up(seed_layout, xb: Xb, journal: Journal, baseline) -> None:
+    big = big_file(seed_layout, 300)
+    static = tree_hashes(seed_layout.vmdir)
+    dropin = Path("/run/systemd/system/xenbackup@vm1.service.d")
+    dropin.mkdir(parents=True, exist_ok=True)
+    (dropin / "short.conf").write_text("[Service]\nTimeoutStartSec=8s\n")
+    sh("systemctl", "daemon-reload")
+    try:
+        run = xb.start()
+        assert run.returncode != 0
+        assert "cleanup after result=timeout" in journal.text("-u", "xenbackup@vm1")
+    finally:
+        sh("rm", "-rf", str(dropin))
+        sh("systemctl", "daemon-reload")
+    assert_recovered(xb, journal, seed_layout, static)
+    big.unlink()
+
+
+def test_repository_disk_full(seed_layout, xb: Xb, journal: Journal) -> None:
+    repo = Path("/mnt/xb-small-repo")
+    repo.mkdir(exist_ok=True)
+    sh("mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(repo))
+    try:
+        xb.write_config(f'[repository]\nurl = "{repo}/r"\n' + config())
+        assert xb.start().returncode == 0, journal.text("-u", "xenbackup@vm1")
+        big = big_file(seed_layout, 80)
+        static = tree_hashes(seed_layout.vmdir)
+        run = xb.start()
+        assert run.returncode != 0
+        assert "no space left on device" in journal.text("-u", "xenbackup@vm1").lower()
+        assert our_snapshots() == [] and our_mounts() == []
+        assert tree_hashes(seed_layout.vmdir) == static
+        env_repo = {"RESTIC_REPOSITORY": f"{repo}/r", "RESTIC_PASSWORD_FILE": "/etc/xenbackup/restic-password"}
+        check = subprocess.run(["restic", "check"], env={**env_repo, "PATH": "/usr/bin:/bin"}, capture_output=True,
+                               text=True, check=False)
+        assert check.returncode == 0, check.stdout + check.stderr
+        big.unlink()
+        sh("systemctl", "reset-failed", "xenbackup@vm1.service", check=False)
+        assert xb.start().returncode == 0, journal.text("-u", "xenbackup@vm1")
+    finally:
+        sh("umount", str(repo))
+
+
+def writer(path: Path, total_mb: int, chunk_mb: int, pause: float, stop: threading.Event) -> threading.Thread:
+    def run() -> None:
+        with open(path, "r+b") as f:
+            for i in range(total_mb // chunk_mb):
+                if stop.is_set():
+                    return
+                f.seek(i * chunk_mb << 20)
+                f.write(bytes([i % 251]) * (chunk_mb << 20))
+                f.flush()
+                __import__("os").fsync(f.fileno())
+                time.sleep(pause)
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_overflow_discards_the_run(seed_layout, xb: Xb, journal: Journal, baseline) -> None:
+    big_file(seed_layout, 250)
+    target = big_file(seed_layout, 120, "rewritten.img")
+    before = xb.snapshots("vm:vm1", "mode:files")
+    xb.write_config(config(size="16M", threshold=99, step="4M", interval=3))
+    sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
+    wait_for_restic(xb, journal)
+    stop = threading.Event()
+    writer(target, 120, 8, 0.0, stop).join()
+    assert xb.wait_inactive(timeout=600) == "failed"
+    entries = journal.entries("-u", "xenbackup@vm1.service")
+    overflow = [e for e in entries if e.get("MESSAGE_ID") == MSG_OVERFLOW]
+    assert overflow, journal.text("-u", "xenbackup@vm1")
+    assert any(e.get("XENBACKUP_SUGGESTED_SIZE") for e in overflow)
+    assert xb.snapshots("vm:vm1", "mode:files") == before, "an overflowed run left a restic snapshot"
+    record = json.loads(Path("/var/lib/xenbackup/state/vm1.json").read_text())
+    assert record["result"] == "overflow" and record["peak_fill"] == 100.0
+    xb.write_config(config())
+    assert_recovered(xb, journal, seed_layout, tree_hashes(seed_layout.vmdir))
+
+
+def test_auto_extend_saves_a_filling_snapshot(seed_layout, xb: Xb, journal: Journal, baseline) -> None:
+    big_file(seed_layout, 250)
+    target = big_file(seed_layout, 48, "rewritten.img")
+    xb.write_config(config(size="64M", threshold=40, step="64M", interval=1))
+    sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
+    wait_for_restic(xb, journal)
+    stop = threading.Event()
+    w = writer(target, 48, 4, 0.5, stop)
+    state = xb.wait_inactive(timeout=600)
+    stop.set()
+    w.join()
+    text = journal.text("-u", "xenbackup@vm1")
+    assert state == "inactive", text
+    extended = [e for e in journal.entries("-u", "xenbackup@vm1.service") if e.get("MESSAGE_ID") == MSG_EXTENDED]
+    assert extended, text
+    record = json.loads(Path("/var/lib/xenbackup/state/vm1.json").read_text())
+    assert record["result"] == "success" and 40 <= record["peak_fill"] < 100
+
+
+def test_two_simultaneous_starts_never_both_snapshot(seed_layout, xb: Xb, journal: Journal) -> None:
+    xb.write_config(config().replace("[vm.vm1]", '[vm."web-01"]'))
+    big_file(seed_layout, 200)
+    escaped = sh("systemd-escape", "web-01").stdout.strip()
+    units = ["xenbackup@web-01.service", f"xenbackup@{escaped}.service"]
+    procs = [subprocess.Popen(["systemctl", "start", u], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for u in units]
+    peak = 0
+    while any(p.poll() is None for p in procs):
+        peak = max(peak, len(our_snapshots()))
+        time.sleep(0.2)
+    codes = sorted(p.returncode for p in procs)
+    assert codes[0] == 0 and codes[1] != 0, codes
+    assert peak == 1
+    text = journal.text("-u", units[0], "-u", units[1])
+    assert "is already running" in text or "holds the lock" in text
+    assert len(xb.snapshots("vm:web-01", "mode:files")) == 1
+    assert our_snapshots() == []
+    for u in units:
+        sh("systemctl", "reset-failed", u, check=False)
+
+
+def test_max_parallel_one_serialises_three_vms(seed_layout, xb: Xb, journal: Journal) -> None:
+    for name in ("vma", "vmb", "vmc"):
+        sh("lvcreate", "--yes", "-L", "64M", "-n", name, "system")
+        sh("mkfs.ext4", "-q", f"/dev/system/{name}")
+    free = int(sh("vgs", "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_free", "system").stdout)
+    # Room for exactly one 48M snapshot; the filler takes the rest.
+    filler_mb = free // (1 << 20) - 80
+    sh("lvcreate", "--yes", "-L", f"{filler_mb}M", "-n", "filler", "system")
+    try:
+        xb.write_config("[settings]\nmax_parallel = 1\n" + "".join(
+            f'[vm.{n}]\nhypervisor = "none"\nsnapshot_size = "48M"\ndisks = [{{ lv = "system/{n}", path = "." }}]\n'
+            for n in ("vma", "vmb", "vmc")))
+        procs = [subprocess.Popen(["systemctl", "start", f"xenbackup@{n}.service"]) for n in ("vma", "vmb", "vmc")]
+        peak = 0
+        while any(p.poll() is None for p in procs):
+            peak = max(peak, len(our_snapshots()))
+            time.sleep(0.2)
+        assert [p.returncode for p in procs] == [0, 0, 0], journal.text("-u", "xenbackup@*")
+        assert peak == 1
+        assert "waiting for a snapshot slot" in journal.text("-u", "xenbackup@vm*")
+        for n in ("vma", "vmb", "vmc"):
+            assert len(xb.snapshots(f"vm:{n}")) == 1
+    finally:
+        for n in ("filler", "vma", "vmb", "vmc"):
+            sh("lvremove", "--yes", f"system/{n}", check=False)
+
+
+def test_cleanup_killed_then_next_run_and_boot_sweep_remove_leftovers(seed_layout, xb: Xb, journal: Journal,
+                                                                         baseline) -> None:
+    big_file(seed_layout, 200)
+    static = tree_hashes(seed_layout.vmdir)
+    xb.write_config(config())
+    sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
+    wait_for_restic(xb, journal)
+    (snap,) = our_snapshots()
+    # Hold the snapshot open so cleanup's lvremove keeps retrying, then kill the cleanup step itself.
+    holder = subprocess.Popen(["sleep", "600"], stdin=open(f"/dev/{snap}", "rb"))  # noqa: SIM115
+    try:
+        sh("pkill", "-KILL", "-x", "restic")
+        deadline = time.monotonic() + 120
+        while "is still in use, retrying" not in journal.text("-u", "xenbackup@vm1"):
+            assert time.monotonic() < deadline, journal.text("-u", "xenbackup@vm1")
+            time.sleep(0.5)
+        sh("systemctl", "kill", "-s", "KILL", "xenbackup@vm1.service")
+        xb.wait_inactive()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert our_snapshots() == [snap], "the test needs the killed cleanup to have left its snapshot"
+    sh("systemctl", "start", "xenbackup-cleanup.service")
+    stale = [e for e in journal.entries("-u", "xenbackup-cleanup.service") if e.get("MESSAGE_ID") == MSG_STALE]
+    assert stale and our_snapshots() == []
+    assert_recovered(xb, journal, seed_layout, static)
+
+
+def test_a_snapshot_made_by_a_human_is_never_touched(seed_layout, xb: Xb, journal: Journal) -> None:
+    sh("lvcreate", "--yes", "-s", "-L", "32M", "-n", "admin-snap", "system/xenvm")
+    try:
+        xb.write_config(config())
+        assert xb.start().returncode == 0, journal.text("-u", "xenbackup@vm1")
+        sh("systemctl", "start", "xenbackup-cleanup.service")
+        assert "admin-snap" in sh("lvs", "--noheadings", "-o", "lv_name", "system").stdout
+    finally:
+        sh("lvremove", "--yes", "system/admin-snap", check=False)

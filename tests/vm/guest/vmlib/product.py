@@ -1,0 +1,112 @@
+"""Helpers for product tests in the guest: running the product, reading the journal, finding leftovers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vmlib.cmd import sha256_file, tree_hashes  # noqa: F401 - re-exported for the tests
+
+CONFIG = Path("/etc/xenbackup/xenbackup.toml")
+REPO = Path("/var/lib/xenbackup/repo")
+PASSWORD = Path("/etc/xenbackup/restic-password")
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 600, **kw: object) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False, **kw)  # type: ignore[call-overload]
+    if check and out.returncode != 0:
+        raise AssertionError(f"{argv} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def our_snapshots() -> list[str]:
+    out = sh("lvs", "--noheadings", "-o", "lv_full_name", "@xenbackup").stdout.split()
+    return out
+
+
+def our_mounts() -> list[str]:
+    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4].startswith("/run/xenbackup/")]
+
+
+class Journal:
+    """Read the journal from a cursor taken before the action under test."""
+
+    def __init__(self) -> None:
+        out = sh("journalctl", "-n", "0", "--show-cursor", "--no-pager").stdout
+        self.cursor = out.strip().split("cursor: ", 1)[-1]
+
+    def entries(self, *matches: str) -> list[dict[str, object]]:
+        sh("journalctl", "--sync", check=False)
+        out = sh("journalctl", "--no-pager", "-o", "json", "--after-cursor", self.cursor, *matches).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def text(self, *matches: str) -> str:
+        sh("journalctl", "--sync", check=False)
+        return sh("journalctl", "--no-pager", "--after-cursor", self.cursor, *matches).stdout
+
+
+@dataclass
+class Xb:
+    vm: str = "vm1"
+
+    def write_config(self, text: str) -> None:
+        CONFIG.parent.mkdir(parents=True, exist_ok=True)
+        CONFIG.write_text(textwrap.dedent(text))
+
+    def start(self, vm: str | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
+        return sh("systemctl", "start", f"xenbackup@{vm or self.vm}.service", check=check, timeout=900)
+
+    def restic(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "RESTIC_REPOSITORY": str(REPO), "RESTIC_PASSWORD_FILE": str(PASSWORD)}
+        return sh("restic", *args, env=env)
+
+    def snapshots(self, *tags: str) -> list[dict[str, object]]:
+        args = ["snapshots", "--json"] + (["--tag", ",".join(tags)] if tags else [])
+        return json.loads(self.restic(*args).stdout or "[]")
+
+    def wait_inactive(self, vm: str | None = None, timeout: float = 300) -> str:
+        unit = f"xenbackup@{vm or self.vm}.service"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = sh("systemctl", "show", "-p", "ActiveState", "--value", unit).stdout.strip()
+            if state in ("inactive", "failed"):
+                return state
+            time.sleep(0.5)
+        raise AssertionError(f"{unit} still {state} after {timeout} s")
+
+
+
+@pytest.fixture
+def xb() -> Iterator[Xb]:
+    """A clean product state: no repository, no config, no run records; reset afterwards too."""
+    def reset() -> None:
+        for unit in ("xenbackup@vm1.service", "xenbackup@vm1.timer"):
+            sh("systemctl", "stop", unit, check=False)
+            sh("systemctl", "reset-failed", unit, check=False)
+        sh("rm", "-rf", str(REPO), "/var/lib/xenbackup/state", "/run/systemd/system/xenbackup@vm1.timer.d",
+           str(CONFIG), str(PASSWORD))
+        sh("systemctl", "daemon-reload")
+    reset()
+    yield Xb()
+    reset()
+
+
+@pytest.fixture
+def journal() -> Journal:
+    return Journal()
+
+MSG_STARTED = "f29c5be40ab94b71bc936a45de01b458"
+MSG_SUCCEEDED = "14a99ce9301e4006b02b2ce251777ef6"
+MSG_FAILED = "5b23e4b2994d43d79583bc826a29e2f8"
+MSG_STALE = "d219b7ba720d4e6b8d7b2a49544fedaf"
+MSG_OVERFLOW = "082d819371eb498e80e6253e19c6058c"
+MSG_EXTENDED = "728c0e799eb9423badef1d4434a899eb"
