@@ -1,0 +1,86 @@
+"""Paths, flavours and the environment variables that tune the test bed."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+VM_DIR = Path(__file__).resolve().parent.parent
+"""tests/vm: the test bed's own directory."""
+REPO_ROOT = VM_DIR.parent.parent
+IMAGE_DIR = VM_DIR / "image"
+GUEST_TEST_DIR = VM_DIR / "guest"
+
+DEFAULT_CACHE = Path("/var/cache/xenbackup-testvm")
+
+
+class Flavour(StrEnum):
+    """How the one image is booted."""
+
+    HOST = "host"
+    """The Debian kernel directly: systemd, journald, LVM."""
+    XEN = "xen"
+    """Xen 4.17 with the same kernel as dom0."""
+
+
+class InfraError(Exception):
+    """A problem of the test bed itself, reported as one clear line."""
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InfraError(f"{name}={raw!r}: expected a number of seconds") from None
+    if value <= 0:
+        raise InfraError(f"{name}={raw!r}: expected a positive number of seconds")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the environment can change, read once."""
+
+    cache_dir: Path
+    artifacts_dir: Path
+    work_dir: Path
+    flavours: frozenset[Flavour]
+    boot_timeout: float
+    guest_timeout: float
+    echo_console: bool
+    mirror: str | None
+
+    @classmethod
+    def from_environment(cls) -> Settings:
+        env = os.environ
+        return cls(
+            cache_dir=Path(env.get("XENBACKUP_TESTVM_CACHE") or DEFAULT_CACHE),
+            artifacts_dir=Path(env.get("XENBACKUP_TESTVM_ARTIFACTS") or VM_DIR / "artifacts"),
+            work_dir=Path(env.get("XENBACKUP_TESTVM_TMPDIR") or tempfile.gettempdir()),
+            flavours=parse_flavours(env.get("XENBACKUP_TESTVM_FLAVOURS", "")),
+            boot_timeout=_env_seconds("XENBACKUP_TESTVM_BOOT_TIMEOUT", 300),
+            guest_timeout=_env_seconds("XENBACKUP_TESTVM_TIMEOUT", 1800),
+            echo_console=env.get("XENBACKUP_TESTVM_ECHO", "") not in ("", "0"),
+            mirror=env.get("XENBACKUP_TESTVM_MIRROR") or None,
+        )
+
+
+def parse_flavours(text: str) -> frozenset[Flavour]:
+    """Parse "host,xen" (empty means all flavours)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        return frozenset(Flavour)
+    known = {flavour.value for flavour in Flavour}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise InfraError(
+            f"XENBACKUP_TESTVM_FLAVOURS: unknown flavour(s) {', '.join(unknown)};"
+            f" expected a comma-separated subset of {', '.join(sorted(known))}"
+        )
+    return frozenset(Flavour(name) for name in names)
