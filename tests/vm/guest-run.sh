@@ -1,0 +1,105 @@
+#!/bin/bash
+# In-guest runner. The image's testbed-run.service mounts the project tree
+# read-only at /mnt/src and the results share at /mnt/results, then runs this
+# file from the share, so changing it needs no image rebuild. The unit powers
+# the guest off when this script returns (or overruns its limit).
+#
+# The host describes the job in /mnt/results/request.env:
+#   XBTEST_FLAVOUR       host | xen
+#   XBTEST_MODE          pytest | script
+#   XBTEST_ARGS          (array) pytest arguments, or a script path and its arguments
+#   XBTEST_STEP_TIMEOUT  seconds for the pytest/script step
+#
+# Results: junit.xml, pytest.log or script.log, install.log/install.rc,
+# journal.export, journal.txt, timings.txt, selfcheck.txt, xl-dmesg.txt and
+# xen-logs/ (xen flavour), and exit-code last.
+set -u -o pipefail
+
+results=/mnt/results
+src=/tmp/src
+testbed=/usr/local/lib/xenbackup-testbed
+export LC_ALL=C.UTF-8 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+say() { echo "XBTEST: $*"; }
+error() { echo "XBTEST-ERROR $*"; }
+now() { date +%s.%N; }
+timing() { # NAME START
+    awk -v name="$1" -v start="$2" -v end="$(now)" 'BEGIN { printf "%s %.1f\n", name, end - start }' \
+        >>"$results/timings.txt"
+}
+
+# shellcheck source=/dev/null
+. "$results/request.env" || {
+    error "cannot read $results/request.env"
+    exit 1
+}
+say "runner started: flavour=$XBTEST_FLAVOUR mode=$XBTEST_MODE args=${XBTEST_ARGS[*]}"
+
+# 1. Self-check. Under TCG a wrong CPU model shows up as files that read back
+# wrong; stop here rather than report random test failures.
+if ! (cd / && timeout 120 sha256sum --check --quiet "$testbed/selfcheck.sha256") >"$results/selfcheck.txt" 2>&1; then
+    error "self-check failed: binaries in the guest do not match the image ($(head -n 3 "$results/selfcheck.txt" | tr '\n' ' '))"
+    exit 1
+fi
+
+# 2. A private, writable copy of the project tree.
+t=$(now)
+rm -rf "$src" && mkdir -p "$src"
+if ! timeout 300 tar -C /mnt/src --exclude=./.git --exclude=./tests/vm/artifacts --exclude=./.venv \
+    --exclude=__pycache__ --exclude='*.egg-info' --exclude=.mypy_cache --exclude=.ruff_cache \
+    --exclude=.pytest_cache -cf - . | timeout 300 tar -C "$src" -xf -; then
+    error "copying /mnt/src to $src failed"
+    exit 1
+fi
+timing copy "$t"
+
+# 3. Install the product offline, if the project has its installer yet.
+if [ -f "$src/packaging/install.sh" ]; then
+    t=$(now)
+    say "installing the product: packaging/install.sh"
+    (cd "$src" && timeout --kill-after=10 600 bash packaging/install.sh) >"$results/install.log" 2>&1
+    rc=$?
+    echo "$rc" >"$results/install.rc"
+    timing install "$t"
+    [ "$rc" -eq 0 ] || say "packaging/install.sh failed with exit code $rc (see install.log); running the tests anyway"
+else
+    say "no packaging/install.sh yet: skipping the product install"
+fi
+
+# 4. The job itself.
+t=$(now)
+cd "$src" || exit 1
+case $XBTEST_MODE in
+pytest)
+    timeout --kill-after=30 "$XBTEST_STEP_TIMEOUT" \
+        python3 -m pytest -p no:cacheprovider -c tests/vm/guest/pytest.ini --rootdir tests/vm/guest \
+        -ra --junitxml="$results/junit.xml" "${XBTEST_ARGS[@]}" 2>&1 | tee "$results/pytest.log"
+    rc=${PIPESTATUS[0]}
+    ;;
+script)
+    timeout --kill-after=30 "$XBTEST_STEP_TIMEOUT" bash "${XBTEST_ARGS[@]}" 2>&1 | tee "$results/script.log"
+    rc=${PIPESTATUS[0]}
+    ;;
+*)
+    error "unknown XBTEST_MODE '$XBTEST_MODE'"
+    rc=2
+    ;;
+esac
+[ "$rc" -eq 124 ] && error "the $XBTEST_MODE step exceeded its limit of ${XBTEST_STEP_TIMEOUT}s"
+timing "$XBTEST_MODE" "$t"
+
+# 5. Logs for the artifacts.
+t=$(now)
+timeout 120 journalctl --no-pager -o export >"$results/journal.export" 2>/dev/null
+timeout 120 journalctl --no-pager -o short-precise >"$results/journal.txt" 2>/dev/null
+if grep -qs control_d /proc/xen/capabilities; then
+    timeout 60 xl dmesg >"$results/xl-dmesg.txt" 2>&1
+    timeout 60 cp -r /var/log/xen "$results/xen-logs" 2>/dev/null
+fi
+timing logs "$t"
+
+echo "$rc" >"$results/exit-code"
+sync
+say "runner finished: exit code $rc"
+exit "$rc"

@@ -1,0 +1,206 @@
+"""One guest boot: image, overlay, disks, shares, qemu, results, artifacts.
+
+Everything the guest should do is described by a GuestRequest, written to
+the results share as request.env and read by tests/vm/guest-run.sh.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from . import qemu
+from .config import REPO_ROOT, Flavour, InfraError, Settings
+from .image import check_free_space, ensure_image
+
+WORK_SPACE_NEEDED = 4 * 2**30
+"""Overlay growth plus what the tests write to the sparse blank disks."""
+RUNNER_MARGIN = 60.0
+"""Seconds the host allows beyond the guest's own limit before killing qemu."""
+STEP_OVERHEAD = 240.0
+"""Seconds of the guest's limit kept for copying, installing and exporting logs."""
+
+Report = Callable[[str], None]
+
+
+class GuestMode(StrEnum):
+    PYTEST = "pytest"
+    SCRIPT = "script"
+
+
+@dataclass(frozen=True)
+class GuestRequest:
+    """What the guest runner does after boot."""
+
+    flavour: Flavour
+    mode: GuestMode
+    arguments: tuple[str, ...]
+    """pytest arguments, or the script (relative to the project tree) and its arguments."""
+    name: str
+    """The artifacts subdirectory."""
+
+    @classmethod
+    def pytest(cls, flavour: Flavour, arguments: list[str]) -> GuestRequest:
+        return cls(flavour, GuestMode.PYTEST, tuple(arguments), flavour.value)
+
+    @classmethod
+    def script(cls, flavour: Flavour, script: str, arguments: list[str] | None = None) -> GuestRequest:
+        name = f"{flavour.value}-{Path(script).stem}"
+        return cls(flavour, GuestMode.SCRIPT, (script, *(arguments or [])), name)
+
+    def env_text(self, step_timeout: float) -> str:
+        """request.env: sourced by guest-run.sh."""
+        quoted = " ".join(shlex.quote(argument) for argument in self.arguments)
+        return (
+            f"XBTEST_FLAVOUR={self.flavour.value}\n"
+            f"XBTEST_MODE={self.mode.value}\n"
+            f"XBTEST_ARGS=({quoted})\n"
+            f"XBTEST_STEP_TIMEOUT={int(step_timeout)}\n"
+        )
+
+
+@dataclass
+class GuestRun:
+    """The outcome of one boot, with its artifacts copied out."""
+
+    request: GuestRequest
+    artifacts: Path
+    error: str | None = None
+    """A test bed failure (no boot, timeout, ...), as one line."""
+    exit_code: int | None = None
+    """The exit code of the guest's pytest or script."""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def path(self, name: str) -> Path:
+        return self.artifacts / name
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        """The last lines of an artifact, or a note that it is missing."""
+        path = self.path(name)
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            return f"({name} is missing)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def run_in_guest(
+    request: GuestRequest,
+    settings: Settings,
+    report: Report,
+    echo: Report | None = None,
+) -> GuestRun:
+    """Boot a guest for `request` and collect its results; never raises InfraError."""
+    artifacts = settings.artifacts_dir / request.name
+    shutil.rmtree(artifacts, ignore_errors=True)
+    artifacts.mkdir(parents=True)
+    run = GuestRun(request, artifacts)
+    try:
+        _boot(request, settings, run, report, echo)
+    except InfraError as exc:
+        run.error = str(exc)
+        report(f"[{request.name}] test bed error: {exc}")
+    return run
+
+
+def _boot(request: GuestRequest, settings: Settings, run: GuestRun, report: Report, echo: Report | None) -> None:
+    qemu.require_tools()
+    started = time.monotonic()
+    build_log = settings.artifacts_dir / "image-build.log"
+    report(f"[{request.name}] checking the image cache {settings.cache_dir}")
+    image, built = ensure_image(settings, build_log)
+    run.timings["image build" if built else "image (cached)"] = time.monotonic() - started
+    report(
+        f"[{request.name}] image {image.key}: " + (f"built in {run.timings['image build']:.0f}s" if built else "cached")
+    )
+
+    check_free_space(settings.work_dir, WORK_SPACE_NEEDED, "boot the test bed guest")
+    with tempfile.TemporaryDirectory(prefix="xenbackup-testvm-", dir=settings.work_dir) as work:
+        workdir = Path(work)
+        results = workdir / "results"
+        results.mkdir()
+        guest_limit = settings.guest_timeout - settings.boot_timeout - RUNNER_MARGIN
+        if guest_limit < STEP_OVERHEAD + 60:
+            raise InfraError(
+                f"XENBACKUP_TESTVM_TIMEOUT={settings.guest_timeout:.0f}s leaves too little time after"
+                f" the boot timeout of {settings.boot_timeout:.0f}s"
+            )
+        (results / "request.env").write_text(request.env_text(guest_limit - STEP_OVERHEAD))
+        machine = qemu.Machine(
+            flavour=request.flavour,
+            image=image,
+            overlay=qemu.create_overlay(image, workdir),
+            blank_disks=qemu.create_blank_disks(workdir),
+            source_share=REPO_ROOT,
+            results_share=results,
+            guest_timeout=guest_limit,
+        )
+        (run.artifacts / "qemu-command.txt").write_text(shlex.join(machine.command()) + "\n")
+        report(f"[{request.name}] booting ({request.flavour.value} flavour, TCG)")
+        try:
+            outcome = qemu.run_machine(
+                machine,
+                console_log=run.artifacts / "console.log",
+                qemu_log=run.artifacts / "qemu.log",
+                boot_timeout=settings.boot_timeout,
+                total_timeout=settings.guest_timeout,
+                echo=echo,
+            )
+        finally:
+            _collect(results, run.artifacts)
+        assert outcome.booted_at is not None
+        run.timings["boot"] = outcome.booted_at - outcome.started
+        run.timings["in guest"] = outcome.ended - outcome.booted_at
+        run.timings.update(_guest_timings(run.artifacts / "timings.txt"))
+        report(
+            f"[{request.name}] boot {run.timings['boot']:.0f}s, in guest {run.timings['in guest']:.0f}s"
+            f" ({_format_guest_timings(run.timings)})"
+        )
+        if outcome.watch.errors:
+            raise InfraError(f"guest reported: {outcome.watch.errors[0]}; console: {run.path('console.log')}")
+        exit_file = run.artifacts / "exit-code"
+        if not exit_file.is_file():
+            raise InfraError(
+                f"guest powered off without writing an exit code (qemu exit {outcome.returncode});"
+                f" console: {run.path('console.log')}"
+            )
+        run.exit_code = int(exit_file.read_text().strip())
+
+
+def _collect(results: Path, artifacts: Path) -> None:
+    """Copy the guest's results share into the artifacts directory."""
+    for item in results.iterdir():
+        target = artifacts / item.name
+        if item.is_dir():
+            shutil.copytree(item, target, symlinks=True, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, target)
+
+
+def _guest_timings(path: Path) -> dict[str, float]:
+    """The guest's own stage timings, "name seconds" per line."""
+    timings: dict[str, float] = {}
+    if not path.is_file():
+        return timings
+    for line in path.read_text().splitlines():
+        name, _, seconds = line.rpartition(" ")
+        try:
+            timings[f"guest {name}"] = float(seconds)
+        except ValueError:
+            continue
+    return timings
+
+
+def _format_guest_timings(timings: dict[str, float]) -> str:
+    parts = [
+        f"{name.removeprefix('guest ')} {seconds:.0f}s"
+        for name, seconds in timings.items()
+        if name.startswith("guest ")
+    ]
+    return ", ".join(parts) or "no guest timings"
