@@ -1,0 +1,300 @@
+"""Xen dom0 helpers: start the toolstack, build a tiny PV guest, run it.
+
+The PV guest is Debian's own kernel with a ~1 MB busybox initramfs. Its
+/init loads xen-blkfront, prints the first line of /dev/xvda to its console
+(`XBDOMU-MARKER: ...`), prints `XBDOMU-READY` and waits; `xl shutdown` makes
+the kernel run /sbin/poweroff, which powers the domain off. xenconsoled
+logs each guest's console to /var/log/xen/console/guest-NAME.log (the image
+sets XENCONSOLED_ARGS in /etc/default/xen).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import re
+import shutil
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cmd import CommandFailed, output, run
+
+CONSOLE_LOG_DIR = Path("/var/log/xen/console")
+INITRAMFS_CACHE = Path("/run/xbtest/domu-initrd.img")
+MARKER_PREFIX = "XBDOMU-MARKER:"
+READY = "XBDOMU-READY"
+
+DOMU_INIT = """#!/bin/sh
+# /init of the test bed's PV guest (built by tests/vm/guest/vmlib/xen.py).
+export PATH=/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "XBDOMU: booted $(cat /proc/sys/kernel/osrelease)"
+while read -r module; do
+    insmod "/lib/modules/$module" || echo "XBDOMU-ERROR: insmod $module failed"
+done </lib/modules/load.order
+n=0
+while [ ! -b /dev/xvda ] && [ "$n" -lt 300 ]; do
+    sleep 0.1
+    n=$((n + 1))
+done
+if [ -b /dev/xvda ]; then
+    echo "XBDOMU-MARKER: $(head -n 1 /dev/xvda | head -c 200)"
+else
+    echo "XBDOMU-ERROR: no /dev/xvda"
+fi
+echo "XBDOMU-READY"
+while :; do sleep 3600; done
+"""
+
+# `xl shutdown` makes the kernel run /sbin/poweroff. busybox's own poweroff
+# would signal PID 1, which is a shell here, so power off directly.
+DOMU_POWEROFF = """#!/bin/sh
+sync
+exec /bin/busybox poweroff -f
+"""
+
+BUSYBOX_APPLETS = ("sh", "mount", "insmod", "head", "sleep", "cat", "echo", "sync", "ls", "dd")
+
+
+def in_dom0() -> bool:
+    try:
+        return "control_d" in Path("/proc/xen/capabilities").read_text()
+    except OSError:
+        return False
+
+
+def start_xen(timeout: float = 180) -> None:
+    """Make dom0 ready for guests: blkback loaded, xenstored and xenconsoled running."""
+    if not in_dom0():
+        raise AssertionError("not running as a Xen dom0 (/proc/xen/capabilities lacks control_d)")
+    run("modprobe", "xen-blkback")
+    CONSOLE_LOG_DIR.mkdir(parents=True, exist_ok=True)  # xenconsoled logs there but does not create it
+    run("systemctl", "start", "xen.service", timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while run("xl", "list", timeout=60, check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"xl list still fails {timeout:.0f}s after starting xen.service")
+        time.sleep(1)
+
+
+def domu_kernel() -> Path:
+    """Debian's kernel, which boots as a PV guest too."""
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise AssertionError("no /boot/vmlinuz-* in the image")
+    return kernels[-1]
+
+
+def build_domu_initramfs(out: Path) -> Path:
+    """Write the guest's gzip'd newc initramfs to `out` (cached per boot)."""
+    if not INITRAMFS_CACHE.is_file():
+        INITRAMFS_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        staging = INITRAMFS_CACHE.with_suffix(".tmp")
+        staging.write_bytes(_initramfs_bytes())
+        staging.rename(INITRAMFS_CACHE)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(INITRAMFS_CACHE, out)
+    return out
+
+
+def _initramfs_bytes() -> bytes:
+    archive = _Newc()
+    for directory in ("bin", "sbin", "dev", "proc", "sys", "lib", "lib/modules"):
+        archive.directory(directory)
+    archive.device("dev/console", 5, 1)
+    archive.device("dev/null", 1, 3)
+    archive.file("bin/busybox", Path("/bin/busybox").read_bytes(), 0o755)
+    for applet in BUSYBOX_APPLETS:
+        archive.symlink(f"bin/{applet}", "busybox")
+    archive.file("sbin/poweroff", DOMU_POWEROFF.encode(), 0o755)
+    archive.file("init", DOMU_INIT.encode(), 0o755)
+    order = []
+    for module in _module_files("xen-blkfront"):
+        archive.file(f"lib/modules/{module.name}", module.read_bytes(), 0o644)
+        order.append(module.name)
+    archive.file("lib/modules/load.order", "".join(f"{name}\n" for name in order).encode(), 0o644)
+    return gzip.compress(archive.finish(), compresslevel=9, mtime=0)
+
+
+def _module_files(module: str) -> list[Path]:
+    """The .ko files to insmod for `module`, dependencies first (none if built in)."""
+    files = []
+    for line in output("modprobe", "--show-depends", module).splitlines():
+        fields = line.split()
+        if fields and fields[0] == "insmod":
+            path = Path(fields[1])
+            if path.suffix != ".ko":
+                raise AssertionError(f"{path}: compressed modules are not supported by the domU initramfs")
+            files.append(path)
+    return files
+
+
+class _Newc:
+    """A minimal writer for the newc cpio format the kernel unpacks."""
+
+    def __init__(self) -> None:
+        self._buffer = io.BytesIO()
+        self._inode = 1
+
+    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        encoded = name.encode() + b"\0"
+        fields = (self._inode, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
+        self._inode += 1
+        self._buffer.write(b"070701" + b"".join(b"%08x" % value for value in fields) + encoded)
+        self._pad()
+        self._buffer.write(data)
+        self._pad()
+
+    def _pad(self) -> None:
+        self._buffer.write(b"\0" * (-self._buffer.tell() % 4))
+
+    def directory(self, name: str) -> None:
+        self._entry(name, stat.S_IFDIR | 0o755)
+
+    def file(self, name: str, data: bytes, mode: int) -> None:
+        self._entry(name, stat.S_IFREG | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def device(self, name: str, major: int, minor: int) -> None:
+        self._entry(name, stat.S_IFCHR | 0o600, rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return self._buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class DomU:
+    """A PV guest: kernel, busybox initramfs, one disk (an LV or an image file) as xvda."""
+
+    name: str
+    kernel: Path
+    ramdisk: Path
+    disk: Path
+    memory_mb: int = 128
+
+    def config_text(self) -> str:
+        return (
+            f'name = "{self.name}"\n'
+            'type = "pv"\n'
+            f'kernel = "{self.kernel}"\n'
+            f'ramdisk = "{self.ramdisk}"\n'
+            'extra = "console=hvc0 quiet"\n'
+            f"memory = {self.memory_mb}\n"
+            "vcpus = 1\n"
+            f"disk = ['format=raw, vdev=xvda, access=rw, target={self.disk}']\n"
+            'on_poweroff = "destroy"\n'
+            'on_reboot = "destroy"\n'
+            'on_crash = "destroy"\n'
+        )
+
+    def write_config(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.config_text())
+        return path
+
+
+def write_seed_vm_files(vmdir: Path, vm: str, disk_image: Path) -> Path:
+    """Put a bootable PV guest's files into vmdir: vmlinuz, initrd.img and VM.cfg.
+
+    Everything vm1 needs lives in its directory, so a restore of the
+    directory alone gives back a guest that boots.
+    """
+    kernel = vmdir / "vmlinuz"
+    shutil.copyfile(domu_kernel(), kernel)
+    ramdisk = build_domu_initramfs(vmdir / "initrd.img")
+    return DomU(vm, kernel, ramdisk, disk_image).write_config(vmdir / f"{vm}.cfg")
+
+
+def console_log(name: str) -> Path:
+    return CONSOLE_LOG_DIR / f"guest-{name}.log"
+
+
+def domain_exists(name: str) -> bool:
+    return run("xl", "domid", name, timeout=60, check=False).returncode == 0
+
+
+def wait_until_gone(name: str, timeout: float = 120) -> float:
+    """Poll until `xl domid NAME` fails; `xl shutdown -w` returns before that."""
+    started = time.monotonic()
+    while domain_exists(name):
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"domain {name} still exists {timeout:.0f}s after shutdown")
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
+def shutdown(name: str, timeout: float = 180) -> None:
+    """`xl shutdown -w`, then wait until the domain has really left; destroy as a last resort."""
+    try:
+        run("xl", "shutdown", "-w", name, timeout=timeout)
+        wait_until_gone(name, timeout)
+    except (CommandFailed, AssertionError):
+        if domain_exists(name):
+            run("xl", "destroy", name, timeout=60, check=False)
+            wait_until_gone(name, 60)
+        raise
+
+
+@dataclass(frozen=True)
+class RunningDomain:
+    name: str
+    console: str
+    """The guest's console output of this boot, up to READY."""
+    create_seconds: float
+    ready_seconds: float
+
+    @property
+    def marker(self) -> str | None:
+        """The first line of the guest's xvda, as the guest read it."""
+        for line in self.console.splitlines():
+            if MARKER_PREFIX in line:
+                return line.split(MARKER_PREFIX, 1)[1].strip()
+        return None
+
+
+def create(config: Path, name: str, timeout: float = 300, ready_timeout: float = 180) -> RunningDomain:
+    """`xl create` and wait for the guest's READY line on its console."""
+    log = console_log(name)
+    offset = log.stat().st_size if log.exists() else 0
+    started = time.monotonic()
+    run("xl", "create", config, timeout=timeout)
+    created = time.monotonic()
+    while True:
+        text = _read_from(log, offset)
+        if READY in text:
+            return RunningDomain(name, text, created - started, time.monotonic() - created)
+        if re.search(r"XBDOMU-ERROR|Kernel panic", text) or not domain_exists(name):
+            raise AssertionError(f"domain {name} failed to come up; its console:\n{text[-3000:]}")
+        if time.monotonic() - created > ready_timeout:
+            raise AssertionError(
+                f"domain {name} not ready {ready_timeout:.0f}s after xl create; its console:\n{text[-3000:]}"
+            )
+        time.sleep(0.5)
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as file:
+            file.seek(offset)
+            return file.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+@contextmanager
+def running(config: Path, name: str) -> Iterator[RunningDomain]:
+    """A guest for the duration of a with-block; shut down (and gone) afterwards."""
+    try:
+        yield create(config, name)
+    finally:
+        if domain_exists(name):
+            shutdown(name)
