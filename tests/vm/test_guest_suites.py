@@ -1,0 +1,35 @@
+"""Each flavour boots the guest once and reports every in-guest test here.
+
+    TestHostFlavour  Debian's kernel: systemd, journald, LVM;
+                     runs tests/vm/guest/ except xen/.
+    TestXenFlavour   Xen 4.17 with Debian's kernel as dom0, PV guests;
+                     runs tests/vm/guest/xen/.
+
+`test_in_guest` is parametrized with the guest's test functions, found
+statically (see conftest.py's pytest_generate_tests).
+"""
+
+from __future__ import annotations
+
+import pytest
+from xbtestbed.config import Flavour
+from xbtestbed.pytest_support import FlavourResults
+from xbtestbed.suites import GuestCase
+
+
+class GuestSuite:
+    def test_product_installs_offline_in_guest(self, guest_results: FlavourResults) -> None:
+        guest_results.check_install()
+
+    def test_in_guest(self, case: GuestCase, guest_results: FlavourResults) -> None:
+        guest_results.check(case)
+
+
+@pytest.mark.testvm(Flavour.HOST.value)
+class TestHostFlavour(GuestSuite):
+    pass
+
+
+@pytest.mark.testvm(Flavour.XEN.value)
+class TestXenFlavour(GuestSuite):
+    pass

@@ -1,0 +1,196 @@
+"""Fast checks of the test bed harness itself (no guest is booted)."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+from xbtestbed.config import REPO_ROOT, Flavour, InfraError, parse_flavours
+from xbtestbed.guestrun import GuestRequest, GuestRun
+from xbtestbed.image import Image, deb822_to_one_line, describe_build_failure, image_key, one_line_entries
+from xbtestbed.junit import Outcome, parse_junit, results_for
+from xbtestbed.pytest_support import FlavourResults
+from xbtestbed.qemu import BLANK_DISK_SERIALS, Machine
+from xbtestbed.suites import GuestCase, guest_cases, pytest_arguments, scan_file
+
+
+def test_scan_finds_functions_and_class_methods_but_not_helpers(tmp_path: Path) -> None:
+    source = tmp_path / "test_x.py"
+    source.write_text(
+        textwrap.dedent(
+            """
+            import pytest
+            def helper(): pass
+            def test_one(): pass
+            @pytest.mark.parametrize("fs", ["ext4", "xfs"])
+            def test_two(fs): pass
+            class TestGroup:
+                def test_three(self): pass
+                def setup_method(self): pass
+            class Helper:
+                def test_not_collected(self): pass
+            """
+        )
+    )
+    assert scan_file(source, "sub/test_x.py") == [
+        GuestCase("sub/test_x.py", "test_one"),
+        GuestCase("sub/test_x.py", "test_two"),
+        GuestCase("sub/test_x.py", "test_three", "TestGroup"),
+    ]
+
+
+def test_flavour_suites_split_the_guest_directory() -> None:
+    host = {case.path for case in guest_cases(Flavour.HOST)}
+    xen = {case.path for case in guest_cases(Flavour.XEN)}
+    assert "test_smoke_lvm.py" in host and "test_smoke_systemd.py" in host
+    assert xen and all(path.startswith("xen/") for path in xen)
+    assert not any(path.startswith("xen/") for path in host)
+
+
+def test_whole_suite_runs_the_directory_and_a_subset_runs_node_ids() -> None:
+    assert pytest_arguments(Flavour.HOST, None) == ["tests/vm/guest", "--ignore=tests/vm/guest/xen"]
+    assert pytest_arguments(Flavour.XEN, guest_cases(Flavour.XEN)) == ["tests/vm/guest/xen"]
+    case = guest_cases(Flavour.HOST)[0]
+    assert pytest_arguments(Flavour.HOST, [case]) == [f"tests/vm/guest/{case.node_id}"]
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest">
+<testcase classname="test_smoke_lvm" name="test_plain" time="1.0"/>
+<testcase classname="test_smoke_lvm" name="test_fs[ext4]" time="1.0"/>
+<testcase classname="test_smoke_lvm" name="test_fs[xfs]" time="1.0">
+  <failure message="AssertionError: hashes differ">trace text</failure></testcase>
+<testcase classname="test_smoke_lvm" name="test_fs_other" time="1.0"/>
+<testcase classname="xen.test_smoke_xen" name="test_domu" time="1.0">
+  <skipped type="pytest.skip" message="no dom0">skip text</skipped></testcase>
+<testcase classname="tests.vm.guest.test_smoke_lvm.TestGroup" name="test_method" time="1.0"/>
+</testsuite></testsuites>
+"""
+
+
+def test_junit_matches_by_name_or_parametrized_prefix(tmp_path: Path) -> None:
+    junit = tmp_path / "junit.xml"
+    junit.write_text(JUNIT)
+    results = parse_junit(junit)
+
+    fs = results_for(GuestCase("test_smoke_lvm.py", "test_fs"), results)
+    assert [(r.name, r.outcome) for r in fs] == [("test_fs[ext4]", Outcome.PASSED), ("test_fs[xfs]", Outcome.FAILED)]
+    assert fs[1].message == "AssertionError: hashes differ" and fs[1].details == "trace text"
+    skipped = results_for(GuestCase("xen/test_smoke_xen.py", "test_domu"), results)
+    assert [r.outcome for r in skipped] == [Outcome.SKIPPED]
+    method = results_for(GuestCase("test_smoke_lvm.py", "test_method", "TestGroup"), results)
+    assert [r.name for r in method] == ["test_method"]
+    assert results_for(GuestCase("test_smoke_lvm.py", "test_missing"), results) == []
+
+
+def _results(tmp_path: Path, junit_text: str | None, error: str | None = None) -> FlavourResults:
+    request = GuestRequest.pytest(Flavour.HOST, ["tests/vm/guest"])
+    run = GuestRun(request, tmp_path, error=error, exit_code=1)
+    (tmp_path / "pytest.log").write_text("line 1\nE   the guest's last words\n")
+    if junit_text is not None:
+        (tmp_path / "junit.xml").write_text(junit_text)
+    return FlavourResults.from_run(run)
+
+
+def test_host_verdicts_never_pass_a_guest_failure_skip_or_absence(tmp_path: Path) -> None:
+    results = _results(tmp_path, JUNIT)
+    results.check(GuestCase("test_smoke_lvm.py", "test_plain"))  # passes
+
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)failed in the guest.*hashes differ.*last words"):
+        results.check(GuestCase("test_smoke_lvm.py", "test_fs"))
+    with pytest.raises(pytest.skip.Exception, match=r"skipped in the guest: test_domu: no dom0"):
+        results.check(GuestCase("xen/test_smoke_xen.py", "test_domu"))
+    with pytest.raises(pytest.fail.Exception, match=r"missing from junit\.xml"):
+        results.check(GuestCase("test_smoke_lvm.py", "test_missing"))
+
+
+def test_host_verdict_names_a_test_bed_error_or_a_missing_junit(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    broken = _results(tmp_path / "a", None, error="guest never came up")
+    with pytest.raises(pytest.fail.Exception, match=r"test bed error: guest never came up"):
+        broken.check(GuestCase("test_smoke_lvm.py", "test_plain"))
+    silent = _results(tmp_path / "b", None)
+    with pytest.raises(pytest.fail.Exception, match=r"wrote no junit\.xml"):
+        silent.check(GuestCase("test_smoke_lvm.py", "test_plain"))
+
+
+def test_request_env_is_bash_that_round_trips_arguments(tmp_path: Path) -> None:
+    request = GuestRequest.pytest(Flavour.XEN, ["tests/vm/guest/x.py::test_a[it's ok]", "-k", "a and b"])
+    env = tmp_path / "request.env"
+    env.write_text(request.env_text(600))
+    printed = subprocess.run(
+        ["bash", "-c", f'. {env} && printf "%s\\n" "$XBTEST_FLAVOUR" "$XBTEST_STEP_TIMEOUT" "${{XBTEST_ARGS[@]}}"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert printed == ["xen", "600", "tests/vm/guest/x.py::test_a[it's ok]", "-k", "a and b"]
+
+
+def test_apt_sources_keep_only_debian_bookworm_entries() -> None:
+    deb822 = textwrap.dedent(
+        """\
+        Types: deb
+        URIs: http://mirror.example/debian
+        Suites: bookworm bookworm-updates
+        Components: main
+        Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+        Types: deb
+        URIs: https://vendor.example/apt
+        Suites: nodistro
+        Components: main
+        """
+    )
+    assert deb822_to_one_line(deb822) == [
+        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://mirror.example/debian bookworm main",
+        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://mirror.example/debian"
+        " bookworm-updates main",
+    ]
+    one_line = "deb [arch=amd64] http://m.example/debian bookworm main\ndeb http://x.example/ stable main\n"
+    assert one_line_entries(one_line) == ["deb [arch=amd64] http://m.example/debian bookworm main"]
+
+
+def test_build_failure_names_an_unreachable_registry() -> None:
+    output = "I: running apt-get update...\nErr:1 http://m.example bookworm InRelease\n"
+    output += "  Temporary failure resolving 'm.example'\nE: apt-get update failed\n"
+    message = describe_build_failure(output, 1, Path("build.log"))
+    assert message.startswith("mmdebstrap cannot reach the Debian package registry: Temporary failure resolving")
+
+
+def test_image_key_changes_with_the_package_list(tmp_path: Path) -> None:
+    (tmp_path / "packages.txt").write_text("systemd\n")
+    (tmp_path / "build.sh").write_text("#!/bin/sh\n")
+    first = image_key(tmp_path)
+    (tmp_path / "packages.txt").write_text("systemd\nlvm2\n")
+    assert image_key(tmp_path) != first
+    assert image_key() == image_key(REPO_ROOT / "tests" / "vm" / "image")
+
+
+def test_flavour_selection_rejects_unknown_names() -> None:
+    assert parse_flavours("") == frozenset(Flavour)
+    assert parse_flavours(" xen ") == {Flavour.XEN}
+    with pytest.raises(InfraError, match="unknown flavour"):
+        parse_flavours("host,kvm")
+
+
+def test_qemu_command_lines_follow_the_measured_recipes(tmp_path: Path) -> None:
+    image = Image(tmp_path / "key", "key")
+    disks = [tmp_path / f"{serial}.raw" for serial in BLANK_DISK_SERIALS]
+    common = dict(
+        image=image,
+        overlay=tmp_path / "o.qcow2",
+        blank_disks=disks,
+        source_share=tmp_path,
+        results_share=tmp_path / "r",
+        guest_timeout=600,
+    )
+    xen = " ".join(Machine(flavour=Flavour.XEN, **common).command())  # type: ignore[arg-type]
+    host = " ".join(Machine(flavour=Flavour.HOST, **common).command())  # type: ignore[arg-type]
+    assert "-cpu max,-smap,-smep,-xsave" in xen and "bootscrub=false" in xen and "console=hvc0" in xen
+    assert "-enable-kvm" not in xen + host and "tcg" in host
+    assert all(f"serial={serial}" in host for serial in BLANK_DISK_SERIALS)
+    assert "readonly=on" in host and "mount_tag=results" in host

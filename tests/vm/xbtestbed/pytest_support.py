@@ -1,0 +1,155 @@
+"""Glue between host pytest and the guest: one boot per flavour, one host test per guest test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from .config import Flavour, Settings
+from .guestrun import GuestRequest, GuestRun, run_in_guest
+from .junit import CaseResult, Outcome, parse_junit, results_for
+from .suites import GuestCase, pytest_arguments
+
+MARKER = "testvm"
+"""`@pytest.mark.testvm("xen")`: the host tests of one flavour."""
+
+LOG_TAIL_LINES = 30
+
+
+@dataclass
+class SessionState:
+    """What the host session knows about the guest runs (kept in config.stash)."""
+
+    selected: dict[Flavour, list[GuestCase]] = field(default_factory=dict)
+    runs: dict[Flavour, GuestRun] = field(default_factory=dict)
+
+
+STATE_KEY = pytest.StashKey[SessionState]()
+
+
+def state(config: pytest.Config) -> SessionState:
+    if STATE_KEY not in config.stash:
+        config.stash[STATE_KEY] = SessionState()
+    return config.stash[STATE_KEY]
+
+
+def flavour_of(node: pytest.Item | pytest.Collector) -> Flavour | None:
+    marker = node.get_closest_marker(MARKER)
+    return Flavour(marker.args[0]) if marker else None
+
+
+def terminal_writer(config: pytest.Config) -> Callable[[str], None]:
+    """Write a line to the terminal now, even while pytest captures output."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+
+    def write(line: str) -> None:
+        if reporter is None:
+            return
+        suspended: AbstractContextManager[None] = (
+            capture.global_and_fixture_disabled() if capture is not None else nullcontext()
+        )
+        with suspended:
+            reporter.write_line(line)
+
+    return write
+
+
+@dataclass
+class FlavourResults:
+    """One flavour's guest run, judged per guest test."""
+
+    run: GuestRun
+    cases: list[CaseResult] | None
+    """junit.xml's test cases, None when the guest wrote none."""
+
+    @classmethod
+    def from_run(cls, run: GuestRun) -> FlavourResults:
+        junit = run.path("junit.xml")
+        return cls(run, parse_junit(junit) if junit.is_file() else None)
+
+    def check(self, case: GuestCase) -> None:
+        """Pass, fail or skip as the guest test did; never pass what did not pass."""
+        name = f"{self.run.request.flavour.value} guest: {case.node_id}"
+        if self.run.error is not None:
+            pytest.fail(f"{name}: test bed error: {self.run.error}\n{self._console_tail()}", pytrace=False)
+        if self.cases is None:
+            pytest.fail(
+                f"{name}: the guest wrote no junit.xml (exit code {self.run.exit_code})\n{self._pytest_tail()}",
+                pytrace=False,
+            )
+        results = results_for(case, self.cases)
+        if not results:
+            pytest.fail(
+                f"{name}: did not run in the guest (missing from junit.xml; exit code {self.run.exit_code})\n"
+                f"{self._pytest_tail()}",
+                pytrace=False,
+            )
+        failed = [result for result in results if result.outcome is Outcome.FAILED]
+        if failed:
+            reports = "\n\n".join(_describe(result) for result in failed)
+            pytest.fail(f"{name}: failed in the guest\n\n{reports}\n\n{self._pytest_tail()}", pytrace=False)
+        skipped = [result for result in results if result.outcome is Outcome.SKIPPED]
+        if skipped:
+            reasons = "; ".join(f"{result.name}: {result.message}" for result in skipped)
+            pytest.skip(f"{name}: skipped in the guest: {reasons}")
+
+    def check_install(self) -> None:
+        """The product's packaging/install.sh ran cleanly in the guest (skip if it has none)."""
+        if self.run.error is not None:
+            pytest.fail(f"test bed error: {self.run.error}", pytrace=False)
+        rc_file = self.run.path("install.rc")
+        if not rc_file.is_file():
+            pytest.skip("the project has no packaging/install.sh yet")
+        rc = int(rc_file.read_text().strip())
+        if rc != 0:
+            pytest.fail(
+                f"packaging/install.sh failed in the guest with exit code {rc}:\n{self.run.tail('install.log')}",
+                pytrace=False,
+            )
+
+    def _pytest_tail(self) -> str:
+        log = self.run.path("pytest.log")
+        return f"--- last {LOG_TAIL_LINES} lines of {log} ---\n{self.run.tail('pytest.log', LOG_TAIL_LINES)}"
+
+    def _console_tail(self) -> str:
+        log = self.run.path("console.log")
+        return f"--- last 15 lines of {log} ---\n{self.run.tail('console.log', 15)}"
+
+
+def _describe(result: CaseResult) -> str:
+    return f"{result.label}: {result.message}\n{result.details.rstrip()}"
+
+
+def boot_flavour(config: pytest.Config, flavour: Flavour) -> FlavourResults:
+    """Boot the flavour's guest once and run the selected in-guest tests."""
+    session = state(config)
+    settings = Settings.from_environment()
+    write = terminal_writer(config)
+    write("")
+    request = GuestRequest.pytest(flavour, pytest_arguments(flavour, session.selected.get(flavour)))
+    echo = write if settings.echo_console else None
+    run = run_in_guest(request, settings, report=write, echo=echo)
+    session.runs[flavour] = run
+    return FlavourResults.from_run(run)
+
+
+def summary_lines(config: pytest.Config) -> list[str]:
+    """Per-flavour timings and artifact locations for the terminal summary."""
+    lines = []
+    for flavour, run in state(config).runs.items():
+        stages = ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in run.timings.items())
+        verdict = f"test bed error: {run.error}" if run.error else f"guest exit code {run.exit_code}"
+        lines.append(f"{flavour.value}: {stages or 'no timings'}; {verdict}; artifacts: {_relative(run.artifacts)}")
+    return lines
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,109 @@
+"""Which in-guest tests belong to which flavour, found statically with `ast`.
+
+The host parametrizes one test per in-guest test at collection time, without
+importing the guest files (they need root, LVM and Xen, and may import
+modules that exist only in the guest).
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import GUEST_TEST_DIR, REPO_ROOT, Flavour
+
+
+@dataclass(frozen=True)
+class Suite:
+    """The part of tests/vm/guest/ that a flavour runs."""
+
+    directory: str
+    """Relative to tests/vm/guest/; "" is the directory itself."""
+    excluded: tuple[str, ...] = ()
+    """Subdirectories (relative to tests/vm/guest/) that belong to other flavours."""
+
+
+SUITES: dict[Flavour, Suite] = {
+    Flavour.HOST: Suite("", excluded=("xen",)),
+    Flavour.XEN: Suite("xen"),
+}
+
+
+@dataclass(frozen=True, order=True)
+class GuestCase:
+    """One test function in a guest test file."""
+
+    path: str
+    """The file, relative to tests/vm/guest/, e.g. "xen/test_smoke_xen.py"."""
+    function: str
+    cls: str | None = None
+
+    @property
+    def node_id(self) -> str:
+        """The pytest node id relative to tests/vm/guest/ (also the host's test id)."""
+        parts = [self.path, *([self.cls] if self.cls else []), self.function]
+        return "::".join(parts)
+
+    @property
+    def guest_argument(self) -> str:
+        """The node id as the in-guest runner passes it to pytest."""
+        return f"{guest_dir_argument()}/{self.node_id}"
+
+    @property
+    def junit_classname(self) -> str:
+        """The `classname` pytest writes to junit.xml when rooted at tests/vm/guest/."""
+        module = self.path.removesuffix(".py").replace("/", ".")
+        return f"{module}.{self.cls}" if self.cls else module
+
+    def __str__(self) -> str:
+        return self.node_id
+
+
+def guest_dir_argument() -> str:
+    """tests/vm/guest as a path relative to the project tree."""
+    return GUEST_TEST_DIR.relative_to(REPO_ROOT).as_posix()
+
+
+def guest_cases(flavour: Flavour, root: Path = GUEST_TEST_DIR) -> list[GuestCase]:
+    """Every test_* function the flavour's suite holds, in file order."""
+    suite = SUITES[flavour]
+    base = root / suite.directory
+    cases: list[GuestCase] = []
+    for path in sorted(base.rglob("test_*.py")):
+        relative = path.relative_to(root).as_posix()
+        if any(relative.startswith(f"{excluded}/") for excluded in suite.excluded):
+            continue
+        cases += scan_file(path, relative)
+    return cases
+
+
+def scan_file(path: Path, relative: str) -> list[GuestCase]:
+    """The test functions and Test* class methods defined in one file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    cases = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test"):
+            cases.append(GuestCase(relative, node.name))
+        elif isinstance(node, ast.ClassDef) and node.name.startswith("Test"):
+            cases += [
+                GuestCase(relative, item.name, node.name)
+                for item in node.body
+                if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef) and item.name.startswith("test")
+            ]
+    return cases
+
+
+def pytest_arguments(flavour: Flavour, selected: list[GuestCase] | None) -> list[str]:
+    """The in-guest pytest arguments: the whole suite, or just the selected cases.
+
+    Running the whole directory also picks up what the static scan cannot
+    see; a subset (from `-k` or a node id on the host) keeps a rerun short.
+    """
+    everything = guest_cases(flavour)
+    if selected is not None and set(selected) != set(everything):
+        return [case.guest_argument for case in selected]
+    suite = SUITES[flavour]
+    base = guest_dir_argument()
+    directory = f"{base}/{suite.directory}".rstrip("/")
+    return [directory, *(f"--ignore={base}/{excluded}" for excluded in suite.excluded)]
