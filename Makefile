@@ -1,0 +1,22 @@
+# Entry points; see README.md and tests/vm/README.md.
+PYTHON ?= python3
+
+.PHONY: deps test test-unit test-vm demo
+
+# Host tools for the VM test bed (qemu, mmdebstrap, ...) and the project with its test extra.
+deps:
+	bash tests/vm/provision.sh
+
+# Everything: unit tests and both VM flavours (a cold image cache adds a few minutes).
+test: deps
+	$(PYTHON) -m pytest -ra tests || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests: that is a failure here" >&2; exit $$rc; }
+
+test-unit:
+	$(PYTHON) -m pytest -ra tests/unit
+
+test-vm:
+	$(PYTHON) -m pytest -ra tests/vm
+
+# Boot the xen flavour and run the demo inside, streaming its output.
+demo: deps
+	$(PYTHON) tests/vm/run-guest script --flavour xen tests/vm/demo/demo-in-guest.sh
