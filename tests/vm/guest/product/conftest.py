@@ -1,5 +1,18 @@
-"""Fixtures for product tests in the guest; they live in vmlib.product so the xen tests share them."""
+"""Fixtures for product tests in the guest (the helpers live in vmlib.product, shared with the xen tests)."""
 
-from vmlib.product import journal, xb
+from __future__ import annotations
 
-__all__ = ["journal", "xb"]
+from collections.abc import Iterator
+
+import pytest
+from vmlib.product import Journal, Xb, fresh_product
+
+
+@pytest.fixture
+def xb() -> Iterator[Xb]:
+    yield from fresh_product()
+
+
+@pytest.fixture
+def journal() -> Journal:
+    return Journal()

@@ -11,8 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from vmlib.cmd import sha256_file, tree_hashes  # noqa: F401 - re-exported for the tests
 
 CONFIG = Path("/etc/xenbackup/xenbackup.toml")
@@ -84,9 +82,7 @@ class Xb:
         raise AssertionError(f"{unit} still {state} after {timeout} s")
 
 
-
-@pytest.fixture
-def xb() -> Iterator[Xb]:
+def fresh_product() -> Iterator[Xb]:
     """A clean product state: no repository, no config, no run records; reset afterwards too."""
     def reset() -> None:
         for unit in ("xenbackup@vm1.service", "xenbackup@vm1.timer"):
@@ -99,10 +95,6 @@ def xb() -> Iterator[Xb]:
     yield Xb()
     reset()
 
-
-@pytest.fixture
-def journal() -> Journal:
-    return Journal()
 
 MSG_STARTED = "f29c5be40ab94b71bc936a45de01b458"
 MSG_SUCCEEDED = "14a99ce9301e4006b02b2ce251777ef6"
