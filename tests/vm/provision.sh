@@ -27,7 +27,7 @@ if ! python3 -m pip --version >/dev/null 2>&1; then
 fi
 
 if [ -f pyproject.toml ]; then
-    pip_args=(--quiet --disable-pip-version-check)
+    pip_args=(--quiet --disable-pip-version-check --root-user-action=ignore)
     # Debian's own python3 refuses pip installs unless told (PEP 668).
     if python3 -c 'import sys, sysconfig, pathlib; sys.exit(not pathlib.Path(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED").exists())'; then
         pip_args+=(--break-system-packages)
@@ -36,5 +36,5 @@ if [ -f pyproject.toml ]; then
     python3 -m pip install "${pip_args[@]}" -e '.[test]'
 else
     echo "provision: no pyproject.toml yet; installing pytest only"
-    python3 -m pip install --quiet --disable-pip-version-check pytest
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore pytest
 fi

@@ -11,6 +11,7 @@ ends with the script's summary.txt, if it wrote one to /mnt/results.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -30,7 +31,13 @@ def report(message: str) -> None:
 
 
 class ConsoleEcho:
-    """Print the guest console from the runner's start on (everything with --verbose)."""
+    """Print the guest console from the runner's start on (everything with --verbose).
+
+    The runner's lines reach the console through journald, prefixed with a
+    timestamp and `testbed-boot.sh[PID]:`; the prefix is dropped here.
+    """
+
+    RUNNER_PREFIX = re.compile(r"^\[\s*[0-9.]+\] testbed-boot\.sh\[[0-9]+\]: ")
 
     def __init__(self, verbose: bool) -> None:
         self.printing = verbose
@@ -39,7 +46,7 @@ class ConsoleEcho:
         if BOOTED_MARKER in line:
             self.printing = True
         if self.printing:
-            print(line, flush=True)
+            print(self.RUNNER_PREFIX.sub("", line), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_environment()
         if options.command == "build":
-            image, built = ensure_image(settings, settings.artifacts_dir / "image-build.log")
+            image, built = ensure_image(settings, settings.artifacts_dir / "image-build.log", report)
             report(f"image {image.directory} {'built' if built else 'already cached'}")
             return 0
         flavour = Flavour(options.flavour)

@@ -114,7 +114,7 @@ def _boot(request: GuestRequest, settings: Settings, run: GuestRun, report: Repo
     started = time.monotonic()
     build_log = settings.artifacts_dir / "image-build.log"
     report(f"[{request.name}] checking the image cache {settings.cache_dir}")
-    image, built = ensure_image(settings, build_log)
+    image, built = ensure_image(settings, build_log, lambda message: report(f"[{request.name}] {message}"))
     run.timings["image build" if built else "image (cached)"] = time.monotonic() - started
     report(
         f"[{request.name}] image {image.key}: " + (f"built in {run.timings['image build']:.0f}s" if built else "cached")
@@ -151,6 +151,7 @@ def _boot(request: GuestRequest, settings: Settings, run: GuestRun, report: Repo
                 boot_timeout=settings.boot_timeout,
                 total_timeout=settings.guest_timeout,
                 echo=echo,
+                progress=lambda message: report(f"[{request.name}] {message}"),
             )
         finally:
             _collect(results, run.artifacts)

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +79,7 @@ def image_key(image_dir: Path = IMAGE_DIR) -> str:
     return digest.hexdigest()[:16]
 
 
-def ensure_image(settings: Settings, build_log: Path) -> tuple[Image, bool]:
+def ensure_image(settings: Settings, build_log: Path, report: Callable[[str], None] = log.info) -> tuple[Image, bool]:
     """Return the cached image for the current key, building it if needed.
 
     The second value tells whether this call built it.
@@ -101,6 +101,7 @@ def ensure_image(settings: Settings, build_log: Path) -> tuple[Image, bool]:
         _remove_stale_builds(cache)
         check_free_space(cache, BUILD_SPACE_NEEDED, "build the test bed image")
         staging = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=cache))
+        report(f"building image {key} with mmdebstrap (a few minutes; log: {build_log})")
         try:
             _run_build(staging, settings, build_log)
             if not Image(staging, key).is_complete():
@@ -162,7 +163,6 @@ def _run_build(staging: Path, settings: Settings, build_log: Path) -> None:
     sources.write_text(apt_sources(settings.mirror))
     argv = [str(IMAGE_DIR / "build.sh"), str(staging), str(sources), *host_apt_options()]
     build_log.parent.mkdir(parents=True, exist_ok=True)
-    log.info("building test bed image %s (log: %s)", staging.name, build_log)
     started = time.monotonic()
     with open(build_log, "wb") as out:
         try:

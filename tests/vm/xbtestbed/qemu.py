@@ -31,6 +31,7 @@ ERROR_MARKER = "XBTEST-ERROR"
 
 BLANK_DISK_SERIALS = ("xbtest1", "xbtest2", "xbtest3")
 BLANK_DISK_SIZE = 4 * 2**30
+BOOT_PROGRESS_INTERVAL = 30.0
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ def run_machine(
     boot_timeout: float,
     total_timeout: float,
     echo: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> BootOutcome:
     """Boot, wait for the runner's marker, then for the guest to power off.
 
@@ -182,7 +184,7 @@ def run_machine(
     )
     reader.start()
     try:
-        _wait_for_boot(proc, watch, started, boot_timeout, console_log, qemu_log)
+        _wait_for_boot(proc, watch, started, boot_timeout, console_log, qemu_log, progress)
         remaining = total_timeout - (time.monotonic() - started)
         try:
             proc.wait(timeout=max(remaining, 1))
@@ -204,8 +206,13 @@ def _wait_for_boot(
     boot_timeout: float,
     console_log: Path,
     qemu_log: Path,
+    progress: Callable[[str], None] | None,
 ) -> None:
+    next_progress = started + BOOT_PROGRESS_INTERVAL
     while not watch.booted.wait(timeout=1):
+        if progress is not None and time.monotonic() > next_progress:
+            progress(f"still booting ({time.monotonic() - started:.0f}s)")
+            next_progress += BOOT_PROGRESS_INTERVAL
         if proc.poll() is not None:
             reason = _first_line(qemu_log) or (watch.tail[-1] if watch.tail else "no console output")
             raise InfraError(
