@@ -236,6 +236,11 @@ class Restic:
             args += ["--host", host]
         return parse_snapshots(self._run(args).stdout)
 
+    def unlock_stale(self) -> None:
+        """Remove locks left by a restic that was killed (restic only removes locks of dead processes)."""
+        if self.is_initialized():
+            self._run(["unlock"], check=False)
+
     def forget(self, ids: Sequence[str]) -> None:
         if ids:
             self._run(["forget", *ids])

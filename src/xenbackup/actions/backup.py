@@ -364,6 +364,12 @@ def _cleanup(ctx: Context, vm: VM, result: str | None) -> int:
             log.error("cleanup failed, a snapshot may be left: %s", exc)
             code = 1
         state = ctx.store.load(vm.name) or state
+        if result != "success":
+            # A killed restic leaves its lock behind, which would block prune, check and restore.
+            try:
+                ctx.restic.unlock_stale()
+            except Exception as exc:
+                log.warning("could not clear stale repository locks: %s", exc)
         if state is not None and state.overflowed:
             try:
                 forget_run(ctx, state, "a snapshot overflowed, so what was read from it is inconsistent")

@@ -38,6 +38,7 @@ def prune(ctx: Context, vm: VM) -> int:
             log.warning("no retention policy for %s (set keep_* in [defaults] or [vm.%s]); keeping everything",
                         vm.name, vm.name)
             return -1
+        ctx.restic.unlock_stale()
         for group in prune_groups(vm):
             tags = ["xenbackup", f"host:{ctx.host}", f"vm:{vm.name}", f"disk:{group}"]
             argv = ctx.restic.forget_policy_argv(tags, ctx.host, policy)
@@ -111,5 +112,6 @@ def dump_digest(ctx: Context, snapshot: str, name: str) -> tuple[int, str]:
 def check_repository(ctx: Context, subset: str | None) -> None:
     with journal.context(phase="verify"):
         log.info("restic check%s", f" --read-data-subset {subset}" if subset else "")
+        ctx.restic.unlock_stale()
         ctx.restic.check(subset)
         log.info("repository %s is consistent", ctx.cfg.repository.url)

@@ -76,7 +76,7 @@ def test_full_volume_group_fails_before_lvcreate(seed_layout, xb: Xb, journal: J
 
 
 def test_restic_killed_mid_backup(seed_layout, xb: Xb, journal: Journal, baseline) -> None:
-    big = big_file(seed_layout, 300)
+    big = big_file(seed_layout, 200)
     static = tree_hashes(seed_layout.vmdir)
     sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
     wait_for_restic(xb, journal)
@@ -89,7 +89,7 @@ def test_restic_killed_mid_backup(seed_layout, xb: Xb, journal: Journal, baselin
 
 
 def test_systemctl_stop_mid_backup(seed_layout, xb: Xb, journal: Journal, baseline) -> None:
-    big = big_file(seed_layout, 300)
+    big = big_file(seed_layout, 200)
     static = tree_hashes(seed_layout.vmdir)
     sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
     wait_for_restic(xb, journal)
@@ -101,7 +101,7 @@ def test_systemctl_stop_mid_backup(seed_layout, xb: Xb, journal: Journal, baseli
 
 
 def test_start_timeout_cleans_up(seed_layout, xb: Xb, journal: Journal, baseline) -> None:
-    big = big_file(seed_layout, 300)
+    big = big_file(seed_layout, 200)
     static = tree_hashes(seed_layout.vmdir)
     dropin = Path("/run/systemd/system/xenbackup@vm1.service.d")
     dropin.mkdir(parents=True, exist_ok=True)
@@ -121,11 +121,11 @@ def test_start_timeout_cleans_up(seed_layout, xb: Xb, journal: Journal, baseline
 def test_repository_disk_full(seed_layout, xb: Xb, journal: Journal) -> None:
     repo = Path("/mnt/xb-small-repo")
     repo.mkdir(exist_ok=True)
-    sh("mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(repo))
+    sh("mount", "-t", "tmpfs", "-o", "size=150m", "tmpfs", str(repo))
     try:
         xb.write_config(f'[repository]\nurl = "{repo}/r"\n' + config())
         assert xb.start().returncode == 0, journal.text("-u", "xenbackup@vm1")
-        big = big_file(seed_layout, 80)
+        big = big_file(seed_layout, 200)
         static = tree_hashes(seed_layout.vmdir)
         run = xb.start()
         assert run.returncode != 0
