@@ -7,8 +7,8 @@ export LC_ALL=C
 results=${XBTEST_RESULTS:-/mnt/results}
 out="$results/bench.txt"
 disk=/dev/disk/by-id/virtio-xbtest1
-image_mb=${BENCH_IMAGE_MB:-300}
-small_files=${BENCH_SMALL_FILES:-2000}
+image_mb=${1:-${BENCH_IMAGE_MB:-300}}
+small_files=${2:-${BENCH_SMALL_FILES:-2000}}
 
 log() { echo "bench: $*" >&2; }
 now() { date +%s.%N; }
