@@ -101,6 +101,8 @@ def test_metrics_parse_as_prometheus_text() -> None:
     families = {f.name: f for f in text_string_to_metric_families(text)}
     samples = {(s.name, s.labels["vm"]): s.value for f in families.values() for s in f.samples}
     assert samples[("xenbackup_last_success_timestamp_seconds", "vm1")] == 1000.0
+    precise = render_metrics({"vm1": {**RECORD, "last_success": 1795698841.1953251}})
+    assert "xenbackup_last_success_timestamp_seconds{vm=\"vm1\"} 1795698841.1953251" in precise
     assert samples[("xenbackup_last_run_bytes_added", "vm1")] == 1234
     assert samples[("xenbackup_snapshot_peak_fill_percent", "vm1")] == 37.5
     assert samples[("xenbackup_last_run_success", "vm1")] == 1
@@ -112,5 +114,8 @@ def test_failing_phase_is_the_last_error() -> None:
     entries = [{"XENBACKUP_PHASE": "snapshot", "PRIORITY": "6"}, {"XENBACKUP_PHASE": "mount", "PRIORITY": "3"},
                {"XENBACKUP_PHASE": "cleanup", "PRIORITY": "6"}]
     assert failing_phase(entries) == "mount"
+    final = [*entries, {"XENBACKUP_PHASE": "cleanup", "PRIORITY": "3", "MESSAGE": "backup of vm1 failed"}]
+    assert failing_phase(final) == "mount"
+    assert failing_phase([{"XENBACKUP_PHASE": "cleanup", "PRIORITY": "3"}]) == "cleanup"
     assert failing_phase([{"XENBACKUP_PHASE": "backup", "PRIORITY": "6"}]) == "backup"
     assert failing_phase([]) == "unknown"

@@ -39,10 +39,12 @@ class FailureMessage:
 
 
 def failing_phase(entries: list[dict[str, Any]]) -> str:
-    """The phase of the last error-level record, else of the last record that names a phase."""
-    errors = [e for e in entries if e.get("XENBACKUP_PHASE") and str(e.get("PRIORITY", "6")) <= "3"]
-    named = [e for e in entries if e.get("XENBACKUP_PHASE") and e.get("XENBACKUP_PHASE") != "cleanup"]
-    for group in (errors, named):
+    """The phase of the last error before cleanup, else of the last record that names a phase."""
+    # Cleanup always logs the final "failed" line; the phase that broke is the one before it.
+    named = [e for e in entries if e.get("XENBACKUP_PHASE")]
+    errors = [e for e in named if str(e.get("PRIORITY", "6")) <= "3"]
+    for group in ([e for e in errors if e["XENBACKUP_PHASE"] != "cleanup"],
+                  [e for e in named if e["XENBACKUP_PHASE"] != "cleanup"], errors):
         if group:
             return str(group[-1]["XENBACKUP_PHASE"])
     return "unknown"

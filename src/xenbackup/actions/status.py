@@ -120,7 +120,8 @@ def render_metrics(records: Mapping[str, Mapping[str, Any] | None]) -> str:
         lines += [f"# HELP {metric} {text}", f"# TYPE {metric} {kind}"]
         for vm, rec in sorted(records.items()):
             if rec and rec.get(key) is not None:
-                lines.append(f'{metric}{{vm="{_escape_label(vm)}"}} {float(rec[key]):g}')
+                # repr keeps every digit; %g would round a Unix timestamp to the nearest 100 s.
+                lines.append(f'{metric}{{vm="{_escape_label(vm)}"}} {float(rec[key])!r}')
     lines += ["# HELP xenbackup_last_run_success 1 if the last run succeeded.",
               "# TYPE xenbackup_last_run_success gauge"]
     for vm, rec in sorted(records.items()):

@@ -68,6 +68,8 @@ class Xb:
         return sh("restic", *args, env=env)
 
     def snapshots(self, *tags: str) -> list[dict[str, object]]:
+        if not (REPO / "config").exists():
+            return []
         args = ["snapshots", "--json"] + (["--tag", ",".join(tags)] if tags else [])
         return json.loads(self.restic(*args).stdout or "[]")
 
