@@ -179,3 +179,39 @@ def test_block_restore_brings_back_the_device_and_the_guest_boots(
     with xen.running(cfg, "vm2") as domain:
         assert domain.marker == marker
     sh("systemctl", "reset-failed", "xenbackup@vm2.service", check=False)
+
+
+def test_to_flatten_and_include_on_a_deep_tree(seed_layout, xb: Xb, journal: Journal) -> None:
+    deep = seed_layout.vmdir / "a" / "b" / "c" / "d"
+    deep.mkdir(parents=True)
+    for depth, directory in enumerate([seed_layout.vmdir / "a", seed_layout.vmdir / "a" / "b", deep]):
+        (directory / f"level{depth}.dat").write_bytes(os.urandom(3000 + depth))
+    xb.write_config(FILES_CONFIG.format(cfg=seed_layout.config))
+    assert xb.start().returncode == 0, journal.text("-u", "xenbackup@vm1")
+    origin = metadata(seed_layout.vmdir)
+
+    full = Path("/srv/restore-full")
+    assert sh("xenbackup", "restore", "vm1", "--to", str(full), check=False).returncode == 0
+    assert metadata(full) == origin
+
+    flat = Path("/srv/restore-flat")
+    assert sh("xenbackup", "restore", "vm1", "--to", str(flat), "--flatten", "--include", "a", check=False
+              ).returncode == 0
+    assert sorted(os.listdir(flat)) == ["level0.dat", "level1.dat", "level2.dat"]
+    assert (flat / "level2.dat").read_bytes() == (deep / "level2.dat").read_bytes()
+
+    part = Path("/srv/restore-part")
+    assert sh("xenbackup", "restore", "vm1", "--to", str(part), "--include", "a/b/c", check=False).returncode == 0
+    assert [str(p.relative_to(part)) for p in sorted(part.rglob("*"))] == [
+        "a", "a/b", "a/b/c", "a/b/c/d", "a/b/c/d/level2.dat"]
+
+    escape = sh("xenbackup", "restore", "vm1", "--to", "/srv/x", "--include", "../../etc", check=False)
+    assert escape.returncode == 1 and "escapes the restored tree" in escape.stderr
+    inside_repo = sh("xenbackup", "restore", "vm1", "--to", "/var/lib/xenbackup/repo/x", check=False)
+    assert inside_repo.returncode == 1 and "inside the backup repository" in inside_repo.stderr
+    assert not Path("/srv/x").exists() and not Path("/var/lib/xenbackup/repo/x").exists()
+    unknown_vm = sh("xenbackup", "restore", "vm9", "--to", "/srv/x", check=False)
+    assert unknown_vm.returncode == 2 and "vm.vm9: no such VM" in unknown_vm.stderr
+    unknown_id = sh("xenbackup", "restore", "vm1", "--snapshot", "deadbeef", "--to", "/srv/x", check=False)
+    assert unknown_id.returncode == 1 and "no backup of this VM has snapshot or run ID 'deadbeef'" in unknown_id.stderr
+    assert not Path("/srv/x").exists()
