@@ -20,8 +20,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .cmd import CommandFailed, output, run
+
+if TYPE_CHECKING:  # storage imports this module
+    from .storage import SeedLayout
 
 CONSOLE_LOG_DIR = Path("/var/log/xen/console")
 INITRAMFS_CACHE = Path("/run/xbtest/domu-initrd.img")
@@ -259,6 +263,14 @@ class RunningDomain:
             if MARKER_PREFIX in line:
                 return line.split(MARKER_PREFIX, 1)[1].strip()
         return None
+
+
+@dataclass(frozen=True)
+class SeedVm:
+    """A PV guest started from the seed layout's files (what the `vm1` fixture yields)."""
+
+    layout: SeedLayout
+    domain: RunningDomain
 
 
 def create(config: Path, name: str, timeout: float = 300, ready_timeout: float = 180) -> RunningDomain:

@@ -3,10 +3,11 @@
     xen_dom0        session: xen.service running, xen-blkback loaded; fails
                     clearly when the guest is not a dom0.
     domu_initramfs  session: the busybox initramfs of the test PV guest.
-    vm1             the seed layout (see ../conftest.py, parametrizable the
-                    same way) with PV guest vm1 running from
-                    /srv/xenvm/vm1/vm1.cfg (its disk: /srv/xenvm/vm1/disk.img);
-                    shut down, and gone from `xl list`, afterwards.
+    vm1             vmlib.xen.SeedVm: the seed layout (see ../conftest.py,
+                    parametrizable the same way) as `.layout`, with PV guest
+                    vm1 running from /srv/xenvm/vm1/vm1.cfg (its disk:
+                    /srv/xenvm/vm1/disk.img) as `.domain`; shut down, and
+                    gone from `xl list`, afterwards.
 
 Helpers for anything else: vmlib.xen (DomU, create, running, shutdown,
 wait_until_gone, domain_exists, console_log).
@@ -32,8 +33,12 @@ def domu_initramfs(xen_dom0: None) -> Path:
     return xen.build_domu_initramfs(Path("/run/xbtest/initrd.img"))
 
 
+Vm1 = xen.SeedVm
+"""Kept for tests that import it from here; prefer `from vmlib.xen import SeedVm`."""
+
+
 @pytest.fixture
-def vm1(xen_dom0: None, seed_layout: SeedLayout) -> Iterator[xen.RunningDomain]:
-    """PV guest vm1 running from the seed layout (request `seed_layout` too for its paths)."""
+def vm1(xen_dom0: None, seed_layout: SeedLayout) -> Iterator[xen.SeedVm]:
+    """PV guest vm1 running from the seed layout: `.layout` (SeedLayout), `.domain` (RunningDomain)."""
     with xen.running(seed_layout.config, seed_layout.vm) as domain:
-        yield domain
+        yield xen.SeedVm(seed_layout, domain)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from vmlib import xen
 from vmlib.cmd import output, run, tree_hashes
-from vmlib.storage import SeedLayout, create_volume_group, mounted_snapshot
+from vmlib.storage import create_volume_group, mounted_snapshot
 
 SNAPSHOT_MOUNT = Path("/mnt/vmbackup")
 
@@ -54,11 +54,10 @@ def test_pv_guest_on_an_lv_reads_its_marker_and_is_gone_after_shutdown(
         assert run("xl", "domid", "xbsmoke", check=False).returncode != 0
 
 
-def test_seed_vm1_boots_from_its_file_disk_and_is_snapshotted_while_running(
-    seed_layout: SeedLayout, vm1: xen.RunningDomain
-) -> None:
-    assert vm1.marker == seed_layout.marker, "vm1 must read its own disk image"
-    assert xen.domain_exists(seed_layout.vm)
+def test_seed_vm1_boots_from_its_file_disk_and_is_snapshotted_while_running(vm1: xen.SeedVm) -> None:
+    layout = vm1.layout
+    assert vm1.domain.marker == layout.marker, "vm1 must read its own disk image"
+    assert xen.domain_exists(layout.vm)
 
-    with mounted_snapshot(seed_layout.vg, seed_layout.lv, "vmbackup", seed_layout.fstype, SNAPSHOT_MOUNT) as snapshot:
-        assert tree_hashes(snapshot / seed_layout.vm) == seed_layout.files
+    with mounted_snapshot(layout.vg, layout.lv, "vmbackup", layout.fstype, SNAPSHOT_MOUNT) as snapshot:
+        assert tree_hashes(snapshot / layout.vm) == layout.files
