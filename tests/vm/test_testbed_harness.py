@@ -66,6 +66,8 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testcase classname="xen.test_smoke_xen" name="test_domu" time="1.0">
   <skipped type="pytest.skip" message="no dom0">skip text</skipped></testcase>
 <testcase classname="tests.vm.guest.test_smoke_lvm.TestGroup" name="test_method" time="1.0"/>
+<testcase classname="" name="xen.test_broken" time="0.0">
+  <error message="collection failure">ImportError: cannot import name 'Gone'</error></testcase>
 </testsuite></testsuites>
 """
 
@@ -83,6 +85,8 @@ def test_junit_matches_by_name_or_parametrized_prefix(tmp_path: Path) -> None:
     method = results_for(GuestCase("test_smoke_lvm.py", "test_method", "TestGroup"), results)
     assert [r.name for r in method] == ["test_method"]
     assert results_for(GuestCase("test_smoke_lvm.py", "test_missing"), results) == []
+    broken = results_for(GuestCase("xen/test_broken.py", "test_anything"), results)
+    assert [(r.outcome, r.message) for r in broken] == [(Outcome.FAILED, "collection failure")]
 
 
 def _results(tmp_path: Path, junit_text: str | None, error: str | None = None) -> FlavourResults:

@@ -60,11 +60,19 @@ def parse_junit(path: Path) -> list[CaseResult]:
 
 
 def results_for(case: GuestCase, results: list[CaseResult]) -> list[CaseResult]:
-    """The junit entries of one guest test: itself, or all its parametrizations."""
+    """The junit entries of one guest test: itself, or all its parametrizations.
+
+    A file that failed to import appears as one entry with an empty
+    classname and the module as its name; it counts for every test in it.
+    """
     expected = case.junit_classname
+    module = case.junit_module
     return [
         result
         for result in results
-        if (result.classname == expected or result.classname.endswith(f".{expected}"))
-        and (result.name == case.function or result.name.startswith(f"{case.function}["))
+        if (
+            (result.classname == expected or result.classname.endswith(f".{expected}"))
+            and (result.name == case.function or result.name.startswith(f"{case.function}["))
+        )
+        or (not result.classname and (result.name == module or result.name.endswith(f".{module}")))
     ]

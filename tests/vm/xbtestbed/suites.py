@@ -51,10 +51,14 @@ class GuestCase:
         return f"{guest_dir_argument()}/{self.node_id}"
 
     @property
+    def junit_module(self) -> str:
+        """The file as a dotted module path, as junit.xml names it."""
+        return self.path.removesuffix(".py").replace("/", ".")
+
+    @property
     def junit_classname(self) -> str:
         """The `classname` pytest writes to junit.xml when rooted at tests/vm/guest/."""
-        module = self.path.removesuffix(".py").replace("/", ".")
-        return f"{module}.{self.cls}" if self.cls else module
+        return f"{self.junit_module}.{self.cls}" if self.cls else self.junit_module
 
     def __str__(self) -> str:
         return self.node_id
