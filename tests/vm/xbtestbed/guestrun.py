@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shlex
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -96,14 +97,14 @@ def run_in_guest(
     report: Report,
     echo: Report | None = None,
 ) -> GuestRun:
-    """Boot a guest for `request` and collect its results; never raises InfraError."""
+    """Boot a guest for `request` and collect its results; test bed problems end up in `error`."""
     artifacts = settings.artifacts_dir / request.name
     shutil.rmtree(artifacts, ignore_errors=True)
     artifacts.mkdir(parents=True)
     run = GuestRun(request, artifacts)
     try:
         _boot(request, settings, run, report, echo)
-    except InfraError as exc:
+    except (InfraError, OSError, subprocess.SubprocessError) as exc:
         run.error = str(exc)
         report(f"[{request.name}] test bed error: {exc}")
     return run
@@ -125,10 +126,11 @@ def _boot(request: GuestRequest, settings: Settings, run: GuestRun, report: Repo
         workdir = Path(work)
         results = workdir / "results"
         results.mkdir()
-        guest_limit = settings.guest_timeout - settings.boot_timeout - RUNNER_MARGIN
+        total_limit = settings.guest_timeout(request.flavour)
+        guest_limit = total_limit - settings.boot_timeout - RUNNER_MARGIN
         if guest_limit < STEP_OVERHEAD + 60:
             raise InfraError(
-                f"XENBACKUP_TESTVM_TIMEOUT={settings.guest_timeout:.0f}s leaves too little time after"
+                f"XENBACKUP_TESTVM_TIMEOUT={total_limit:.0f}s leaves too little time after"
                 f" the boot timeout of {settings.boot_timeout:.0f}s"
             )
         (results / "request.env").write_text(request.env_text(guest_limit - STEP_OVERHEAD))
@@ -149,7 +151,7 @@ def _boot(request: GuestRequest, settings: Settings, run: GuestRun, report: Repo
                 console_log=run.artifacts / "console.log",
                 qemu_log=run.artifacts / "qemu.log",
                 boot_timeout=settings.boot_timeout,
-                total_timeout=settings.guest_timeout,
+                total_timeout=total_limit,
                 echo=echo,
                 progress=lambda message: report(f"[{request.name}] {message}"),
             )

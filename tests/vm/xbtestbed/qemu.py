@@ -103,12 +103,10 @@ def require_tools() -> None:
 def create_overlay(image: Image, directory: Path) -> Path:
     """A qcow2 copy-on-write overlay, so the cached image is never written."""
     overlay = directory / "overlay.qcow2"
-    subprocess.run(
-        [QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", os.fspath(image.rootfs), os.fspath(overlay)],
-        check=True,
-        stdin=subprocess.DEVNULL,
-        timeout=60,
-    )
+    argv = [QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", os.fspath(image.rootfs), os.fspath(overlay)]
+    result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60, check=False)
+    if result.returncode != 0:
+        raise InfraError(f"qemu-img create failed for the overlay: {result.stderr.strip()}")
     return overlay
 
 
@@ -172,12 +170,13 @@ def run_machine(
     watch = ConsoleWatch()
     started = time.monotonic()
     with open(qemu_log, "wb") as qemu_err:
+        # setpriv (util-linux) execs qemu with a parent-death signal: the kernel
+        # kills qemu if the harness dies without cleaning up.
         proc = subprocess.Popen(
-            machine.command(),
+            ["setpriv", "--pdeathsig", "KILL", "--", *machine.command()],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=qemu_err,
-            start_new_session=True,
         )
     reader = threading.Thread(
         target=_read_console, args=(proc, console_log, watch, echo), name="qemu-console", daemon=True
