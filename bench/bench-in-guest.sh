@@ -88,7 +88,7 @@ disks = [{ lv = "system/xenvm", mode = "files", path = "vm1" }]
 TOML
 
 restic -q -r /var/tmp/bare-repo init >/dev/null
-borg init -q --encryption repokey-blake2 /var/tmp/borg-repo
+borg init --encryption repokey-blake2 /var/tmp/borg-repo
 
 declare -A t1 t2
 methods=(bare_restic xenbackup_unit xenbackup_fg bare_borg tar_floor)

@@ -62,20 +62,47 @@ show xl list
 prove "vm1 boots as a PV guest and reads its own disk image (marker '$marker')" \
     grep -qxF "marker=$marker" <<<"$started"
 
-section "Backup window: snapshot, mount read-only, read (vm1 keeps running)"
-show lvcreate -L1G -s -n vmbackup /dev/system/xenvm
-mkdir -p /mnt/vmbackup
-# ext4 would replay its journal on mount; noload keeps the snapshot untouched.
-show mount -o ro,noload /dev/system/vmbackup /mnt/vmbackup
-show findmnt /mnt/vmbackup
-prove "the snapshot mounts read-only while vm1 runs" bash -c 'findmnt -n -o OPTIONS /mnt/vmbackup | grep -q "^ro"'
-prove "vm1 is still running during the backup window" xl domid vm1
-prove "every file of vm1 in the snapshot has the origin's sha256" \
-    bash -c 'cd /mnt/vmbackup/vm1 && sha256sum --quiet -c /tmp/origin.sha256'
-# Product steps (e.g. `systemctl start xenbackup@vm1`) go here.
-show umount /mnt/vmbackup
-show lvremove -f /dev/system/vmbackup
-prove "the snapshot is gone afterwards" bash -c '! lvs system/vmbackup 2>/dev/null'
+section "Configure xenbackup for vm1 (the seed's layout)"
+mkdir -p /etc/xenbackup
+cat >/etc/xenbackup/xenbackup.toml <<'TOML'
+[vm.vm1]
+domain_config = "/srv/xenvm/vm1/vm1.cfg"
+snapshot_size = "1G"
+disks = [{ lv = "system/xenvm", mode = "files", path = "vm1" }]
+TOML
+show cat /etc/xenbackup/xenbackup.toml
+show xenbackup check-config
+show xenbackup plan vm1
+
+section "Back up the running vm1: systemctl start xenbackup@vm1"
+domid_before=$(xl domid vm1)
+prove "systemctl start xenbackup@vm1 succeeds while vm1 runs" timeout 900 systemctl start xenbackup@vm1
+prove "vm1 kept running through the backup (same domain id)" test "$(xl domid vm1)" = "$domid_before"
+show journalctl -u xenbackup@vm1 --no-pager -o short
+show systemctl status xenbackup@vm1 --no-pager --lines=0
+show xenbackup list vm1
+prove "no snapshot of xenbackup is left" bash -c '[ -z "$(lvs --noheadings @xenbackup)" ]'
+prove "nothing of xenbackup stays mounted" bash -c '! grep -q " /run/xenbackup/" /proc/self/mountinfo'
+show journalctl -u xenbackup@vm1 --no-pager -o verbose MESSAGE_ID=14a99ce9301e4006b02b2ce251777ef6 \
+    | grep -E "MESSAGE=|XENBACKUP_"
+
+section "Damage vm1's files, then restore into the running guest with --stop"
+printf 'XBMARKER damaged\n' | dd of=/srv/xenvm/vm1/disk.img conv=notrunc status=none
+rm -f /srv/xenvm/vm1/initrd.img   # the guest cannot boot without it: the restore must bring it back
+echo "garbage" >/srv/xenvm/vm1/extra-junk.txt
+show sha256sum /srv/xenvm/vm1/disk.img
+console=/var/log/xen/console/guest-vm1.log
+offset=$(stat -c %s "$console" 2>/dev/null || echo 0)
+prove "xenbackup restore vm1 --stop shuts vm1 down, restores, verifies and starts it" \
+    timeout 900 xenbackup restore vm1 --stop
+show journalctl --no-pager -o cat SYSLOG_IDENTIFIER=xenbackup XENBACKUP_VM=vm1 --since=-10min \
+    | grep -E "restore|shutting|starting"
+prove "every file of vm1 has its backed-up sha256 again" \
+    bash -c 'cd /srv/xenvm/vm1 && sha256sum --quiet -c /tmp/origin.sha256'
+(cd /srv/xenvm/vm1 && sha256sum -c /tmp/origin.sha256)
+prove "vm1 runs again (a new domain id)" bash -c 'id=$(xl domid vm1) && [ "$id" != "'"$domid_before"'" ]'
+prove "the restarted vm1 boots the restored disk (marker '$marker')" \
+    bash -c 'for i in $(seq 1 240); do tail -c +'"$((offset + 1))"' '"$console"' | grep -qF "'"$marker"'" && exit 0; sleep 1; done; exit 1'
 
 section "Shut vm1 down and wait until it has left xl list"
 vmlib domu-stop vm1
