@@ -108,6 +108,16 @@ def _argv(argv: Sequence[Arg]) -> list[str]:
     return [os.fspath(a) for a in argv]
 
 
+def _spawn(args: list[str], secrets: Iterable[str], env: Mapping[str, str] | None, stdin: IO[bytes] | None,
+           stdout: IO[bytes] | int, cwd: str | None) -> subprocess.Popen[bytes]:
+    log.debug("+ %s", mask(args, secrets))
+    try:
+        return subprocess.Popen(args, stdin=stdin if stdin is not None else subprocess.DEVNULL, stdout=stdout,
+                                stderr=subprocess.PIPE, env=clean_env(env), cwd=cwd)
+    except FileNotFoundError as exc:
+        raise CommandNotFound(args) from exc
+
+
 def run(
     argv: Sequence[Arg],
     *,
@@ -121,18 +131,7 @@ def run(
 ) -> Completed:
     """Run a command to completion, capturing text output (or sending stdout to a file)."""
     args = _argv(argv)
-    log.debug("+ %s", mask(args, secrets))
-    try:
-        proc = subprocess.Popen(
-            args,
-            stdin=stdin if stdin is not None else subprocess.DEVNULL,
-            stdout=stdout if stdout is not None else subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=clean_env(env),
-            cwd=cwd,
-        )
-    except FileNotFoundError as exc:
-        raise CommandNotFound(args) from exc
+    proc = _spawn(args, secrets, env, stdin, stdout if stdout is not None else subprocess.PIPE, cwd)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as exc:
@@ -151,6 +150,29 @@ def run(
     return result
 
 
+def _pump(args: list[str], proc: subprocess.Popen[bytes], consume: Callable[[IO[bytes]], None]) -> str:
+    """Hand stdout to consume while a thread drains stderr; returns stderr, raises on failure."""
+    assert proc.stdout is not None and proc.stderr is not None
+    err_chunks: list[bytes] = []
+    stderr_pipe = proc.stderr
+    # stderr is drained on a thread so a chatty child can never block on a full pipe.
+    reader = threading.Thread(target=lambda: err_chunks.extend(iter(lambda: stderr_pipe.read(4096), b"")),
+                              daemon=True)
+    reader.start()
+    try:
+        consume(proc.stdout)
+        proc.wait()
+    except BaseException:
+        _stop(proc)
+        raise
+    finally:
+        reader.join(timeout=5)
+    stderr = b"".join(err_chunks).decode(errors="replace")
+    if proc.returncode != 0:
+        raise CommandError(args, proc.returncode, stderr)
+    return stderr
+
+
 def stream(
     argv: Sequence[Arg],
     on_line: Callable[[str], None],
@@ -163,44 +185,19 @@ def stream(
 ) -> Completed:
     """Run a long command, handing each stdout line to on_line as it arrives."""
     args = _argv(argv)
-    log.debug("+ %s", mask(args, secrets))
-    try:
-        proc = subprocess.Popen(
-            args,
-            stdin=stdin if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=clean_env(env),
-            cwd=cwd,
-        )
-    except FileNotFoundError as exc:
-        raise CommandNotFound(args) from exc
-    assert proc.stdout is not None and proc.stderr is not None
+    proc = _spawn(args, secrets, env, stdin, subprocess.PIPE, cwd)
     if on_start is not None:
         on_start(proc)
-    err_chunks: list[bytes] = []
-    stderr_pipe = proc.stderr
-    # stderr is drained on a thread so a chatty child can never block on a full pipe.
-    reader = threading.Thread(target=lambda: err_chunks.extend(iter(lambda: stderr_pipe.read(4096), b"")),
-                              daemon=True)
-    reader.start()
     lines: list[str] = []
-    try:
-        for raw in proc.stdout:
+
+    def consume(out: IO[bytes]) -> None:
+        for raw in out:
             line = raw.decode(errors="replace").rstrip("\n")
             lines.append(line)
             on_line(line)
-        proc.wait()
-    except BaseException:
-        _stop(proc)
-        raise
-    finally:
-        reader.join(timeout=5)
-    stderr = b"".join(err_chunks).decode(errors="replace")
-    result = Completed(tuple(args), proc.returncode, "\n".join(lines[-50:]), stderr)
-    if proc.returncode != 0:
-        raise CommandError(args, proc.returncode, stderr)
-    return result
+
+    stderr = _pump(args, proc, consume)
+    return Completed(tuple(args), proc.returncode, "\n".join(lines[-50:]), stderr)
 
 
 def _stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
@@ -227,26 +224,10 @@ def stream_bytes(
 ) -> None:
     """Run a command and hand its binary stdout to sink in chunks (for restic dump into a device)."""
     args = _argv(argv)
-    log.debug("+ %s", mask(args, secrets))
-    try:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=clean_env(env))
-    except FileNotFoundError as exc:
-        raise CommandNotFound(args) from exc
-    assert proc.stdout is not None and proc.stderr is not None
-    err_chunks: list[bytes] = []
-    stderr_pipe = proc.stderr
-    reader = threading.Thread(target=lambda: err_chunks.extend(iter(lambda: stderr_pipe.read(4096), b"")),
-                              daemon=True)
-    reader.start()
-    try:
-        while data := proc.stdout.read(chunk):
+    proc = _spawn(args, secrets, env, None, subprocess.PIPE, None)
+
+    def consume(out: IO[bytes]) -> None:
+        while data := out.read(chunk):
             sink(data)
-        proc.wait()
-    except BaseException:
-        _stop(proc)
-        raise
-    finally:
-        reader.join(timeout=5)
-    if proc.returncode != 0:
-        raise CommandError(args, proc.returncode, b"".join(err_chunks).decode(errors="replace"))
+
+    _pump(args, proc, consume)
