@@ -102,24 +102,26 @@ def run_in_guest(
     shutil.rmtree(artifacts, ignore_errors=True)
     artifacts.mkdir(parents=True)
     run = GuestRun(request, artifacts)
+
+    def say(message: str) -> None:
+        report(f"[{request.name}] {message}")
+
     try:
-        _boot(request, settings, run, report, echo)
+        _boot(request, settings, run, say, echo)
     except (InfraError, OSError, subprocess.SubprocessError) as exc:
         run.error = str(exc)
-        report(f"[{request.name}] test bed error: {exc}")
+        say(f"test bed error: {exc}")
     return run
 
 
-def _boot(request: GuestRequest, settings: Settings, run: GuestRun, report: Report, echo: Report | None) -> None:
+def _boot(request: GuestRequest, settings: Settings, run: GuestRun, say: Report, echo: Report | None) -> None:
     qemu.require_tools()
     started = time.monotonic()
     build_log = settings.artifacts_dir / "image-build.log"
-    report(f"[{request.name}] checking the image cache {settings.cache_dir}")
-    image, built = ensure_image(settings, build_log, lambda message: report(f"[{request.name}] {message}"))
+    say(f"checking the image cache {settings.cache_dir}")
+    image, built = ensure_image(settings, build_log, say)
     run.timings["image build" if built else "image (cached)"] = time.monotonic() - started
-    report(
-        f"[{request.name}] image {image.key}: " + (f"built in {run.timings['image build']:.0f}s" if built else "cached")
-    )
+    say(f"image {image.key}: " + (f"built in {run.timings['image build']:.0f}s" if built else "cached"))
 
     check_free_space(settings.work_dir, WORK_SPACE_NEEDED, "boot the test bed guest")
     with tempfile.TemporaryDirectory(prefix="xenbackup-testvm-", dir=settings.work_dir) as work:
@@ -144,7 +146,7 @@ def _boot(request: GuestRequest, settings: Settings, run: GuestRun, report: Repo
             guest_timeout=guest_limit,
         )
         (run.artifacts / "qemu-command.txt").write_text(shlex.join(machine.command()) + "\n")
-        report(f"[{request.name}] booting ({request.flavour.value} flavour, TCG)")
+        say(f"booting ({request.flavour.value} flavour, TCG)")
         try:
             outcome = qemu.run_machine(
                 machine,
@@ -153,7 +155,7 @@ def _boot(request: GuestRequest, settings: Settings, run: GuestRun, report: Repo
                 boot_timeout=settings.boot_timeout,
                 total_timeout=total_limit,
                 echo=echo,
-                progress=lambda message: report(f"[{request.name}] {message}"),
+                progress=say,
             )
         finally:
             _collect(results, run.artifacts)
@@ -161,8 +163,8 @@ def _boot(request: GuestRequest, settings: Settings, run: GuestRun, report: Repo
         run.timings["boot"] = outcome.booted_at - outcome.started
         run.timings["in guest"] = outcome.ended - outcome.booted_at
         run.timings.update(_guest_timings(run.artifacts / "timings.txt"))
-        report(
-            f"[{request.name}] boot {run.timings['boot']:.0f}s, in guest {run.timings['in guest']:.0f}s"
+        say(
+            f"boot {run.timings['boot']:.0f}s, in guest {run.timings['in guest']:.0f}s"
             f" ({_format_guest_timings(run.timings)})"
         )
         if outcome.watch.errors:
