@@ -15,11 +15,7 @@ from types import FrameType
 from . import config as config_mod
 from . import journal, systemd
 from .actions import backup as backup_mod
-from .actions import notify as notify_mod
-from .actions import ops
-from .actions import status as status_mod
-from .actions.listing import group_runs
-from .actions.restore import RestoreError, Restorer, RestoreRequest
+from .actions.restore import RestoreError
 from .actions.watch import SnapshotOverflowed
 from .config import Config, ConfigError
 from .hypervisor import HypervisorError
@@ -135,6 +131,8 @@ def _cmd_step(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_list(cfg: Config, args: argparse.Namespace) -> int:
+    from .actions.listing import group_runs
+
     ctx = backup_mod.Context.from_config(cfg)
     if args.vm:
         cfg.vm(args.vm)
@@ -170,6 +168,8 @@ def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_restore(cfg: Config, args: argparse.Namespace) -> int:
+    from .actions.restore import Restorer, RestoreRequest
+
     vm = cfg.vm(args.vm)
     try:
         to_lv = LvRef.parse(args.to_lv) if args.to_lv else None
@@ -210,6 +210,8 @@ def _cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(cfg: Config, args: argparse.Namespace) -> int:
+    from .actions import ops
+
     ctx = backup_mod.Context.from_config(cfg)
     names = [cfg.vm(args.vm).name] if args.vm else sorted(cfg.vms)
     for name in names:
@@ -219,6 +221,8 @@ def _cmd_prune(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(cfg: Config, args: argparse.Namespace) -> int:
+    from .actions import ops
+
     ctx = backup_mod.Context.from_config(cfg)
     if not args.no_check:
         ops.check_repository(ctx, args.read_data_subset or cfg.settings.verify_read_data_subset)
@@ -239,6 +243,8 @@ def _cmd_verify(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    from .actions import status as status_mod
+
     units = {f"xenbackup@{systemd.escape_instance(n)}.service": systemd.unit_state(
         f"xenbackup@{systemd.escape_instance(n)}.service") for n in cfg.vms}
     rows = status_mod.collect(cfg, units, systemd.timer_states())
@@ -250,6 +256,8 @@ def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_notify(cfg: Config, args: argparse.Namespace) -> int:
+    from .actions import notify as notify_mod
+
     msg = notify_mod.build_message(cfg, args.unit)
     with journal.context(vm=msg.vm, phase="notify"):
         failed = notify_mod.send(cfg, msg)

@@ -17,7 +17,7 @@ from typing import Any
 from .. import journal
 from ..config import Config
 from ..journal import MessageId
-from ..lvm import Lvm, LvmError
+from ..lvm import LogicalVolume, Lvm, LvmError, VolumeGroup
 from ..model import VM, Disk, DiskMode, PlannedCommand, SnapshotRecord, snapshot_name
 from ..mount import Mounter, mount_options, mounts_below
 from ..progress import Reporter
@@ -119,6 +119,7 @@ def preflight(ctx: Context, vm: VM) -> dict[str, bool]:
     problems: list[str] = []
     thin: dict[str, bool] = {}
     need: dict[str, int] = {}
+    vgs: dict[str, VolumeGroup] = {}
     for disk in vm.disks:
         lv = ctx.lvm.lv(disk.lv)
         if lv is None:
@@ -129,10 +130,12 @@ def preflight(ctx: Context, vm: VM) -> dict[str, bool]:
             continue
         thin[str(disk.lv)] = lv.is_thin
         if not lv.is_thin:
-            vg = ctx.lvm.vg(disk.lv.vg)
+            if disk.lv.vg not in vgs:
+                vgs[disk.lv.vg] = ctx.lvm.vg(disk.lv.vg)
+            vg = vgs[disk.lv.vg]
             need[vg.name] = need.get(vg.name, 0) + vm.snapshot_size.bytes_needed(lv.size, vg.size, vg.free)
     for vg_name, needed in need.items():
-        vg = ctx.lvm.vg(vg_name)
+        vg = vgs[vg_name]
         if needed > vg.free:
             problems.append(f"volume group {vg_name} has {vg.free} bytes free, but the snapshots of "
                             f"{vm.name} need {needed} ({vm.snapshot_size} each); free space or set a "
@@ -299,12 +302,14 @@ def release(ctx: Context, vm: VM, state: RunState | None) -> list[str]:
     for entry in mounts_below(ctx.store.mount_root(vm.name)):
         ctx.mounter.umount(entry.target)
         log.info("unmounted %s", entry.target)
-    if state is not None and not state.overflowed and _any_invalid(ctx, state):
+    # One report serves both questions: did a snapshot overflow, and what carries our tag.
+    tagged = ctx.lvm.tagged(vm.lv_tag)
+    if state is not None and not state.overflowed and _any_invalid(ctx, state, tagged):
         state = replace(state, overflowed=True)
         ctx.store.save(state)
     names = {rec.name for rec in state.snapshots} if state else set()
     refs = [rec.lv for rec in state.snapshots] if state else []
-    refs += [lv.ref for lv in ctx.lvm.tagged(vm.lv_tag) if lv.name not in names]
+    refs += [lv.ref for lv in tagged if lv.name not in names]
     for ref in refs:
         if ctx.lvm.remove(ref, ctx.cfg.settings.lvremove_retries):
             removed.append(str(ref))
@@ -313,9 +318,10 @@ def release(ctx: Context, vm: VM, state: RunState | None) -> list[str]:
     return removed
 
 
-def _any_invalid(ctx: Context, state: RunState) -> bool:
+def _any_invalid(ctx: Context, state: RunState, tagged: list[LogicalVolume]) -> bool:
+    by_name = {lv.name: lv for lv in tagged}
     for rec in state.snapshots:
-        lv = ctx.lvm.lv(rec.lv)
+        lv = by_name.get(rec.name)
         if lv is not None and not rec.thin and lv.is_invalid:
             log.error("snapshot %s is invalid: it overflowed during the run", rec.lv,
                       extra={"message_id": MessageId.OVERFLOW.value, "fields": {"snapshot": rec.lv}})
