@@ -9,7 +9,11 @@ export DEBIAN_FRONTEND=noninteractive
 # qemu (TCG) boots the guest; qemu-utils makes its overlays; mmdebstrap
 # builds the image, mkfs.ext4 -d packs it; the rest are host-side helpers.
 packages=(qemu-system-x86 qemu-utils mmdebstrap debian-archive-keyring gpg mount e2fsprogs xfsprogs busybox-static
-    make)
+    make
+    # unit tests: real restic, systemd-analyze for calendars, pystemd's build (PyPI ships an sdist only),
+    # and the Debian package build
+    restic systemd libsystemd-dev pkg-config gcc util-linux
+    debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools dpkg-dev fakeroot)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${db:Status-Status}' "$package" 2>/dev/null | grep -qx installed || missing+=("$package")
