@@ -1,7 +1,7 @@
 # Entry points; see README.md and tests/vm/README.md.
 PYTHON ?= python3
 
-.PHONY: deps test test-unit test-vm demo
+.PHONY: deps test test-unit test-vm demo bench
 
 # Host tools for the VM test bed (qemu, mmdebstrap, ...) and the project with its test extra.
 deps:
@@ -20,3 +20,7 @@ test-vm:
 # Boot the xen flavour and run the demo inside, streaming its output.
 demo: deps
 	$(PYTHON) tests/vm/run-guest script --flavour xen tests/vm/demo/demo-in-guest.sh
+
+# Time xenbackup against the bare recipe (same engine), borg and tar in one guest boot; see BENCHMARKS.md.
+bench: deps
+	sh bench/run
