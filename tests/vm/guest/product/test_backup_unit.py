@@ -146,6 +146,14 @@ def test_sigkill_during_backup_still_runs_cleanup(seed_layout, xb: Xb, journal: 
         assert sh("systemctl", "is-active", "xenbackup@vm1.service", check=False).stdout.strip() in (
             "activating", "active"), journal.text("-u", "xenbackup@vm1")
         time.sleep(0.2)
+    # While restic runs, `systemctl status` shows its progress (sd_notify STATUS=).
+    deadline = time.monotonic() + 60
+    status = ""
+    while "%" not in status and time.monotonic() < deadline:
+        status = sh("systemctl", "show", "-p", "StatusText", "--value", "xenbackup@vm1.service").stdout
+        time.sleep(0.5)
+    assert "% " in status or "%," in status, status
+    assert "vm1 system/xenvm" in status and "/s" in status
     sh("systemctl", "kill", "-s", "KILL", "xenbackup@vm1.service")
     assert xb.wait_inactive() == "failed"
     assert our_snapshots() == [] and our_mounts() == []
