@@ -55,6 +55,8 @@ def test_unit_backup_stores_origin_bytes_and_leaves_nothing(seed_layout, xb: Xb,
     assert {e.get("XENBACKUP_PHASE") for e in ours} >= {"snapshot", "mount", "backup", "cleanup"}
     ids = [e.get("MESSAGE_ID") for e in ours]
     assert MSG_STARTED in ids and MSG_SUCCEEDED in ids and MSG_FAILED not in ids
+    # The catalog explains the operator-facing events (journalctl -x).
+    assert "Backup of VM vm1 succeeded" in journal.text("-x", "-u", "xenbackup@vm1")
     listing = sh("xenbackup", "list", "vm1").stdout
     assert "vm1" in listing and "files+config" in listing
 
