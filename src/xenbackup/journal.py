@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 IDENTIFIER = "xenbackup"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
 VM: contextvars.ContextVar[str] = contextvars.ContextVar("xenbackup_vm", default="")
 PHASE: contextvars.ContextVar[str] = contextvars.ContextVar("xenbackup_phase", default="")
 
@@ -167,6 +168,14 @@ def setup(debug: bool = False, quiet: bool = False) -> None:
         handler.setFormatter(TerminalFormatter())
         if quiet:
             handler.setLevel(logging.WARNING)
+        # What an admin runs by hand (a restore, a foreground backup) belongs in the journal too.
+        if os.path.exists(JOURNAL_SOCKET):
+            try:
+                journal_handler = JournalHandler()
+                journal_handler.setLevel(logging.INFO)
+                root.addHandler(journal_handler)
+            except ImportError:
+                pass
     root.addHandler(handler)
 
 

@@ -357,7 +357,10 @@ class Restorer:
             for name in files:
                 p = os.path.join(dirpath, name)
                 if not os.path.islink(p) and os.path.getsize(p) >= 4096:
+                    st = os.stat(p)
                     run([self.ctx.cfg.command("fallocate"), "--dig-holes", p])
+                    # Punching holes touches mtime; the restored file must keep the backed-up one.
+                    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     def restore_block(self, snap: Snapshot, ref: LvRef, name: str, size: int) -> None:
         self.step("restore-block", f"restic dump {snap.short_id} {name} > {ref.path} ({size} bytes)")
