@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vmlib.product import Journal, Xb, fresh_product
 from vmlib.storage import (
     BLANK_DISKS,
     SeedLayout,
@@ -61,3 +62,15 @@ def blank_disk() -> Iterator[Path]:
     clear_disk(disk)
     yield disk
     clear_disk(disk)
+
+
+@pytest.fixture
+def xb() -> Iterator[Xb]:
+    """A clean xenbackup state (no config, repository or run records), reset again afterwards."""
+    yield from fresh_product()
+
+
+@pytest.fixture
+def journal() -> Journal:
+    """Reads only what the journal got after the test began."""
+    return Journal()

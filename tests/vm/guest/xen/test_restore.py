@@ -6,24 +6,11 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from conftest import Vm1
 from vmlib import xen
-from vmlib.product import Journal, Xb, fresh_product, sh
-
-
-@pytest.fixture
-def xb() -> Iterator[Xb]:
-    yield from fresh_product()
-
-
-@pytest.fixture
-def journal() -> Journal:
-    return Journal()
-
+from vmlib.product import Journal, Xb, sh
 
 FILES_CONFIG = """
 [vm.vm1]
