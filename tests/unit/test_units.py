@@ -34,7 +34,7 @@ def test_service_runs_the_recipe_in_order() -> None:
         ("ExecStopPost", "xenbackup step cleanup %i"),
     ]
     assert ("Type", "oneshot") in d
-    assert ("RuntimeDirectory", "xenbackup/%i") in d
+    assert ("RuntimeDirectory", "xenbackup") in d and ("RuntimeDirectoryPreserve", "yes") in d
     assert any(k == "TimeoutStartSec" for k, _ in d), "oneshot units have no start timeout by default"
 
 
