@@ -199,7 +199,7 @@ NOTIFY_OPTS: dict[str, Opt] = {
     "timeout": Opt(p_int(1, 600), 30, "seconds each notifier may take"),
 }
 
-COMMAND_NAMES = ("lvs", "vgs", "lvcreate", "lvremove", "lvextend", "lvchange", "mount", "umount",
+COMMAND_NAMES = ("lvs", "vgs", "lvcreate", "lvremove", "lvextend", "mount", "umount",
                  "blkid", "dumpe2fs", "restic", "xl", "virsh", "udevadm", "fallocate", "systemd-analyze",
                  "journalctl")
 COMMAND_OPTS: dict[str, Opt] = {name: Opt(p_str, name, f"the {name} binary") for name in COMMAND_NAMES}

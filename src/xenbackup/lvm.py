@@ -6,8 +6,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -228,14 +227,3 @@ class Lvm:
         # udev creates /dev/VG/LV links for a new snapshot asynchronously; without udevadm there is nothing to wait for.
         with contextlib.suppress(CommandError):
             run([self.cmd["udevadm"], "settle", "--timeout=10"], check=False)
-
-
-@contextmanager
-def snapshot(lvm: Lvm, origin: LvRef, name: str, size: SnapshotSize | None, tags: Sequence[str],
-             retries: int = 6) -> Iterator[LvRef]:
-    """A snapshot that exists for the body of the with-block and is removed after it."""
-    ref = lvm.create_snapshot(origin, name, size, tags)
-    try:
-        yield ref
-    finally:
-        lvm.remove(ref, retries)

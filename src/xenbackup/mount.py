@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .run import CommandError, run
@@ -106,12 +105,3 @@ class Mounter:
             return False
         run([self.cmd["umount"], target])
         return True
-
-
-@contextmanager
-def mounted(mounter: Mounter, device: str, target: str, extra: Sequence[str] = ()) -> Iterator[MountEntry]:
-    entry = mounter.mount(device, target, extra)
-    try:
-        yield entry
-    finally:
-        mounter.umount(target)

@@ -7,7 +7,7 @@ import logging
 import os
 import secrets
 import subprocess
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -287,7 +287,3 @@ class Restic:
 
 def tags_for(host: str, vm: str, disk: str, mode: str, run_id: str) -> list[str]:
     return ["xenbackup", f"host:{host}", f"vm:{vm}", f"disk:{disk}", f"mode:{mode}", f"run:{run_id}"]
-
-
-def summaries_by_id(records: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    return {str(r.get("snapshot_id")): r for r in records if r.get("snapshot_id")}

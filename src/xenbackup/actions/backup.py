@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any
@@ -435,12 +433,6 @@ def backup_foreground(ctx: Context, vm: VM) -> None:
     finally:
         if step_cleanup(ctx, vm, result) != 0 and result == "success":
             raise StepError("the backup succeeded but its snapshot could not be removed")
-
-
-@contextlib.contextmanager
-def vm_context(vm: VM, phase: str) -> Iterator[None]:
-    with journal.context(vm=vm.name, phase=phase):
-        yield
 
 
 # --- dry run ----------------------------------------------------------------------------------
