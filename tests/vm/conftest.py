@@ -1,9 +1,9 @@
 """Host side of the VM test bed.
 
-The files under guest/ run inside a qemu guest, not here: each flavour's
+The files under guest/ run inside a qemu guest, not here: each suite's
 host test class (test_guest_suites.py) boots the guest once, runs its in-guest tests there, and
 reports each one as a host test (see xbtestbed/pytest_support.py).
-XENBACKUP_TESTVM_FLAVOURS=host (or xen) limits the run to one flavour.
+XENBACKUP_TESTVM_FLAVOURS=host (or xen) limits the run to the suites of one flavour.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from xbtestbed.config import InfraError, Settings
 from xbtestbed.pytest_support import (
     MARKER,
     FlavourResults,
-    boot_flavour,
-    flavour_of,
+    boot_suite,
     state,
+    suite_of,
     summary_lines,
 )
 from xbtestbed.suites import GuestCase, guest_cases
@@ -32,12 +32,12 @@ collect_ignore = ["guest", "demo", "image", "artifacts"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", f"{MARKER}(flavour): host tests that boot the test bed guest of a flavour")
+    config.addinivalue_line("markers", f"{MARKER}(suite): host tests that boot the test bed guest for a suite")
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Drop flavours not chosen by XENBACKUP_TESTVM_FLAVOURS; note which guest tests remain."""
+    """Drop suites whose flavour XENBACKUP_TESTVM_FLAVOURS leaves out; note which guest tests remain."""
     try:
         chosen = Settings.from_environment().flavours
     except InfraError as exc:
@@ -45,32 +45,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     kept: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:
-        flavour = flavour_of(item)
-        (dropped if flavour is not None and flavour not in chosen else kept).append(item)
+        suite = suite_of(item)
+        (dropped if suite is not None and suite.flavour not in chosen else kept).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
     selected = state(config).selected
     for item in kept:
-        flavour = flavour_of(item)
+        suite = suite_of(item)
         callspec = getattr(item, "callspec", None)
-        if flavour is not None and callspec is not None and isinstance(callspec.params.get("case"), GuestCase):
-            selected.setdefault(flavour, []).append(callspec.params["case"])
+        if suite is not None and callspec is not None and isinstance(callspec.params.get("case"), GuestCase):
+            selected.setdefault(suite.name, []).append(callspec.params["case"])
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """One `case` per test function in the flavour's guest test files."""
-    flavour = flavour_of(metafunc.definition)
-    if "case" in metafunc.fixturenames and flavour is not None:
-        metafunc.parametrize("case", guest_cases(flavour), ids=str)
+    """One `case` per test function in the suite's guest test files."""
+    suite = suite_of(metafunc.definition)
+    if "case" in metafunc.fixturenames and suite is not None:
+        metafunc.parametrize("case", guest_cases(suite), ids=str)
 
 
 @pytest.fixture(scope="class")
 def guest_results(request: pytest.FixtureRequest) -> FlavourResults:
-    """Boot this class's flavour once and run its in-guest tests."""
-    flavour = flavour_of(request.node)
-    assert flavour is not None, f"{request.node.nodeid} lacks @pytest.mark.{MARKER}(flavour)"
-    return boot_flavour(request.config, flavour)
+    """Boot this class's suite once and run its in-guest tests."""
+    suite = suite_of(request.node)
+    assert suite is not None, f"{request.node.nodeid} lacks @pytest.mark.{MARKER}(suite)"
+    return boot_suite(request.config, suite)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

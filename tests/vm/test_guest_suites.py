@@ -1,9 +1,11 @@
-"""Each flavour boots the guest once and reports every in-guest test here.
+"""Each suite boots the guest once and reports every in-guest test here.
 
     TestHostFlavour  Debian's kernel: systemd, journald, LVM;
-                     runs tests/vm/guest/ except xen/.
+                     runs tests/vm/guest/ except xen/ and powercut/.
     TestXenFlavour   Xen 4.17 with Debian's kernel as dom0, PV guests;
                      runs tests/vm/guest/xen/.
+    TestPowerCut     Debian's kernel; tests/vm/guest/powercut/ resets the
+                     guest mid-backup and finishes in a second boot.
 
 `test_in_guest` is parametrized with the guest's test functions, found
 statically (see conftest.py's pytest_generate_tests).
@@ -12,7 +14,6 @@ statically (see conftest.py's pytest_generate_tests).
 from __future__ import annotations
 
 import pytest
-from xbtestbed.config import Flavour
 from xbtestbed.pytest_support import FlavourResults
 from xbtestbed.suites import GuestCase
 
@@ -25,11 +26,16 @@ class GuestSuite:
         guest_results.check(case)
 
 
-@pytest.mark.testvm(Flavour.HOST.value)
+@pytest.mark.testvm("host")
 class TestHostFlavour(GuestSuite):
     pass
 
 
-@pytest.mark.testvm(Flavour.XEN.value)
+@pytest.mark.testvm("xen")
 class TestXenFlavour(GuestSuite):
+    pass
+
+
+@pytest.mark.testvm("powercut")
+class TestPowerCut(GuestSuite):
     pass

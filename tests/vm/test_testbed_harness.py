@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 from xbtestbed.config import REPO_ROOT, Flavour, InfraError, parse_flavours
-from xbtestbed.guestrun import GuestRequest, GuestRun
+from xbtestbed.guestrun import GuestRequest, GuestRun, _set_aside
 from xbtestbed.image import Image, deb822_to_one_line, describe_build_failure, image_key, one_line_entries
 from xbtestbed.junit import Outcome, parse_junit, results_for
 from xbtestbed.pytest_support import FlavourResults
 from xbtestbed.qemu import BLANK_DISK_SERIALS, Machine
-from xbtestbed.suites import GuestCase, guest_cases, pytest_arguments, scan_file
+from xbtestbed.suites import SUITES, GuestCase, guest_cases, pytest_arguments, scan_file
 
 
 def test_scan_finds_functions_and_class_methods_but_not_helpers(tmp_path: Path) -> None:
@@ -41,19 +41,27 @@ def test_scan_finds_functions_and_class_methods_but_not_helpers(tmp_path: Path) 
     ]
 
 
-def test_flavour_suites_split_the_guest_directory() -> None:
-    host = {case.path for case in guest_cases(Flavour.HOST)}
-    xen = {case.path for case in guest_cases(Flavour.XEN)}
+def test_suites_split_the_guest_directory() -> None:
+    host = {case.path for case in guest_cases(SUITES["host"])}
+    xen = {case.path for case in guest_cases(SUITES["xen"])}
+    powercut = {case.path for case in guest_cases(SUITES["powercut"])}
     assert "test_smoke_lvm.py" in host and "test_smoke_systemd.py" in host
     assert xen and all(path.startswith("xen/") for path in xen)
-    assert not any(path.startswith("xen/") for path in host)
+    assert powercut and all(path.startswith("powercut/") for path in powercut)
+    assert not any(path.startswith(("xen/", "powercut/")) for path in host)
+    assert SUITES["powercut"].flavour is Flavour.HOST
 
 
 def test_whole_suite_runs_the_directory_and_a_subset_runs_node_ids() -> None:
-    assert pytest_arguments(Flavour.HOST, None) == ["tests/vm/guest", "--ignore=tests/vm/guest/xen"]
-    assert pytest_arguments(Flavour.XEN, guest_cases(Flavour.XEN)) == ["tests/vm/guest/xen"]
-    case = guest_cases(Flavour.HOST)[0]
-    assert pytest_arguments(Flavour.HOST, [case]) == [f"tests/vm/guest/{case.node_id}"]
+    host, xen = SUITES["host"], SUITES["xen"]
+    assert pytest_arguments(host, None) == [
+        "tests/vm/guest",
+        "--ignore=tests/vm/guest/xen",
+        "--ignore=tests/vm/guest/powercut",
+    ]
+    assert pytest_arguments(xen, guest_cases(xen)) == ["tests/vm/guest/xen"]
+    case = guest_cases(host)[0]
+    assert pytest_arguments(host, [case]) == [f"tests/vm/guest/{case.node_id}"]
 
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
@@ -198,3 +206,20 @@ def test_qemu_command_lines_follow_the_measured_recipes(tmp_path: Path) -> None:
     assert "-enable-kvm" not in xen + host and "tcg" in host
     assert all(f"serial={serial}" in host for serial in BLANK_DISK_SERIALS)
     assert "readonly=on" in host and "mount_tag=results" in host
+
+
+def test_a_power_cut_sets_the_boot_logs_aside_and_empties_the_results_share(tmp_path: Path) -> None:
+    artifacts, results = tmp_path / "artifacts", tmp_path / "results"
+    (artifacts / "boot1").mkdir(parents=True)
+    results.mkdir()
+    for name in ("console.log", "qemu-command.txt", "reboot-request", "pytest.log"):
+        (artifacts / name).write_text(name)
+    (results / "request.env").write_text("XBTEST_MODE=pytest\n")
+    (results / "reboot-request").write_text("power cut\n")
+    (results / "junk").mkdir()
+
+    _set_aside(artifacts, results, artifacts / "boot2")
+
+    assert sorted(p.name for p in (artifacts / "boot2").iterdir()) == ["console.log", "pytest.log", "reboot-request"]
+    assert sorted(p.name for p in artifacts.iterdir()) == ["boot1", "boot2", "qemu-command.txt"]
+    assert list(results.iterdir()) == []

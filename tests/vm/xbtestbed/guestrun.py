@@ -2,10 +2,17 @@
 
 Everything the guest should do is described by a GuestRequest, written to
 the results share as request.env and read by tests/vm/guest-run.sh.
+
+A test may cut the guest's power (sysrq `b`; qemu runs with -no-reboot, so
+it exits) after writing REBOOT_REQUEST to the results share. The guest is
+then booted again on the same root overlay and disks with the same request,
+like a host coming back after a power cut; the test finds its own notes on
+the guest's disk and finishes. Each earlier boot's logs go to `bootN/`.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -26,6 +33,9 @@ RUNNER_MARGIN = 60.0
 """Seconds the host allows beyond the guest's own limit before killing qemu."""
 STEP_OVERHEAD = 240.0
 """Seconds of the guest's limit kept for copying, installing and exporting logs."""
+REBOOT_REQUEST = "reboot-request"
+"""In the results share: the guest is about to cut its power and wants to be booted again."""
+MAX_BOOTS = 3
 
 Report = Callable[[str], None]
 
@@ -47,8 +57,8 @@ class GuestRequest:
     """The artifacts subdirectory."""
 
     @classmethod
-    def pytest(cls, flavour: Flavour, arguments: list[str]) -> GuestRequest:
-        return cls(flavour, GuestMode.PYTEST, tuple(arguments), flavour.value)
+    def pytest(cls, flavour: Flavour, arguments: list[str], name: str | None = None) -> GuestRequest:
+        return cls(flavour, GuestMode.PYTEST, tuple(arguments), name or flavour.value)
 
     @classmethod
     def script(cls, flavour: Flavour, script: str, arguments: list[str] | None = None) -> GuestRequest:
@@ -135,7 +145,6 @@ def _boot(request: GuestRequest, settings: Settings, run: GuestRun, say: Report,
                 f"XENBACKUP_TESTVM_TIMEOUT={total_limit:.0f}s leaves too little time after"
                 f" the boot timeout of {settings.boot_timeout:.0f}s"
             )
-        (results / "request.env").write_text(request.env_text(guest_limit - STEP_OVERHEAD))
         machine = qemu.Machine(
             flavour=request.flavour,
             image=image,
@@ -146,29 +155,19 @@ def _boot(request: GuestRequest, settings: Settings, run: GuestRun, say: Report,
             guest_timeout=guest_limit,
         )
         (run.artifacts / "qemu-command.txt").write_text(shlex.join(machine.command()) + "\n")
-        say(f"booting ({request.flavour.value} flavour, TCG)")
-        try:
-            outcome = qemu.run_machine(
-                machine,
-                console_log=run.artifacts / "console.log",
-                qemu_log=run.artifacts / "qemu.log",
-                boot_timeout=settings.boot_timeout,
-                total_timeout=total_limit,
-                echo=echo,
-                progress=say,
-            )
-        finally:
-            _collect(results, run.artifacts)
-        assert outcome.booted_at is not None
-        run.timings["boot"] = outcome.booted_at - outcome.started
-        run.timings["in guest"] = outcome.ended - outcome.booted_at
-        run.timings.update(_guest_timings(run.artifacts / "timings.txt"))
-        say(
-            f"boot {run.timings['boot']:.0f}s, in guest {run.timings['in guest']:.0f}s"
-            f" ({_format_guest_timings(run.timings)})"
-        )
-        if outcome.watch.errors:
-            raise InfraError(f"guest reported: {outcome.watch.errors[0]}; console: {run.path('console.log')}")
+        for boot in range(1, MAX_BOOTS + 1):
+            (results / "request.env").write_text(request.env_text(guest_limit - STEP_OVERHEAD))
+            again = f", boot {boot} after a power cut" if boot > 1 else ""
+            say(f"booting ({request.flavour.value} flavour, TCG){again}")
+            outcome = _boot_once(machine, settings, run, say, echo, total_limit, boot)
+            if outcome.watch.errors:
+                raise InfraError(f"guest reported: {outcome.watch.errors[0]}; console: {run.path('console.log')}")
+            if not (run.artifacts / REBOOT_REQUEST).is_file():
+                break
+            _set_aside(run.artifacts, results, run.artifacts / f"boot{boot}")
+            say(f"the guest cut its power (boot {boot}); booting it again on the same disks")
+        else:
+            raise InfraError(f"the guest asked for a reboot after each of {MAX_BOOTS} boots")
         exit_file = run.artifacts / "exit-code"
         if not exit_file.is_file():
             raise InfraError(
@@ -176,6 +175,54 @@ def _boot(request: GuestRequest, settings: Settings, run: GuestRun, say: Report,
                 f" console: {run.path('console.log')}"
             )
         run.exit_code = int(exit_file.read_text().strip())
+
+
+def _boot_once(
+    machine: qemu.Machine,
+    settings: Settings,
+    run: GuestRun,
+    say: Report,
+    echo: Report | None,
+    total_limit: float,
+    boot: int,
+) -> qemu.BootOutcome:
+    try:
+        outcome = qemu.run_machine(
+            machine,
+            console_log=run.artifacts / "console.log",
+            qemu_log=run.artifacts / "qemu.log",
+            boot_timeout=settings.boot_timeout,
+            total_timeout=total_limit,
+            echo=echo,
+            progress=say,
+        )
+    finally:
+        _collect(machine.results_share, run.artifacts)
+    assert outcome.booted_at is not None
+    suffix = "" if boot == 1 else f" {boot}"
+    run.timings[f"boot{suffix}"] = outcome.booted_at - outcome.started
+    run.timings[f"in guest{suffix}"] = outcome.ended - outcome.booted_at
+    run.timings.update(
+        {f"{name}{suffix}": seconds for name, seconds in _guest_timings(run.artifacts / "timings.txt").items()}
+    )
+    say(
+        f"boot {outcome.booted_at - outcome.started:.0f}s, in guest {outcome.ended - outcome.booted_at:.0f}s"
+        f" ({_format_guest_timings(run.timings)})"
+    )
+    return outcome
+
+
+def _set_aside(artifacts: Path, results: Path, target: Path) -> None:
+    """Move one boot's logs out of the way, so the next boot starts with an empty results share."""
+    target.mkdir()
+    for item in list(artifacts.iterdir()):
+        if item.name != "qemu-command.txt" and not re.fullmatch(r"boot[0-9]+", item.name):
+            shutil.move(item, target / item.name)
+    for item in results.iterdir():
+        if item.is_dir():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
 
 
 def _collect(results: Path, artifacts: Path) -> None:

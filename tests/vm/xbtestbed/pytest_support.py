@@ -1,4 +1,4 @@
-"""Glue between host pytest and the guest: one boot per flavour, one host test per guest test."""
+"""Glue between host pytest and the guest: one boot per suite, one host test per guest test."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from .config import Flavour, Settings
+from .config import Settings
 from .guestrun import GuestRequest, GuestRun, run_in_guest
 from .junit import CaseResult, Outcome, parse_junit, results_for
-from .suites import GuestCase, pytest_arguments
+from .suites import SUITES, GuestCase, Suite, pytest_arguments
 
 MARKER = "testvm"
-"""`@pytest.mark.testvm("xen")`: the host tests of one flavour."""
+"""`@pytest.mark.testvm("xen")`: the host tests of one suite (see suites.SUITES)."""
 
 LOG_TAIL_LINES = 30
 
@@ -24,8 +24,9 @@ LOG_TAIL_LINES = 30
 class SessionState:
     """What the host session knows about the guest runs (kept in config.stash)."""
 
-    selected: dict[Flavour, list[GuestCase]] = field(default_factory=dict)
-    runs: dict[Flavour, GuestRun] = field(default_factory=dict)
+    selected: dict[str, list[GuestCase]] = field(default_factory=dict)
+    """Guest cases kept after deselection, by suite name."""
+    runs: dict[str, GuestRun] = field(default_factory=dict)
 
 
 STATE_KEY = pytest.StashKey[SessionState]()
@@ -37,9 +38,9 @@ def state(config: pytest.Config) -> SessionState:
     return config.stash[STATE_KEY]
 
 
-def flavour_of(node: pytest.Item | pytest.Collector) -> Flavour | None:
+def suite_of(node: pytest.Item | pytest.Collector) -> Suite | None:
     marker = node.get_closest_marker(MARKER)
-    return Flavour(marker.args[0]) if marker else None
+    return SUITES[marker.args[0]] if marker else None
 
 
 def terminal_writer(config: pytest.Config) -> Callable[[str], None]:
@@ -61,7 +62,7 @@ def terminal_writer(config: pytest.Config) -> Callable[[str], None]:
 
 @dataclass
 class FlavourResults:
-    """One flavour's guest run, judged per guest test."""
+    """One suite's guest run, judged per guest test."""
 
     run: GuestRun
     cases: list[CaseResult] | None
@@ -74,7 +75,7 @@ class FlavourResults:
 
     def check(self, case: GuestCase) -> None:
         """Pass, fail or skip as the guest test did; never pass what did not pass."""
-        name = f"{self.run.request.flavour.value} guest: {case.node_id}"
+        name = f"{self.run.request.name} guest: {case.node_id}"
         if self.run.error is not None:
             pytest.fail(f"{name}: test bed error: {self.run.error}\n{self._console_tail()}", pytrace=False)
         if self.cases is None:
@@ -125,26 +126,26 @@ def _describe(result: CaseResult) -> str:
     return f"{result.label}: {result.message}\n{result.details.rstrip()}"
 
 
-def boot_flavour(config: pytest.Config, flavour: Flavour) -> FlavourResults:
-    """Boot the flavour's guest once and run the selected in-guest tests."""
+def boot_suite(config: pytest.Config, suite: Suite) -> FlavourResults:
+    """Boot the suite's guest (again if a test cuts its power) and run the selected in-guest tests."""
     session = state(config)
     settings = Settings.from_environment()
     write = terminal_writer(config)
     write("")
-    request = GuestRequest.pytest(flavour, pytest_arguments(flavour, session.selected.get(flavour)))
+    request = GuestRequest.pytest(suite.flavour, pytest_arguments(suite, session.selected.get(suite.name)), suite.name)
     echo = write if settings.echo_console else None
     run = run_in_guest(request, settings, report=write, echo=echo)
-    session.runs[flavour] = run
+    session.runs[suite.name] = run
     return FlavourResults.from_run(run)
 
 
 def summary_lines(config: pytest.Config) -> list[str]:
-    """Per-flavour timings and artifact locations for the terminal summary."""
+    """Per-suite timings and artifact locations for the terminal summary."""
     lines = []
-    for flavour, run in state(config).runs.items():
+    for name, run in state(config).runs.items():
         stages = ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in run.timings.items())
         verdict = f"test bed error: {run.error}" if run.error else f"guest exit code {run.exit_code}"
-        lines.append(f"{flavour.value}: {stages or 'no timings'}; {verdict}; artifacts: {_relative(run.artifacts)}")
+        lines.append(f"{name}: {stages or 'no timings'}; {verdict}; artifacts: {_relative(run.artifacts)}")
     return lines
 
 

@@ -1,4 +1,4 @@
-"""Which in-guest tests belong to which flavour, found statically with `ast`.
+"""Which in-guest tests belong to which suite (one guest boot each), found statically with `ast`.
 
 The host parametrizes one test per in-guest test at collection time, without
 importing the guest files (they need root, LVM and Xen, and may import
@@ -16,17 +16,26 @@ from .config import GUEST_TEST_DIR, REPO_ROOT, Flavour
 
 @dataclass(frozen=True)
 class Suite:
-    """The part of tests/vm/guest/ that a flavour runs."""
+    """The part of tests/vm/guest/ that one guest boot (or chain of boots) runs."""
 
+    name: str
+    """Also the artifacts subdirectory and the argument of @pytest.mark.testvm."""
+    flavour: Flavour
     directory: str
     """Relative to tests/vm/guest/; "" is the directory itself."""
     excluded: tuple[str, ...] = ()
-    """Subdirectories (relative to tests/vm/guest/) that belong to other flavours."""
+    """Subdirectories (relative to tests/vm/guest/) that belong to other suites."""
 
 
-SUITES: dict[Flavour, Suite] = {
-    Flavour.HOST: Suite("", excluded=("xen",)),
-    Flavour.XEN: Suite("xen"),
+SUITES: dict[str, Suite] = {
+    suite.name: suite
+    for suite in (
+        Suite("host", Flavour.HOST, "", excluded=("xen", "powercut")),
+        Suite("xen", Flavour.XEN, "xen"),
+        # Power-cut tests reset the guest mid-test and continue in a second boot
+        # (see guestrun.REBOOT_REQUEST), so they cannot share a boot with others.
+        Suite("powercut", Flavour.HOST, "powercut"),
+    )
 }
 
 
@@ -69,9 +78,8 @@ def guest_dir_argument() -> str:
     return GUEST_TEST_DIR.relative_to(REPO_ROOT).as_posix()
 
 
-def guest_cases(flavour: Flavour, root: Path = GUEST_TEST_DIR) -> list[GuestCase]:
-    """Every test_* function the flavour's suite holds, in file order."""
-    suite = SUITES[flavour]
+def guest_cases(suite: Suite, root: Path = GUEST_TEST_DIR) -> list[GuestCase]:
+    """Every test_* function the suite holds, in file order."""
     base = root / suite.directory
     cases: list[GuestCase] = []
     for path in sorted(base.rglob("test_*.py")):
@@ -98,16 +106,15 @@ def scan_file(path: Path, relative: str) -> list[GuestCase]:
     return cases
 
 
-def pytest_arguments(flavour: Flavour, selected: list[GuestCase] | None) -> list[str]:
+def pytest_arguments(suite: Suite, selected: list[GuestCase] | None) -> list[str]:
     """The in-guest pytest arguments: the whole suite, or just the selected cases.
 
     Running the whole directory also picks up what the static scan cannot
     see; a subset (from `-k` or a node id on the host) keeps a rerun short.
     """
-    everything = guest_cases(flavour)
+    everything = guest_cases(suite)
     if selected is not None and set(selected) != set(everything):
         return [case.guest_argument for case in selected]
-    suite = SUITES[flavour]
     base = guest_dir_argument()
     directory = f"{base}/{suite.directory}".rstrip("/")
     return [directory, *(f"--ignore={base}/{excluded}" for excluded in suite.excluded)]
