@@ -270,6 +270,7 @@ def _cmd_init(cfg: Config, args: argparse.Namespace) -> int:
         print(f"{cfg.repository.url}: already initialised")
     else:
         ctx.restic.init()
+    ctx.store.remember_repository(cfg.repository.url)
     return EXIT_OK
 
 

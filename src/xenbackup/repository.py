@@ -179,18 +179,26 @@ class Restic:
     # --- repository ---
 
     def is_initialized(self) -> bool:
+        return self._open_error() is None
+
+    def _open_error(self) -> str | None:
+        """None when the repository opens, else why not (restic's first line)."""
         if self.cfg.is_local:
-            return os.path.exists(os.path.join(self.cfg.url, "config"))
-        return self._run(["cat", "config"], check=False).returncode == 0
+            return None if os.path.exists(os.path.join(self.cfg.url, "config")) else "no repository there"
+        probe = self._run(["cat", "config"], check=False)
+        if probe.returncode == 0:
+            return None
+        return next((line.strip() for line in probe.stderr.splitlines() if line.strip()), "no answer")
 
     def ensure_initialized(self) -> None:
         """On first use, create the local repository (and its password)."""
         self.ensure_password()
-        if self.is_initialized():
+        error = self._open_error()
+        if error is None:
             return
         if not self.cfg.is_local:
-            raise RepositoryError(f"repository {self.cfg.url} is not initialised (or unreachable); "
-                                  "run `xenbackup init` once")
+            raise RepositoryError(f"repository {self.cfg.url} cannot be opened: {error} (if it was never "
+                                  "initialised, run `xenbackup init` once)")
         self.init()
 
     def init(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -39,8 +40,9 @@ class CommandError(Exception):
 
     @property
     def stderr_tail(self) -> str:
+        """The last stderr lines, without Go stack frames (restic prints them with some fatal errors)."""
         lines = [line for line in self.stderr.strip().splitlines() if line.strip()]
-        return "\n".join(lines[-STDERR_TAIL_LINES:])
+        return "\n".join(_without_go_frames(lines)[-STDERR_TAIL_LINES:])
 
     def message(self) -> str:
         text = f"{self.program} {self.reason}"
@@ -49,12 +51,51 @@ class CommandError(Exception):
 
     def cause(self) -> str:
         """The stderr line that says why: the first naming an error, else the last that is not a usage hint."""
+        chain = _go_error_chain([line for line in self.stderr.strip().splitlines() if line.strip()])
+        if chain:
+            return chain
         lines = [line.strip() for line in self.stderr_tail.splitlines()]
         lines = [line for line in lines if line and not line.startswith("Run `")]
         for line in lines:
             if "error" in line.lower() or "fatal" in line.lower():
                 return line
         return lines[-1] if lines else ""
+
+
+_GO_FRAME = re.compile(r"^\s+\S+\.(go|s):\d+$")
+
+
+def _frame_lines(lines: Sequence[str]) -> set[int]:
+    """Indexes of Go stack frames: a function line followed by its indented file:line."""
+    frames: set[int] = set()
+    for i, line in enumerate(lines):
+        if _GO_FRAME.match(line):
+            frames.add(i)
+            if i > 0:
+                frames.add(i - 1)
+    return frames
+
+
+def _without_go_frames(lines: Sequence[str]) -> list[str]:
+    frames = _frame_lines(lines)
+    return [line for i, line in enumerate(lines) if i not in frames]
+
+
+def _go_error_chain(lines: Sequence[str]) -> str:
+    """A Go error printed with its stack ("%+v"): the root cause, stack, then each wrapping message.
+
+    Returned outermost first, as Go itself would print it: "unable to create lock in backend: open ...:
+    read-only file system". Empty when stderr holds no stack.
+    """
+    frames = _frame_lines(lines)
+    if not frames:
+        return ""
+    first = min(frames)
+    if first == 0:
+        return ""
+    root = lines[first - 1].strip()
+    wraps = [line.strip() for i, line in enumerate(lines) if i > first and i not in frames]
+    return ": ".join([*reversed(wraps), root])
 
 
 class CommandNotFound(CommandError):

@@ -200,6 +200,24 @@ class StateStore:
         except (FileNotFoundError, ValueError):
             return None
 
+    def _repositories_path(self) -> str:
+        return os.path.join(self.state_dir, "repositories.json")
+
+    def known_repositories(self) -> list[str]:
+        """Repository URLs this host has stored backups in."""
+        try:
+            with open(self._repositories_path(), encoding="utf-8") as f:
+                data = json.load(f)
+        except (FileNotFoundError, ValueError):
+            return []
+        return [str(url) for url in data] if isinstance(data, list) else []
+
+    def remember_repository(self, url: str) -> None:
+        known = self.known_repositories()
+        if url not in known:
+            os.makedirs(self.state_dir, exist_ok=True)
+            write_atomic(self._repositories_path(), json.dumps([*known, url], indent=1), mode=0o644)
+
     def run_records(self, vm: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         try:

@@ -119,3 +119,22 @@ def test_failing_phase_is_the_last_error() -> None:
     assert failing_phase([{"XENBACKUP_PHASE": "cleanup", "PRIORITY": "3"}]) == "cleanup"
     assert failing_phase([{"XENBACKUP_PHASE": "backup", "PRIORITY": "6"}]) == "backup"
     assert failing_phase([]) == "unknown"
+
+
+def test_alert_names_the_run_systemd_says_failed(write_config, fake_bin, monkeypatch) -> None:
+    from xenbackup.actions.notify import build_message
+
+    entry = ('{"MESSAGE": "restic failed with exit code 1: connection refused", "PRIORITY": "3", '
+             '"XENBACKUP_PHASE": "backup", "_SYSTEMD_INVOCATION_ID": "0123abcd"}')
+    journalctl = fake_bin("journalctl", stdout=entry + "\n")
+    cfg = config.load(str(write_config(f"""
+        [commands]
+        journalctl = "{journalctl}"
+        [vm.vm1]
+        disks = [{{ lv = "system/xenvm", path = "vm1" }}]
+    """)))
+    env = {"MONITOR_UNIT": "xenbackup@vm1.service", "MONITOR_INVOCATION_ID": "0123abcd",
+           "MONITOR_SERVICE_RESULT": "exit-code"}
+    msg = build_message(cfg, "xenbackup@vm1", env)
+    assert (msg.vm, msg.result, msg.phase, msg.invocation_id) == ("vm1", "exit-code", "backup", "0123abcd")
+    assert "_SYSTEMD_INVOCATION_ID=0123abcd" in fake_bin.calls.read_text()

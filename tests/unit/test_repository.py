@@ -109,3 +109,39 @@ def test_end_to_end_with_real_restic(tmp_path) -> None:
     (snap,) = r.snapshots(["xenbackup", "vm:vm1"])
     assert snap.id.startswith(summary.snapshot_id) and snap.tag_value("run") == "r1"
     assert r.snapshots(["vm:vm2"]) == []
+
+
+def test_a_vanished_local_repository_is_never_recreated(write_config, tmp_path) -> None:
+    from xenbackup import config
+    from xenbackup.actions.backup import Context, open_repository
+
+    url = tmp_path / "backupdisk" / "repo"
+    cfg = config.load(str(write_config(f"""
+        [repository]
+        url = "{url}"
+        password_file = "{tmp_path / 'pw'}"
+        [settings]
+        state_dir = "{tmp_path / 'state'}"
+        runtime_dir = "{tmp_path / 'run'}"
+        [vm.vm1]
+        disks = [{{ lv = "system/xenvm", path = "vm1" }}]
+    """)))
+    ctx = Context.from_config(cfg)
+    open_repository(ctx)  # first use: created
+    assert (url / "config").is_file()
+
+    (tmp_path / "backupdisk").rename(tmp_path / "unmounted")  # the disk is not mounted tonight
+    with pytest.raises(RepositoryError, match="is its disk mounted"):
+        open_repository(ctx)
+    assert not url.exists(), "a new repository was created in place of the missing one"
+
+    (tmp_path / "unmounted").rename(tmp_path / "backupdisk")
+    open_repository(ctx)
+
+
+def test_an_unreachable_remote_repository_names_restic_s_reason(tmp_path) -> None:
+    r = Restic(repo(tmp_path, url="rest:http://127.0.0.1:9/"), "restic", credentials_dir="")
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "pw").write_text("secret\n")
+    with pytest.raises(RepositoryError, match=r"cannot be opened: .*connection refused"):
+        r.ensure_initialized()

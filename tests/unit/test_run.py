@@ -58,3 +58,13 @@ def test_error_line_is_preferred_over_usage_hint() -> None:
                        "  /sbin/modprobe failed: 1\n  Run `lvcreate --help' for more information.\n")
     assert str(err) == ("lvcreate failed with exit code 3: modprobe: ERROR: could not insert 'dm_snapshot': "
                         "Operation not permitted")
+
+
+def test_a_go_stack_trace_becomes_one_error_chain(data) -> None:
+    # restic 0.14 on a read-only repository: retries, then the root cause, its stack and the wrapping message.
+    err = CommandError(["restic", "backup"], 1, (data / "restic-backup-readonly-repo.stderr").read_text())
+    cause = err.cause()
+    assert cause.startswith("unable to create lock in backend: open /srv/backup/repo/locks/")
+    assert cause.endswith(": read-only file system")
+    assert ".go:" not in err.stderr_tail and "main.runBackup" not in err.stderr_tail
+    assert "read-only file system" in err.stderr_tail.splitlines()[-2]

@@ -19,7 +19,7 @@ from ..lvm import LogicalVolume, Lvm, LvmError, VolumeGroup
 from ..model import VM, Disk, DiskMode, PlannedCommand, SnapshotRecord, snapshot_name
 from ..mount import Mounter, mount_options, mounts_below
 from ..progress import Reporter
-from ..repository import BackupSummary, Restic, tags_for
+from ..repository import BackupSummary, RepositoryError, Restic, tags_for
 from ..run import CommandError
 from ..state import Busy, Owner, RunState, Slots, StateStore, new_run_id
 from .status import write_metrics
@@ -246,11 +246,26 @@ def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord, cur
         reporter.close()
 
 
+def open_repository(ctx: Context) -> None:
+    """Create a local repository on first use only.
+
+    A local repository that held this host's backups and is gone now is an unmounted or lost disk; a new
+    empty repository in its place would fill the wrong filesystem and hide the loss.
+    """
+    url = ctx.cfg.repository.url
+    if ctx.cfg.repository.is_local and url in ctx.store.known_repositories() and not ctx.restic.is_initialized():
+        raise RepositoryError(f"repository {url} held backups of this host but is not there now (is its disk "
+                              "mounted?); not creating a new one there. If it is lost, `xenbackup init` starts "
+                              "a new one")
+    ctx.restic.ensure_initialized()
+    ctx.store.remember_repository(url)
+
+
 def step_backup(ctx: Context, vm: VM) -> RunState:
     with journal.context(phase="backup"):
         with ctx.store.lock(vm.name):
             state = _own_state(ctx, vm)
-        ctx.restic.ensure_initialized()
+        open_repository(ctx)
         current = _Current()
         watch = OverflowWatch(ctx.lvm, vm, state.snapshots, ctx.cfg.settings.watch_interval,
                               on_abort=current.stop)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -50,17 +52,24 @@ def failing_phase(entries: list[dict[str, Any]]) -> str:
     return "unknown"
 
 
-def build_message(cfg: Config, instance: str) -> FailureMessage:
+def build_message(cfg: Config, instance: str, environ: Mapping[str, str] = os.environ) -> FailureMessage:
     unit = instance if instance.endswith(".service") else f"{instance}.service"
     vm = unescape_instance(unit.removesuffix(".service").split("@", 1)[-1])
-    state = unit_state(unit)
-    invocation = state.invocation_id if state else ""
+    # systemd (251+) tells an OnFailure= unit which run failed. The unit's current state may already
+    # belong to a newer run, started right after the failure.
+    if environ.get("MONITOR_INVOCATION_ID") and environ.get("MONITOR_UNIT") == unit:
+        invocation = environ["MONITOR_INVOCATION_ID"]
+        result = environ.get("MONITOR_SERVICE_RESULT") or "unknown"
+    else:
+        state = unit_state(unit)
+        invocation = state.invocation_id if state else ""
+        result = state.result if state else "unknown"
     matches = [f"_SYSTEMD_INVOCATION_ID={invocation}"] if invocation else ["-u", unit]
     entries = journal.read_entries(matches, 40, cfg.command("journalctl"))
     if not entries and invocation:
         entries = journal.read_entries(["-u", unit], 40, cfg.command("journalctl"))
     lines = [str(e.get("MESSAGE", "")) for e in entries if isinstance(e.get("MESSAGE"), str)][-20:]
-    return FailureMessage(vm=vm, unit=unit, host=socket.gethostname(), result=state.result if state else "unknown",
+    return FailureMessage(vm=vm, unit=unit, host=socket.gethostname(), result=result,
                           phase=failing_phase(entries), invocation_id=invocation, time=time.time(), lines=lines)
 
 

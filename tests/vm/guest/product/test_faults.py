@@ -11,7 +11,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vmlib.product import MSG_EXTENDED, MSG_OVERFLOW, MSG_STALE, Journal, Xb, our_mounts, our_snapshots, sh, tree_hashes
+from vmlib.product import (
+    MSG_EXTENDED,
+    MSG_OVERFLOW,
+    MSG_STALE,
+    REPO,
+    Journal,
+    Xb,
+    our_mounts,
+    our_snapshots,
+    sh,
+    tree_hashes,
+)
 
 BASE = """
 [settings]
@@ -43,17 +54,36 @@ def wait_for_restic(xb: Xb, journal: Journal, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
-def assert_recovered(xb: Xb, journal: Journal, layout, static: dict[str, str]) -> None:
+def assert_recovered(xb: Xb, journal: Journal, layout, static: dict[str, str], repo: Path = REPO) -> None:
     """The invariants every fault must leave behind."""
     assert our_snapshots() == [], "a snapshot of ours is left"
     assert our_mounts() == [], "a mount of ours is left"
     assert tree_hashes(layout.vmdir) == static, "the origin changed"
-    if Path("/var/lib/xenbackup/repo/config").exists():
-        xb.restic("check")
+    if (repo / "config").exists():
+        restic_check(repo)
     sh("systemctl", "reset-failed", "xenbackup@vm1.service", check=False)
     run = xb.start()
     assert run.returncode == 0, journal.text("-u", "xenbackup@vm1")
     assert our_snapshots() == []
+
+
+def restic_in(repo: Path, *args: str) -> str:
+    env = {"RESTIC_REPOSITORY": str(repo), "RESTIC_PASSWORD_FILE": "/etc/xenbackup/restic-password",
+           "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(["restic", *args], env=env, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def restic_check(repo: Path) -> None:
+    restic_in(repo, "check")
+
+
+def one_line(journal: Journal, unit: str, needle: str) -> str:
+    """The journal names the cause in one line."""
+    lines = [line for line in journal.text("-u", unit).splitlines() if needle.lower() in line.lower()]
+    assert lines, f"no line names {needle!r}:\n" + journal.text("-u", unit)
+    return lines[0]
 
 
 @pytest.fixture
@@ -73,6 +103,60 @@ def test_full_volume_group_fails_before_lvcreate(seed_layout, xb: Xb, journal: J
     finally:
         sh("lvremove", "--yes", "system/filler")
     assert_recovered(xb, journal, seed_layout, baseline)
+
+
+def test_mount_fails(seed_layout, xb: Xb, journal: Journal, baseline) -> None:
+    xb.write_config(config().replace("[vm.vm1]", '[vm.vm1]\nmount_options = ["no_such_option_xb"]'))
+    before = xb.snapshots("vm:vm1", "mode:files")
+    assert xb.start().returncode != 0
+    one_line(journal, "xenbackup@vm1", "cannot mount")
+    assert xb.snapshots("vm:vm1", "mode:files") == before
+    xb.write_config(config())
+    assert_recovered(xb, journal, seed_layout, baseline)
+
+
+REPO_DISK = Path("/mnt/xb-repodisk")
+
+
+def test_remote_repository_down(seed_layout, xb: Xb, journal: Journal, baseline) -> None:
+    xb.write_config('[repository]\nurl = "rest:http://127.0.0.1:9/"\n' + config())
+    assert xb.start().returncode != 0
+    one_line(journal, "xenbackup@vm1", "connection refused")
+    xb.write_config(config())
+    sh("systemctl", "reset-failed", "xenbackup@vm1.service", check=False)
+    assert_recovered(xb, journal, seed_layout, baseline)
+
+
+@pytest.mark.parametrize("fault", ["unmounted", "read-only"])
+def test_repository_unreachable_or_read_only(seed_layout, xb: Xb, journal: Journal, fault: str) -> None:
+    # The repository lives on its own "disk" (a bind mount of a directory), as on a real host.
+    store = Path("/var/tmp/xb-repodisk")
+    store.mkdir(exist_ok=True)
+    REPO_DISK.mkdir(exist_ok=True)
+    sh("mount", "--bind", str(store), str(REPO_DISK))
+    repo = REPO_DISK / "repo"
+    try:
+        xb.write_config(f'[repository]\nurl = "{repo}"\n' + config())
+        assert xb.start().returncode == 0, journal.text("-u", "xenbackup@vm1")
+        static = tree_hashes(seed_layout.vmdir)
+        earlier = restic_in(repo, "snapshots", "--json")
+        if fault == "unmounted":
+            sh("umount", str(REPO_DISK))
+            assert xb.start().returncode != 0
+            one_line(journal, "xenbackup@vm1", "is its disk mounted")
+            assert not repo.exists(), "a new repository was made on the wrong filesystem"
+            sh("mount", "--bind", str(store), str(REPO_DISK))
+        else:
+            sh("mount", "-o", "remount,bind,ro", str(REPO_DISK))
+            assert xb.start().returncode != 0
+            one_line(journal, "xenbackup@vm1", "read-only file system")
+            sh("mount", "-o", "remount,bind,rw", str(REPO_DISK))
+        assert restic_in(repo, "snapshots", "--json") == earlier, "the failed run changed the earlier backups"
+        sh("systemctl", "reset-failed", "xenbackup@vm1.service", check=False)
+        assert_recovered(xb, journal, seed_layout, static, repo=repo)
+    finally:
+        sh("umount", str(REPO_DISK), check=False)
+        sh("rm", "-rf", str(store))
 
 
 def test_restic_killed_mid_backup(seed_layout, xb: Xb, journal: Journal, baseline) -> None:

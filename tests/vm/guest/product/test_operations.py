@@ -164,10 +164,14 @@ def test_failure_alert_reaches_the_webhook(seed_layout, xb: Xb, journal: Journal
     server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        xb.write_config(f'[notify]\nwebhook = "http://127.0.0.1:{server.server_port}/hook"\n' +
-                        ONE_VM.replace('snapshot_size = "256M"', 'snapshot_size = "256M"\n'
-                                       'mount_options = ["no_such_option_xb"]'))
+        hook = f'[notify]\nwebhook = "http://127.0.0.1:{server.server_port}/hook"\n'
+        xb.write_config(hook + ONE_VM.replace('snapshot_size = "256M"', 'snapshot_size = "256M"\n'
+                                              'mount_options = ["no_such_option_xb"]'))
         assert xb.start().returncode != 0
+        # The admin fixes the config and starts again at once: the alert must still describe the failed run,
+        # not the unit's current (newer) invocation.
+        xb.write_config(hook + ONE_VM)
+        sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
         deadline = time.monotonic() + 120
         while not received:
             assert time.monotonic() < deadline, journal.text("-u", "xenbackup-notify@*")
@@ -176,6 +180,8 @@ def test_failure_alert_reaches_the_webhook(seed_layout, xb: Xb, journal: Journal
         assert msg["vm"] == "vm1" and msg["unit"] == "xenbackup@vm1.service" and msg["phase"] == "mount"
         assert msg["result"] == "exit-code"
         assert any("cannot mount" in str(line) for line in msg["lines"])  # type: ignore[union-attr]
+        assert xb.wait_inactive() == "inactive", journal.text("-u", "xenbackup@vm1")
+        assert len(received) == 1
     finally:
         server.shutdown()
     # A notifier that fails is logged once and not retried.

@@ -33,10 +33,6 @@ def domu_initramfs(xen_dom0: None) -> Path:
     return xen.build_domu_initramfs(Path("/run/xbtest/initrd.img"))
 
 
-Vm1 = xen.SeedVm
-"""Kept for tests that import it from here; prefer `from vmlib.xen import SeedVm`."""
-
-
 @pytest.fixture
 def vm1(xen_dom0: None, seed_layout: SeedLayout) -> Iterator[xen.SeedVm]:
     """PV guest vm1 running from the seed layout: `.layout` (SeedLayout), `.domain` (RunningDomain)."""

@@ -8,9 +8,9 @@ import stat
 import time
 from pathlib import Path
 
-from conftest import Vm1
 from vmlib import xen
 from vmlib.product import Journal, Xb, sh
+from vmlib.xen import SeedVm
 
 FILES_CONFIG = """
 [vm.vm1]
@@ -76,7 +76,7 @@ def domid(name: str) -> str:
     return sh("xl", "domid", name).stdout.strip()
 
 
-def test_files_restore_stops_restores_and_restarts_the_guest(vm1: Vm1, xb: Xb, journal: Journal) -> None:
+def test_files_restore_stops_restores_and_restarts_the_guest(vm1: SeedVm, xb: Xb, journal: Journal) -> None:
     layout = vm1.layout
     add_odd_files(layout.vmdir)
     xb.write_config(FILES_CONFIG.format(cfg=layout.config))
@@ -105,7 +105,7 @@ def test_files_restore_stops_restores_and_restarts_the_guest(vm1: Vm1, xb: Xb, j
     assert "XBMARKER damaged" not in text
 
 
-def test_restore_of_a_running_guest_without_stop_changes_nothing(vm1: Vm1, xb: Xb, journal: Journal) -> None:
+def test_restore_of_a_running_guest_without_stop_changes_nothing(vm1: SeedVm, xb: Xb, journal: Journal) -> None:
     layout = vm1.layout
     xb.write_config(FILES_CONFIG.format(cfg=layout.config))
     assert xb.start().returncode == 0, journal.text("-u", "xenbackup@vm1")
