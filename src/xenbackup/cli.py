@@ -303,19 +303,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("%s", line)
         return EXIT_USAGE
     except Busy as exc:
-        log.error("%s", exc)
+        with journal.context(**journal.context_of(exc)):
+            log.error("%s", exc)
         return EXIT_BUSY
     except SnapshotOverflowed as exc:
-        log.error("%s", exc)
+        with journal.context(**journal.context_of(exc)):
+            log.error("%s", exc)
         return EXIT_OVERFLOW
     except (backup_mod.StepError, RestoreError, CommandError, LvmError, MountError, RepositoryError, HypervisorError,
             OSError) as exc:
-        log.error("%s", exc, exc_info=args.debug)
-        if isinstance(exc, CommandError) and exc.stderr_tail:
-            log.error("%s said:\n%s", exc.program, exc.stderr_tail)
+        with journal.context(**journal.context_of(exc)):
+            log.error("%s", exc, exc_info=args.debug)
+            if isinstance(exc, CommandError) and exc.stderr_tail:
+                log.error("%s said:\n%s", exc.program, exc.stderr_tail)
         return EXIT_FAILED
     except KeyboardInterrupt as exc:
-        log.error("interrupted (%s); cleanup ran", exc or "SIGINT")
+        with journal.context(**journal.context_of(exc)):
+            log.error("interrupted (%s); cleanup ran", exc or "SIGINT")
         return EXIT_INTERRUPTED
 
 

@@ -57,9 +57,24 @@ def context(vm: str | None = None, phase: str | None = None) -> Iterator[None]:
         tokens.append((PHASE, PHASE.set(phase)))
     try:
         yield
+    except BaseException as exc:
+        # The error is logged further out, after this block has ended; it keeps the innermost VM and phase.
+        if not hasattr(exc, _CONTEXT_ATTR):
+            with contextlib.suppress(AttributeError):
+                setattr(exc, _CONTEXT_ATTR, {"vm": VM.get(), "phase": PHASE.get()})
+        raise
     finally:
         for var, token in reversed(tokens):
             var.reset(token)
+
+
+_CONTEXT_ATTR = "_xenbackup_context"
+
+
+def context_of(exc: BaseException) -> dict[str, str | None]:
+    """The VM and phase an exception escaped from (see `context`), for logging it where it is caught."""
+    found = getattr(exc, _CONTEXT_ATTR, None)
+    return dict(found) if isinstance(found, dict) else {}
 
 
 def unit_for(vm: str) -> str:

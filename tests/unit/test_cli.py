@@ -69,3 +69,24 @@ def test_missing_lvm_tool_is_one_line_exit_1(write_config, tmp_path, capsys) -> 
     assert cli.main(["--config", str(path), "step", "snapshot", "vm1"]) == 1
     err = capsys.readouterr().err
     assert "lvs-not-installed not found" in err and "Traceback" not in err
+
+
+def test_a_step_error_is_journalled_with_its_vm_and_phase(cfg_path, no_path_lvm, monkeypatch) -> None:
+    import logging
+
+    from xenbackup import journal
+
+    fields: list[dict[str, str]] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            fields.append(journal.journal_fields(record))
+
+    setup = journal.setup
+    monkeypatch.setattr(journal, "setup", lambda **kw: (setup(**kw), logging.getLogger().addHandler(Capture())))
+    # The backup step without a snapshot step before it: the error escapes the step's phase and is logged
+    # by the CLI, where journalctl -u and the alert's phase must still see it.
+    assert cli.main(["--config", str(cfg_path), "step", "backup", "vm1"]) == 1
+    (error,) = [f for f in fields if f["PRIORITY"] == "3"]
+    assert error["XENBACKUP_VM"] == "vm1" and error["XENBACKUP_PHASE"] == "backup"
+    assert error["OBJECT_SYSTEMD_UNIT"] == "xenbackup@vm1.service"

@@ -116,3 +116,20 @@ def test_thin_pool_nearly_full_stops_the_run(fake_lvm) -> None:
 
 def test_suggested_size_has_headroom() -> None:
     assert suggested_size(origin_size=10 << 30, cow_size=256 << 20, peak=100.0) == SnapshotSize(1 << 30)
+
+
+def test_a_guard_that_fired_before_restic_started_stops_it_at_once() -> None:
+    import signal
+    import subprocess
+
+    from xenbackup.actions.backup import _Current
+
+    current = _Current()
+    current.stop()  # the pool was already nearly full at the first poll
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        current.set(proc)
+        assert proc.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()

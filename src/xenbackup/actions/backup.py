@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -216,13 +217,21 @@ class _Current:
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
+        self.stopped = False
+        self._lock = threading.Lock()
 
     def set(self, proc: subprocess.Popen[bytes]) -> None:
-        self.proc = proc
+        with self._lock:
+            self.proc = proc
+            # The guard may have fired before this restic started (a pool already nearly full).
+            if self.stopped:
+                proc.send_signal(signal.SIGTERM)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        with self._lock:
+            self.stopped = True
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
 
 
 def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord, current: _Current) -> BackupSummary:

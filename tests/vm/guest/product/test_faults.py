@@ -4,6 +4,7 @@ unchanged, earlier backups still pass restic check, and the next run succeeds.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -122,6 +123,8 @@ def test_remote_repository_down(seed_layout, xb: Xb, journal: Journal, baseline)
     xb.write_config('[repository]\nurl = "rest:http://127.0.0.1:9/"\n' + config())
     assert xb.start().returncode != 0
     one_line(journal, "xenbackup@vm1", "connection refused")
+    errors = [e for e in journal.entries("-u", "xenbackup@vm1.service") if "connection refused" in str(e["MESSAGE"])]
+    assert errors and errors[0].get("XENBACKUP_PHASE") == "backup", "the error does not name its phase"
     xb.write_config(config())
     sh("systemctl", "reset-failed", "xenbackup@vm1.service", check=False)
     assert_recovered(xb, journal, seed_layout, baseline)
@@ -236,7 +239,7 @@ def writer(path: Path, total_mb: int, chunk_mb: int, pause: float, stop: threadi
                 f.seek(i * chunk_mb << 20)
                 f.write(bytes([i % 251]) * (chunk_mb << 20))
                 f.flush()
-                __import__("os").fsync(f.fileno())
+                os.fsync(f.fileno())
                 time.sleep(pause)
     t = threading.Thread(target=run)
     t.start()
@@ -281,6 +284,56 @@ def test_auto_extend_saves_a_filling_snapshot(seed_layout, xb: Xb, journal: Jour
     assert extended, text
     record = json.loads(Path("/var/lib/xenbackup/state/vm1.json").read_text())
     assert record["result"] == "success" and 40 <= record["peak_fill"] < 100
+
+
+def pool_fill(vg: str, pool: str) -> float:
+    out = sh("lvs", "--noheadings", "-o", "data_percent,metadata_percent", f"{vg}/{pool}").stdout.split()
+    return max(float(value) for value in out)
+
+
+def test_thin_pool_filling_stops_the_run_before_it_is_full(thin_layout, xb: Xb, journal: Journal) -> None:
+    vg, pool, mnt = thin_layout.vg, thin_layout.pool, thin_layout.mountpoint
+    xb.write_config(f"""
+        [settings]
+        watch_interval = 1
+        [vm.vm1]
+        disks = [{{ lv = "{vg}/{thin_layout.lv}", mode = "files", path = "." }}]
+    """)
+    assert xb.start().returncode == 0, journal.text("-u", "xenbackup@vm1")
+    earlier = xb.snapshots("vm:vm1", "mode:files")
+    sh("dd", "if=/dev/urandom", f"of={mnt / 'data' / 'big.img'}", "bs=1M", "count=250", "status=none")
+    sh("sync")
+    static = tree_hashes(mnt / "data")
+    sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
+    wait_for_restic(xb, journal)
+    # A VM writing new data while the snapshot pins the old blocks: the pool fills. The writer stops at 97 %
+    # by itself, so the test never lets the pool run out under the origin.
+    chunk = bytes(range(256)) * (8 << 12)
+    with open(mnt / "filler.img", "wb") as filler:
+        while pool_fill(vg, pool) < 97:
+            filler.write(chunk)
+            filler.flush()
+            os.fsync(filler.fileno())
+            if sh("systemctl", "is-active", "xenbackup@vm1.service", check=False).stdout.strip() != "activating":
+                break
+    assert xb.wait_inactive(timeout=600) == "failed", journal.text("-u", "xenbackup@vm1")
+    line = one_line(journal, "xenbackup@vm1", f"thin pool {vg}/{pool} is")
+    assert "stopping the backup" in line
+    assert any(e.get("MESSAGE_ID") == MSG_OVERFLOW for e in journal.entries("-u", "xenbackup@vm1.service"))
+    assert xb.snapshots("vm:vm1", "mode:files") == earlier, "a run stopped for a filling pool left a backup"
+    assert our_snapshots() == [] and our_mounts() == []
+    assert pool_fill(vg, pool) < 100
+
+    (mnt / "filler.img").unlink()
+    sh("sync")  # ext4 frees the blocks at its next commit; only then can fstrim hand them back to the pool
+    sh("fstrim", str(mnt))
+    assert pool_fill(vg, pool) < 60
+    assert tree_hashes(mnt / "data") == static, "the origin changed"
+    sh("systemctl", "reset-failed", "xenbackup@vm1.service", check=False)
+    assert xb.start().returncode == 0, journal.text("-u", "xenbackup@vm1")
+    assert len(xb.snapshots("vm:vm1", "mode:files")) == len(earlier) + 1
+    assert our_snapshots() == []
+    xb.restic("check")
 
 
 def test_two_simultaneous_starts_never_both_snapshot(seed_layout, xb: Xb, journal: Journal) -> None:
