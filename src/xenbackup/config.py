@@ -167,6 +167,7 @@ DEFAULT_OPTS: dict[str, Opt] = {
     "mount_options": Opt(p_str_list, (), "extra mount options for files-mode snapshots"),
     "overflow_threshold": Opt(p_int(1, 99), 80, "snapshot fill (%) at which it is extended"),
     "extend_step": Opt(p_size, SnapshotSize.parse("10%ORIGIN"), "how much to extend a filling snapshot by"),
+    "pool_threshold": Opt(p_int(50, 99), 95, "thin pool data or metadata fill (%) at which the run stops"),
     "schedule": Opt(p_calendar, None, "systemd calendar expression for the VM's timer"),
     "randomized_delay": Opt(p_timespan, None, "RandomizedDelaySec= for the VM's timer"),
     "keep_last": Opt(p_opt_int, None, "retention: keep the last N backups"),
@@ -407,6 +408,7 @@ def _parse_vm(c: _Collector, name: str, raw: Any, defaults: Mapping[str, Any]) -
                                  else {k: values[k] if k in table else None for k in KEEP_KEYS}),
             overflow_threshold=values["overflow_threshold"],
             extend_step=values["extend_step"],
+            pool_threshold=values["pool_threshold"],
         )
     except (KeyError, TypeError):
         return None  # an error for the missing key was already collected

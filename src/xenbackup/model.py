@@ -151,6 +151,7 @@ class VM:
     retention: Retention = field(default_factory=Retention)
     overflow_threshold: int = 80
     extend_step: SnapshotSize = SnapshotSize(10, SizeKind.ORIGIN)
+    pool_threshold: int = 95
 
     @property
     def unit(self) -> str:

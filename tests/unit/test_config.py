@@ -143,3 +143,16 @@ def test_env_var_selects_config(write_config, monkeypatch) -> None:
     path = write_config(GOOD)
     monkeypatch.setenv("XENBACKUP_CONFIG", str(path))
     assert config.load().path == str(path)
+
+
+def test_the_readme_example_config_is_valid(tmp_path) -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", readme, re.S)
+    assert block, "README.md has no toml example"
+    path = tmp_path / "readme.toml"
+    path.write_text(block.group(1))
+    cfg = config.load(str(path))
+    assert cfg.vms and all(vm.pool_threshold == 95 for vm in cfg.vms.values())

@@ -133,3 +133,23 @@ def test_a_guard_that_fired_before_restic_started_stops_it_at_once() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_pool_threshold_is_the_vm_s_own(fake_lvm, write_config) -> None:
+    from xenbackup import config
+
+    cfg = config.load(str(write_config("""
+        [defaults]
+        pool_threshold = 80
+        [vm.vm1]
+        disks = [{ lv = "system/xenvm" }]
+        [vm.vm2]
+        pool_threshold = 98
+        disks = [{ lv = "system/vm2" }]
+    """)))
+    lvm, set_rows, _ = fake_lvm
+    set_rows(lv_row("tsnap", "Vwi-a-tz-k", data="20.0", pool="pool"),
+             lv_row("pool", "twi-aotz--", data="90.0", meta="12.0"))
+    with pytest.raises(PoolFilling):
+        OverflowWatch(lvm, cfg.vm("vm1"), [THIN], interval=3600).check()
+    OverflowWatch(lvm, cfg.vm("vm2"), [THIN], interval=3600).check()  # 90 % is below vm2's 98 %

@@ -35,12 +35,12 @@ class OverflowWatch:
     """A thread polling `lvs` for each classic snapshot's fill during the backup."""
 
     def __init__(self, lvm: Lvm, vm: VM, snapshots: Sequence[SnapshotRecord], interval: float,
-                 pool_threshold: float = 95.0, on_abort: Callable[[], None] = lambda: None) -> None:
+                 on_abort: Callable[[], None] = lambda: None) -> None:
         self.lvm = lvm
         self.vm = vm
         self.snapshots = list(snapshots)
         self.interval = interval
-        self.pool_threshold = pool_threshold
+        self.pool_threshold = vm.pool_threshold
         self.on_abort = on_abort
         self.peak = 0.0
         self.overflowed: list[str] = []

@@ -413,6 +413,43 @@ def test_cleanup_killed_then_next_run_and_boot_sweep_remove_leftovers(seed_layou
     assert_recovered(xb, journal, seed_layout, static)
 
 
+def test_a_killed_run_does_not_keep_its_snapshot_slot(seed_layout, xb: Xb, journal: Journal) -> None:
+    sh("lvcreate", "--yes", "-L", "64M", "-n", "vmb", "system")
+    sh("mkfs.ext4", "-q", "/dev/system/vmb")
+    try:
+        xb.write_config(config().replace("[settings]\n", "[settings]\nmax_parallel = 1\n", 1)
+                        + '[vm.vmb]\nhypervisor = "none"\nsnapshot_size = "32M"\n'
+                        + 'disks = [{ lv = "system/vmb", path = "." }]\n')
+        big_file(seed_layout, 200)
+        sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
+        wait_for_restic(xb, journal)
+        (snap,) = our_snapshots()
+        # Keep cleanup retrying lvremove, then kill it too: vm1's run dies holding the only slot.
+        holder = subprocess.Popen(["sleep", "600"], stdin=open(f"/dev/{snap}", "rb"))  # noqa: SIM115
+        try:
+            sh("pkill", "-KILL", "-x", "restic")
+            deadline = time.monotonic() + 120
+            while "is still in use, retrying" not in journal.text("-u", "xenbackup@vm1"):
+                assert time.monotonic() < deadline, journal.text("-u", "xenbackup@vm1")
+                time.sleep(0.5)
+            sh("systemctl", "kill", "-s", "KILL", "xenbackup@vm1.service")
+            xb.wait_inactive()
+        finally:
+            holder.kill()
+            holder.wait()
+        assert Path("/run/xenbackup/slots/vm1.slot").exists(), "the test needs the dead run's slot file left"
+        started = time.monotonic()
+        assert xb.start("vmb").returncode == 0, journal.text("-u", "xenbackup@vmb")
+        assert "waiting for a snapshot slot" not in journal.text("-u", "xenbackup@vmb")
+        assert time.monotonic() - started < 120
+        sh("systemctl", "reset-failed", "xenbackup@vm1.service", check=False)
+        assert xb.start().returncode == 0, journal.text("-u", "xenbackup@vm1")
+        assert our_snapshots() == [] and our_mounts() == []
+    finally:
+        sh("systemctl", "reset-failed", "xenbackup@vmb.service", check=False)
+        sh("lvremove", "--yes", "system/vmb", check=False)
+
+
 def test_a_snapshot_made_by_a_human_is_never_touched(seed_layout, xb: Xb, journal: Journal) -> None:
     sh("lvcreate", "--yes", "-s", "-L", "32M", "-n", "admin-snap", "system/xenvm")
     try:
