@@ -153,3 +153,45 @@ def test_pool_threshold_is_the_vm_s_own(fake_lvm, write_config) -> None:
     with pytest.raises(PoolFilling):
         OverflowWatch(lvm, cfg.vm("vm1"), [THIN], interval=3600).check()
     OverflowWatch(lvm, cfg.vm("vm2"), [THIN], interval=3600).check()  # 90 % is below vm2's 98 %
+
+
+def test_the_boot_sweep_records_an_interrupted_run(tmp_path: Path, write_config) -> None:
+    from xenbackup import config
+    from xenbackup.actions.backup import Context, sweep_all
+
+    rows = [lv_row("xenvm.xb-vm1-20261126152142", "swi-a-s---", snap="3.0")]
+    rows[0]["lv_tags"] = "xenbackup,xenbackup-vm:vm1"
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "lvs").write_text(f"""#!/usr/bin/env python3
+import json, os, sys
+rows = json.load(open("{tmp_path / 'rows.json'}"))
+gone = open("{tmp_path / 'removed'}").read().split() if os.path.exists("{tmp_path / 'removed'}") else []
+tag = sys.argv[-1][1:]
+print(json.dumps({{"report": [{{"lv": [r for r in rows if tag in r["lv_tags"].split(",")
+                                          and r["vg_name"] + "/" + r["lv_name"] not in gone]}}]}}))
+""")
+    (bindir / "lvremove").write_text(f'#!/bin/sh\necho "$2" >> {tmp_path / "removed"}\n')
+    for tool in bindir.iterdir():
+        tool.chmod(0o755)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "vm1.json").write_text(json.dumps({"vm": "vm1", "result": "success", "last_success": 1000.0}))
+    cfg = config.load(str(write_config(f"""
+        [settings]
+        runtime_dir = "{tmp_path / 'run'}"
+        state_dir = "{state}"
+        metrics_file = ""
+        [commands]
+        lvs = "{bindir / 'lvs'}"
+        lvremove = "{bindir / 'lvremove'}"
+        [vm.vm1]
+        disks = [{{ lv = "system/xenvm", path = "vm1" }}]
+    """)))
+    assert sweep_all(Context.from_config(cfg)) == ["system/xenvm.xb-vm1-20261126152142"]
+    record = json.loads((state / "vm1.json").read_text())
+    assert record["result"] == "interrupted" and record["last_success"] == 1000.0
+    assert record["stale_snapshots"] == ["system/xenvm.xb-vm1-20261126152142"]
+    assert sweep_all(Context.from_config(cfg)) == []  # idempotent: nothing left, nothing recorded again
+    assert len((state / "vm1.runs.jsonl").read_text().splitlines()) == 1

@@ -86,7 +86,10 @@ def sweep_all(ctx: Context) -> list[str]:
                     state = ctx.store.load(vm.name)
                     if state is not None and state.owner.alive():
                         continue
-                    removed += sweep_stale(ctx, vm)
+                    left = sweep_stale(ctx, vm)
+                    if left:
+                        record_interrupted(ctx, vm, left)
+                    removed += left
                     ctx.store.clear(vm.name)
             except Busy:
                 log.info("a run of %s is in progress; not sweeping it", vm.name)
@@ -99,6 +102,20 @@ def sweep_all(ctx: Context) -> list[str]:
             _event(logging.WARNING, "removed stale snapshot %s of an unconfigured VM", MessageId.STALE_REMOVED,
                    lv.ref, snapshot=lv.ref)
     return removed
+
+
+def record_interrupted(ctx: Context, vm: VM, left: list[str]) -> None:
+    """A run that left its snapshots behind never finished: its VM's record (status, metrics) says so."""
+    previous = ctx.store.read_record(vm.name) or {}
+    ctx.store.write_record(vm.name, {
+        "vm": vm.name, "result": "interrupted", "finished": time.time(), "run_id": "", "started": None,
+        "duration": None, "peak_fill": None, "restic_snapshots": [], "stale_snapshots": left,
+        "last_success": previous.get("last_success"),
+    })
+    try:
+        write_metrics(ctx.cfg)
+    except OSError as exc:
+        log.warning("cannot write metrics file %s: %s", ctx.cfg.settings.metrics_file, exc)
 
 
 def claim(ctx: Context, vm: VM) -> RunState:

@@ -11,6 +11,7 @@ with the earlier backup intact, and the next run must succeed.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,12 @@ def _after_the_power_cut(notes: dict[str, Any], tmp_path: Path) -> None:
     assert our_mounts() == [], "a mount of ours survived the boot"
     lvs = sh("lvs", "--noheadings", "-o", "lv_name", SEED_VG).stdout.split()
     assert HUMAN_SNAPSHOT in lvs, "the boot-time sweep removed a snapshot a human made"
+
+    # `xenbackup status` (and its exit code, for monitoring) shows the run the power cut ended.
+    status = sh("xenbackup", "status", "--json", check=False)
+    (row,) = json.loads(status.stdout)
+    assert status.returncode != 0 and row["result"] == "interrupted", status.stdout
+    assert row["last_success"] is not None
 
     mount(Path(f"/dev/{SEED_VG}/xenvm"), SEED_MOUNTPOINT)
     vmdir = SEED_MOUNTPOINT / "vm1"
