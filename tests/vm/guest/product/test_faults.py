@@ -385,15 +385,11 @@ def test_max_parallel_one_serialises_three_vms(seed_layout, xb: Xb, journal: Jou
             sh("lvremove", "--yes", f"system/{n}", check=False)
 
 
-def test_cleanup_killed_then_next_run_and_boot_sweep_remove_leftovers(seed_layout, xb: Xb, journal: Journal,
-                                                                         baseline) -> None:
-    big_file(seed_layout, 200)
-    static = tree_hashes(seed_layout.vmdir)
-    xb.write_config(config())
+def kill_run_during_cleanup(xb: Xb, journal: Journal) -> str:
+    """Start vm1, kill restic, keep cleanup retrying lvremove (the snapshot held open), then SIGKILL it."""
     sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
     wait_for_restic(xb, journal)
     (snap,) = our_snapshots()
-    # Hold the snapshot open so cleanup's lvremove keeps retrying, then kill the cleanup step itself.
     holder = subprocess.Popen(["sleep", "600"], stdin=open(f"/dev/{snap}", "rb"))  # noqa: SIM115
     try:
         sh("pkill", "-KILL", "-x", "restic")
@@ -406,6 +402,15 @@ def test_cleanup_killed_then_next_run_and_boot_sweep_remove_leftovers(seed_layou
     finally:
         holder.kill()
         holder.wait()
+    return snap
+
+
+def test_cleanup_killed_then_next_run_and_boot_sweep_remove_leftovers(seed_layout, xb: Xb, journal: Journal,
+                                                                         baseline) -> None:
+    big_file(seed_layout, 200)
+    static = tree_hashes(seed_layout.vmdir)
+    xb.write_config(config())
+    snap = kill_run_during_cleanup(xb, journal)
     assert our_snapshots() == [snap], "the test needs the killed cleanup to have left its snapshot"
     sh("systemctl", "start", "xenbackup-cleanup.service")
     stale = [e for e in journal.entries("-u", "xenbackup-cleanup.service") if e.get("MESSAGE_ID") == MSG_STALE]
@@ -421,22 +426,7 @@ def test_a_killed_run_does_not_keep_its_snapshot_slot(seed_layout, xb: Xb, journ
                         + '[vm.vmb]\nhypervisor = "none"\nsnapshot_size = "32M"\n'
                         + 'disks = [{ lv = "system/vmb", path = "." }]\n')
         big_file(seed_layout, 200)
-        sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
-        wait_for_restic(xb, journal)
-        (snap,) = our_snapshots()
-        # Keep cleanup retrying lvremove, then kill it too: vm1's run dies holding the only slot.
-        holder = subprocess.Popen(["sleep", "600"], stdin=open(f"/dev/{snap}", "rb"))  # noqa: SIM115
-        try:
-            sh("pkill", "-KILL", "-x", "restic")
-            deadline = time.monotonic() + 120
-            while "is still in use, retrying" not in journal.text("-u", "xenbackup@vm1"):
-                assert time.monotonic() < deadline, journal.text("-u", "xenbackup@vm1")
-                time.sleep(0.5)
-            sh("systemctl", "kill", "-s", "KILL", "xenbackup@vm1.service")
-            xb.wait_inactive()
-        finally:
-            holder.kill()
-            holder.wait()
+        kill_run_during_cleanup(xb, journal)  # vm1's run dies holding the only slot
         assert Path("/run/xenbackup/slots/vm1.slot").exists(), "the test needs the dead run's slot file left"
         started = time.monotonic()
         assert xb.start("vmb").returncode == 0, journal.text("-u", "xenbackup@vmb")
