@@ -106,12 +106,17 @@ def sweep_all(ctx: Context) -> list[str]:
 
 def record_interrupted(ctx: Context, vm: VM, left: list[str]) -> None:
     """A run that left its snapshots behind never finished: its VM's record (status, metrics) says so."""
-    previous = ctx.store.read_record(vm.name) or {}
-    ctx.store.write_record(vm.name, {
+    _save_record(ctx, vm, {
         "vm": vm.name, "result": "interrupted", "finished": time.time(), "run_id": "", "started": None,
         "duration": None, "peak_fill": None, "restic_snapshots": [], "stale_snapshots": left,
-        "last_success": previous.get("last_success"),
     })
+
+
+def _save_record(ctx: Context, vm: VM, record: dict[str, Any]) -> None:
+    """Write the VM's last-run record (keeping the time of the last success) and refresh the metrics."""
+    previous = ctx.store.read_record(vm.name) or {}
+    record["last_success"] = record["finished"] if record["result"] == "success" else previous.get("last_success")
+    ctx.store.write_record(vm.name, record)
     try:
         write_metrics(ctx.cfg)
     except OSError as exc:
@@ -440,14 +445,8 @@ def _finish(ctx: Context, vm: VM, state: RunState | None, result: str, cleanup_c
         "restic_snapshots": list(state.restic_snapshots) if state and ok else [],
         **(state.summary if state else {}),
     }
-    previous = ctx.store.read_record(vm.name) or {}
-    record["last_success"] = now if ok else previous.get("last_success")
     if state is not None:
-        ctx.store.write_record(vm.name, record)
-        try:
-            write_metrics(ctx.cfg)
-        except OSError as exc:
-            log.warning("cannot write metrics file %s: %s", ctx.cfg.settings.metrics_file, exc)
+        _save_record(ctx, vm, record)
     fields = {"result": record["result"], "peak_fill": record["peak_fill"] or 0}
     if ok:
         _event(logging.INFO, "backup of %s succeeded in %.0f s (snapshot peak fill %.1f%%)",
