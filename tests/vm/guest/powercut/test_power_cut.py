@@ -66,10 +66,7 @@ def _before_the_power_cut() -> None:
     sh("lvcreate", "--yes", "-s", "-L", "32M", "-n", HUMAN_SNAPSHOT, f"{SEED_VG}/xenvm")
     files = tree_hashes(layout.vmdir)
     sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
-    deadline = time.monotonic() + 300
-    while sh("pgrep", "-x", "restic", check=False).returncode != 0:
-        assert time.monotonic() < deadline, journal.text("-u", "xenbackup@vm1")
-        time.sleep(0.1)
+    xb.wait_for_restic(journal)
     time.sleep(2)  # restic has taken its lock and is writing packs
     ours = our_snapshots()
     assert len(ours) == 1, f"expected one snapshot of ours mid-backup, found {ours}"

@@ -142,12 +142,7 @@ def test_sigkill_during_backup_still_runs_cleanup(seed_layout, xb: Xb, journal: 
     sh("dd", "if=/dev/urandom", f"of={seed_layout.vmdir}/big.img", "bs=1M", "count=300", "status=none")
     xb.write_config(SEED_CONFIG.replace("256M", "512M"))
     sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
-    deadline = time.monotonic() + 300
-    while sh("pgrep", "-x", "restic", check=False).returncode != 0:
-        assert time.monotonic() < deadline, "restic never started"
-        assert sh("systemctl", "is-active", "xenbackup@vm1.service", check=False).stdout.strip() in (
-            "activating", "active"), journal.text("-u", "xenbackup@vm1")
-        time.sleep(0.2)
+    xb.wait_for_restic(journal)
     # While restic runs, `systemctl status` shows its progress (sd_notify STATUS=).
     deadline = time.monotonic() + 60
     status = ""

@@ -46,15 +46,6 @@ def big_file(layout, mb: int, name: str = "big.img") -> Path:
     return path
 
 
-def wait_for_restic(xb: Xb, journal: Journal, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while sh("pgrep", "-x", "restic", check=False).returncode != 0:
-        assert time.monotonic() < deadline, "restic never started"
-        state = sh("systemctl", "is-active", "xenbackup@vm1.service", check=False).stdout.strip()
-        assert state in ("activating", "active"), journal.text("-u", "xenbackup@vm1")
-        time.sleep(0.1)
-
-
 def assert_recovered(xb: Xb, journal: Journal, layout, static: dict[str, str], repo: Path = REPO) -> None:
     """The invariants every fault must leave behind."""
     assert our_snapshots() == [], "a snapshot of ours is left"
@@ -166,7 +157,7 @@ def test_restic_killed_mid_backup(seed_layout, xb: Xb, journal: Journal, baselin
     big = big_file(seed_layout, 200)
     static = tree_hashes(seed_layout.vmdir)
     sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
-    wait_for_restic(xb, journal)
+    xb.wait_for_restic(journal)
     time.sleep(1)
     sh("pkill", "-KILL", "-x", "restic")
     assert xb.wait_inactive() == "failed"
@@ -179,7 +170,7 @@ def test_systemctl_stop_mid_backup(seed_layout, xb: Xb, journal: Journal, baseli
     big = big_file(seed_layout, 200)
     static = tree_hashes(seed_layout.vmdir)
     sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
-    wait_for_restic(xb, journal)
+    xb.wait_for_restic(journal)
     sh("systemctl", "stop", "xenbackup@vm1.service", timeout=400)
     text = journal.text("-u", "xenbackup@vm1")
     assert "cleanup after result=" in text
@@ -252,7 +243,7 @@ def test_overflow_discards_the_run(seed_layout, xb: Xb, journal: Journal, baseli
     before = xb.snapshots("vm:vm1", "mode:files")
     xb.write_config(config(size="16M", threshold=99, step="4M", interval=3))
     sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
-    wait_for_restic(xb, journal)
+    xb.wait_for_restic(journal)
     stop = threading.Event()
     writer(target, 120, 8, 0.0, stop).join()
     assert xb.wait_inactive(timeout=600) == "failed"
@@ -272,7 +263,7 @@ def test_auto_extend_saves_a_filling_snapshot(seed_layout, xb: Xb, journal: Jour
     target = big_file(seed_layout, 48, "rewritten.img")
     xb.write_config(config(size="64M", threshold=40, step="64M", interval=1))
     sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
-    wait_for_restic(xb, journal)
+    xb.wait_for_restic(journal)
     stop = threading.Event()
     w = writer(target, 48, 4, 0.5, stop)
     state = xb.wait_inactive(timeout=600)
@@ -305,7 +296,7 @@ def test_thin_pool_filling_stops_the_run_before_it_is_full(thin_layout, xb: Xb, 
     sh("sync")
     static = tree_hashes(mnt / "data")
     sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
-    wait_for_restic(xb, journal)
+    xb.wait_for_restic(journal)
     # A VM writing new data while the snapshot pins the old blocks: the pool fills. The writer stops at 97 %
     # by itself, so the test never lets the pool run out under the origin.
     chunk = bytes(range(256)) * (8 << 12)
@@ -388,7 +379,7 @@ def test_max_parallel_one_serialises_three_vms(seed_layout, xb: Xb, journal: Jou
 def kill_run_during_cleanup(xb: Xb, journal: Journal) -> str:
     """Start vm1, kill restic, keep cleanup retrying lvremove (the snapshot held open), then SIGKILL it."""
     sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
-    wait_for_restic(xb, journal)
+    xb.wait_for_restic(journal)
     (snap,) = our_snapshots()
     holder = subprocess.Popen(["sleep", "600"], stdin=open(f"/dev/{snap}", "rb"))  # noqa: SIM115
     try:

@@ -73,6 +73,16 @@ class Xb:
         args = ["snapshots", "--json"] + (["--tag", ",".join(tags)] if tags else [])
         return json.loads(self.restic(*args).stdout or "[]")
 
+    def wait_for_restic(self, journal: Journal, timeout: float = 300) -> None:
+        """Wait until the started unit's restic runs; fail at once if the unit ends before that."""
+        unit = f"xenbackup@{self.vm}.service"
+        deadline = time.monotonic() + timeout
+        while sh("pgrep", "-x", "restic", check=False).returncode != 0:
+            assert time.monotonic() < deadline, "restic never started"
+            state = sh("systemctl", "is-active", unit, check=False).stdout.strip()
+            assert state in ("activating", "active"), journal.text("-u", unit)
+            time.sleep(0.1)
+
     def wait_inactive(self, vm: str | None = None, timeout: float = 300) -> str:
         unit = f"xenbackup@{vm or self.vm}.service"
         deadline = time.monotonic() + timeout
