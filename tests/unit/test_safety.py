@@ -173,6 +173,10 @@ print(json.dumps({{"report": [{{"lv": [r for r in rows if tag in r["lv_tags"].sp
                                           and r["vg_name"] + "/" + r["lv_name"] not in gone]}}]}}))
 """)
     (bindir / "lvremove").write_text(f'#!/bin/sh\necho "$2" >> {tmp_path / "removed"}\n')
+    (bindir / "restic").write_text(f'#!/bin/sh\necho "$RESTIC_REPOSITORY $*" >> {tmp_path / "restic.calls"}\n')
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "config").write_text("restic repository config")
     for tool in bindir.iterdir():
         tool.chmod(0o755)
     state = tmp_path / "state"
@@ -186,6 +190,9 @@ print(json.dumps({{"report": [{{"lv": [r for r in rows if tag in r["lv_tags"].sp
         [commands]
         lvs = "{bindir / 'lvs'}"
         lvremove = "{bindir / 'lvremove'}"
+        restic = "{bindir / 'restic'}"
+        [repository]
+        url = "{repo}"
         [vm.vm1]
         disks = [{{ lv = "system/xenvm", path = "vm1" }}]
     """)))
@@ -193,5 +200,8 @@ print(json.dumps({{"report": [{{"lv": [r for r in rows if tag in r["lv_tags"].sp
     record = json.loads((state / "vm1.json").read_text())
     assert record["result"] == "interrupted" and record["last_success"] == 1000.0
     assert record["stale_snapshots"] == ["system/xenvm.xb-vm1-20261126152142"]
+    # The interrupted run's restic lock would block the admin's `restic check`.
+    assert (tmp_path / "restic.calls").read_text().splitlines() == [f"{repo} unlock"]
     assert sweep_all(Context.from_config(cfg)) == []  # idempotent: nothing left, nothing recorded again
     assert len((state / "vm1.runs.jsonl").read_text().splitlines()) == 1
+    assert len((tmp_path / "restic.calls").read_text().splitlines()) == 1

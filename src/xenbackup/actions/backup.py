@@ -101,7 +101,18 @@ def sweep_all(ctx: Context) -> list[str]:
             removed.append(str(lv.ref))
             _event(logging.WARNING, "removed stale snapshot %s of an unconfigured VM", MessageId.STALE_REMOVED,
                    lv.ref, snapshot=lv.ref)
+    # At boot the network may not be up; the next run clears a remote repository's locks anyway.
+    if removed and ctx.cfg.repository.is_local:
+        _clear_stale_locks(ctx)
     return removed
+
+
+def _clear_stale_locks(ctx: Context) -> None:
+    """A killed restic leaves its lock behind, which would block prune, check and restore."""
+    try:
+        ctx.restic.unlock_stale()
+    except Exception as exc:
+        log.warning("could not clear stale repository locks: %s", exc)
 
 
 def record_interrupted(ctx: Context, vm: VM, left: list[str]) -> None:
@@ -415,11 +426,7 @@ def _cleanup(ctx: Context, vm: VM, result: str | None) -> int:
             code = 1
         state = ctx.store.load(vm.name) or state
         if result != "success":
-            # A killed restic leaves its lock behind, which would block prune, check and restore.
-            try:
-                ctx.restic.unlock_stale()
-            except Exception as exc:
-                log.warning("could not clear stale repository locks: %s", exc)
+            _clear_stale_locks(ctx)
         if state is not None and state.overflowed:
             try:
                 forget_run(ctx, state, "a snapshot overflowed, so what was read from it is inconsistent")

@@ -67,6 +67,10 @@ def restic_in(repo: Path, *args: str) -> str:
     return out.stdout
 
 
+def repo_locks(repo: Path = REPO) -> list[str]:
+    return sorted(p.name for p in (repo / "locks").iterdir()) if (repo / "locks").is_dir() else []
+
+
 def restic_check(repo: Path) -> None:
     restic_in(repo, "check")
 
@@ -377,10 +381,15 @@ def test_max_parallel_one_serialises_three_vms(seed_layout, xb: Xb, journal: Jou
 
 
 def kill_run_during_cleanup(xb: Xb, journal: Journal) -> str:
-    """Start vm1, kill restic, keep cleanup retrying lvremove (the snapshot held open), then SIGKILL it."""
+    """Start vm1, kill restic holding its repository lock, keep cleanup retrying lvremove (the snapshot
+    held open), then SIGKILL the cleanup too: it leaves both a snapshot and a stale restic lock."""
     sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
     xb.wait_for_restic(journal)
     (snap,) = our_snapshots()
+    deadline = time.monotonic() + 60
+    while not repo_locks():
+        assert time.monotonic() < deadline, "restic never took its repository lock"
+        time.sleep(0.1)
     holder = subprocess.Popen(["sleep", "600"], stdin=open(f"/dev/{snap}", "rb"))  # noqa: SIM115
     try:
         sh("pkill", "-KILL", "-x", "restic")
@@ -403,9 +412,11 @@ def test_cleanup_killed_then_next_run_and_boot_sweep_remove_leftovers(seed_layou
     xb.write_config(config())
     snap = kill_run_during_cleanup(xb, journal)
     assert our_snapshots() == [snap], "the test needs the killed cleanup to have left its snapshot"
+    assert repo_locks(), "the test needs the killed restic to have left its lock"
     sh("systemctl", "start", "xenbackup-cleanup.service")
     stale = [e for e in journal.entries("-u", "xenbackup-cleanup.service") if e.get("MESSAGE_ID") == MSG_STALE]
     assert stale and our_snapshots() == []
+    assert repo_locks() == [], "the sweep left the interrupted run's restic lock"
     assert_recovered(xb, journal, seed_layout, static)
 
 
