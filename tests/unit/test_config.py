@@ -156,6 +156,7 @@ def test_the_readme_example_config_is_valid(tmp_path) -> None:
     path.write_text(block.group(1))
     cfg = config.load(str(path))
     assert cfg.vms and all(vm.pool_threshold == 95 for vm in cfg.vms.values())
+    assert cfg.vm("db1").discovers_disks, "the README's two-disk VM example is not just [vm.db1]"
 
 
 def test_a_vm_without_disks_discovers_them_with_its_consistency_settings(write_config) -> None:
