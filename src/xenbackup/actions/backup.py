@@ -111,13 +111,13 @@ def sweep_all(ctx: Context) -> list[str]:
                     state = ctx.store.load(vm.name)
                     if state is not None and state.owner.alive():
                         continue
-                    if state is not None:
-                        _resume_left(ctx, vm, state)
+                    paused = state is not None and not _resume_left(ctx, vm, state)
                     left = sweep_stale(ctx, vm)
                     if left:
                         record_interrupted(ctx, vm, left)
                     removed += left
-                    ctx.store.clear(vm.name)
+                    if not paused:
+                        ctx.store.clear(vm.name)
             except Busy:
                 log.info("a run of %s is in progress; not sweeping it", vm.name)
     known = {vm.lv_tag for vm in ctx.cfg.vms.values()}
@@ -134,12 +134,21 @@ def sweep_all(ctx: Context) -> list[str]:
     return removed
 
 
-def _resume_left(ctx: Context, vm: VM, state: RunState) -> None:
-    """A run killed inside its snapshot window leaves the guest paused; it must never stay that way."""
+def _resume_left(ctx: Context, vm: VM, state: RunState) -> bool:
+    """A run killed inside its snapshot window leaves the guest paused; it must never stay that way.
+
+    False if the guest could not be resumed: the record of the pause is then kept, so the next cleanup,
+    run or boot sweep tries again."""
     if not state.paused:
-        return
-    resume_left(ctx.hypervisor(vm), vm.name, state.paused)
+        return True
+    try:
+        resume_left(ctx.hypervisor(vm), vm.name, state.paused)
+    except Exception as exc:
+        log.critical("%s is still %s by an interrupted run and could not be resumed: %s; resume it by hand",
+                     vm.name, "frozen" if state.paused == "freeze" else "paused", exc)
+        return False
     ctx.store.save(replace(state, paused=""))
+    return True
 
 
 def _clear_stale_locks(ctx: Context) -> None:
@@ -175,6 +184,8 @@ def claim(ctx: Context, vm: VM) -> RunState:
     me = Owner.current()
     if old is not None and old.owner != me and old.owner.alive():
         raise Busy(f"a backup of {vm.name} is already running ({old.owner.describe()}, run {old.run_id})")
+    if old is not None:
+        _resume_left(ctx, vm, old)
     sweep_stale(ctx, vm)
     state = RunState(vm=vm.name, run_id=new_run_id(), owner=me, started=time.time())
     ctx.store.save(state)
@@ -418,8 +429,7 @@ def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunS
 def release(ctx: Context, vm: VM, state: RunState | None) -> list[str]:
     """Unmount and remove this run's snapshots, and anything else tagged for the VM. Idempotent."""
     removed: list[str] = []
-    if state is not None and state.paused:
-        _resume_left(ctx, vm, state)
+    if state is not None and state.paused and _resume_left(ctx, vm, state):
         state = replace(state, paused="")
     for entry in mounts_below(ctx.store.mount_root(vm.name)):
         ctx.mounter.umount(entry.target)
@@ -531,6 +541,10 @@ def _finish(ctx: Context, vm: VM, state: RunState | None, result: str, cleanup_c
     elif state is not None:
         _event(logging.ERROR, "backup of %s failed (result=%s)", MessageId.FAILED, vm.name,
                record["result"], **fields)
+    if state is not None and (ctx.store.load(vm.name) or state).paused:
+        log.error("keeping the run state of %s: it records a guest still paused, for the next run or the sweep",
+                  vm.name)
+        return
     ctx.store.clear(vm.name)
 
 
