@@ -42,7 +42,8 @@ esac""",
         "lvs": f'case "$*" in *@*) echo \'{{"report": [{{"lv": []}}]}}\' ;; *) cat {tmp_path}/lvs.json ;; esac',
         "vgs": f'cat {tmp_path}/vgs.json',
         # The second lvcreate fails, as on a VG that ran out of room between preflight and the window.
-        "lvcreate": f"""n=$(cat {tmp_path}/lvcreate.n 2>/dev/null || echo 0); n=$((n+1)); echo $n > {tmp_path}/lvcreate.n
+        "lvcreate": f"""n=$(cat {tmp_path}/lvcreate.n 2>/dev/null || echo 0); n=$((n+1))
+echo $n > {tmp_path}/lvcreate.n
 [ -e {tmp_path}/paused ] && echo "guest paused" >> {calls}
 [ $n -lt "$(cat {tmp_path}/fail-at 2>/dev/null || echo 99)" ] || {{ echo "  Insufficient free space" >&2; exit 5; }}""",
         "lvremove": "",
