@@ -22,6 +22,10 @@ class Busy(Exception):
     """Another run of the same VM holds it."""
 
 
+class OwnerUnknown(Busy):
+    """Whether the run holding a VM is alive cannot be told; it is treated as alive."""
+
+
 @dataclass(frozen=True)
 class Owner:
     """Who a run belongs to: a unit invocation (stable across its steps) or a foreground process."""
@@ -39,11 +43,18 @@ class Owner:
         if self.invocation_id:
             if self.invocation_id == os.environ.get("INVOCATION_ID", ""):
                 return True
+            if not self.unit:
+                return False
             # A unit has one invocation at a time; the recorded one lives only while PID 1 says so.
-            from .systemd import unit_state
+            from .systemd import SystemdUnavailable, query_unit
 
-            st = unit_state(self.unit) if self.unit else None
-            return (st is not None and st.invocation_id == self.invocation_id
+            try:
+                st = query_unit(self.unit)
+            except SystemdUnavailable as exc:
+                # "Cannot ask" must never read as "dead": a live run's snapshots would be swept under it.
+                raise OwnerUnknown(f"cannot ask systemd whether {self.describe()} is alive: {exc}; "
+                                   "not touching its snapshots") from exc
+            return (st.invocation_id == self.invocation_id
                     and st.active_state in ("activating", "active", "deactivating", "reloading"))
         if self.pid:
             try:

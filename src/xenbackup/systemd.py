@@ -57,8 +57,12 @@ def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def unit_state(name: str) -> UnitState | None:
-    """The unit's properties from PID 1 over D-Bus, or None where no system bus is reachable."""
+class SystemdUnavailable(Exception):
+    """PID 1 could not be asked (no system bus, D-Bus error): the unit's state is unknown, not "dead"."""
+
+
+def query_unit(name: str) -> UnitState:
+    """The unit's properties from PID 1 over D-Bus; raises SystemdUnavailable when it cannot be asked."""
     try:
         from pystemd.systemd1 import Unit
 
@@ -76,7 +80,15 @@ def unit_state(name: str) -> UnitState | None:
             inactive_enter_usec=int(unit.Unit.InactiveEnterTimestamp),
         )
     except Exception as exc:
-        log.debug("cannot read %s over D-Bus: %s", name, exc)
+        raise SystemdUnavailable(f"cannot read {name} over D-Bus: {exc}") from exc
+
+
+def unit_state(name: str) -> UnitState | None:
+    """Like query_unit, or None where PID 1 cannot be asked; only for reports that may show "unknown"."""
+    try:
+        return query_unit(name)
+    except SystemdUnavailable as exc:
+        log.debug("%s", exc)
         return None
 
 

@@ -90,3 +90,29 @@ def test_a_step_error_is_journalled_with_its_vm_and_phase(cfg_path, no_path_lvm,
     (error,) = [f for f in fields if f["PRIORITY"] == "3"]
     assert error["XENBACKUP_VM"] == "vm1" and error["XENBACKUP_PHASE"] == "backup"
     assert error["OBJECT_SYSTEMD_UNIT"] == "xenbackup@vm1.service"
+
+
+def test_a_run_whose_liveness_systemd_cannot_tell_is_left_alone(cfg_path, tmp_path, no_path_lvm, monkeypatch,
+                                                                 capsys) -> None:
+    import json
+
+    import pystemd.systemd1
+
+    class NoBus:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def load(self) -> None:
+            raise ConnectionError("Connection refused by the system bus")
+
+    monkeypatch.setattr(pystemd.systemd1, "Unit", NoBus)
+    state = tmp_path / "run" / "vm1" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"vm": "vm1", "run_id": "20261129T100000-42", "started": 1.0,
+                                 "owner": {"invocation_id": "0123abcd", "pid": 0, "unit": "xenbackup@vm1.service"}}))
+    assert cli.main(["--config", str(cfg_path), "backup", "vm1"]) == cli.EXIT_BUSY
+    assert not no_path_lvm.exists(), "a run that may be alive must keep its snapshots"
+    assert ("cannot ask systemd whether xenbackup@vm1.service (invocation 0123abcd) is alive: "
+            "cannot read xenbackup@vm1.service over D-Bus: Connection refused by the system bus; "
+            "not touching its snapshots") in capsys.readouterr().err
+    assert json.loads(state.read_text())["run_id"] == "20261129T100000-42"
