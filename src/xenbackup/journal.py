@@ -12,6 +12,8 @@ from collections.abc import Iterator, Mapping
 from enum import StrEnum
 from typing import Any
 
+from .systemd import escape_instance
+
 IDENTIFIER = "xenbackup"
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 VM: contextvars.ContextVar[str] = contextvars.ContextVar("xenbackup_vm", default="")
@@ -78,7 +80,8 @@ def context_of(exc: BaseException) -> dict[str, str | None]:
 
 
 def unit_for(vm: str) -> str:
-    return f"xenbackup@{vm}.service"
+    """The service a VM's runs belong to, escaped as the timer names it (web-01 → xenbackup@web\\x2d01)."""
+    return f"xenbackup@{escape_instance(vm)}.service"
 
 
 def journal_fields(record: logging.LogRecord) -> dict[str, str]:

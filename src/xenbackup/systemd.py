@@ -25,11 +25,13 @@ def notify_status(text: str) -> None:
 
 def unescape_instance(text: str) -> str:
     r"""Undo systemd-escape's \xNN escapes; VM names never contain '/', so '-' stays '-'."""
-    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
+    # A run of escapes is one UTF-8 sequence: systemd-escape writes "ü" as \xc3\xbc.
+    return re.sub(r"(?:\\x[0-9a-fA-F]{2})+",
+                  lambda m: bytes.fromhex(m.group(0).replace("\\x", "")).decode(errors="replace"), text)
 
 
 def escape_instance(name: str) -> str:
-    """The instance name as `systemd-escape` writes it."""
+    """The instance name as `systemd-escape` writes it; the one place unit instance names are escaped."""
     out = []
     for i, ch in enumerate(name):
         if ch.isascii() and (ch.isalnum() or ch in "_:" or (ch == "." and i > 0)):

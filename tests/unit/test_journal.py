@@ -2,10 +2,15 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from xenbackup import journal
 from xenbackup.journal import MessageId, journal_fields, syslog_priority
+from xenbackup.systemd import escape_instance, unescape_instance
 
 CATALOG = Path(__file__).parents[2] / "packaging" / "xenbackup.catalog"
 
@@ -25,6 +30,31 @@ def test_fields_carry_identifier_vm_phase_and_unit() -> None:
     assert fields["OBJECT_SYSTEMD_UNIT"] == "xenbackup@vm1.service"
     assert fields["PRIORITY"] == "6" and fields["MESSAGE"] == "hello"
     assert "XENBACKUP_VM" not in journal_fields(record("outside"))
+
+
+def test_the_unit_named_for_a_vm_is_the_one_the_timer_starts() -> None:
+    assert journal.unit_for("web-01") == "xenbackup@web\\x2d01.service"
+    with journal.context(vm="web-01"):
+        fields = journal_fields(record("hello"))
+    assert fields["OBJECT_SYSTEMD_UNIT"] == "xenbackup@web\\x2d01.service"
+    assert fields["XENBACKUP_VM"] == "web-01"
+
+
+ESCAPES = {"web-01": "web\\x2d01", "vm_1": "vm_1", "db.example": "db.example", ".hidden": "\\x2ehidden",
+           "x+y": "x\\x2by", "a b": "a\\x20b", "\u00fc": "\\xc3\\xbc", "-x": "\\x2dx", "_:x": "_:x"}
+
+
+@pytest.mark.parametrize("name", sorted(ESCAPES))
+def test_escape_follows_systemd_escape_rules(name: str) -> None:
+    assert escape_instance(name) == ESCAPES[name]
+    assert unescape_instance(escape_instance(name)) == name
+
+
+@pytest.mark.skipif(shutil.which("systemd-escape") is None, reason="systemd-escape is not installed")
+def test_escape_agrees_with_the_real_systemd_escape() -> None:
+    names = [*ESCAPES, "vm-1.example-2", "a+b_c:d", "x~y"]
+    real = subprocess.run(["systemd-escape", "--", *names], capture_output=True, text=True, check=True).stdout.split()
+    assert [escape_instance(n) for n in names] == real
 
 
 def test_message_id_and_extra_fields() -> None:
