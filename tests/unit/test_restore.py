@@ -42,6 +42,18 @@ def test_snapshot_id_or_run_id_selects_the_whole_run() -> None:
         assert sel.run_id == "r1" and sel.config is not None and sel.disks["system/xenvm"].id.startswith("a")
 
 
+def test_an_ambiguous_snapshot_prefix_lists_the_candidates() -> None:
+    snaps = [*SNAPS, Snapshot(id="ab" + "0" * 62, short_id="ab000000", time="2026-11-22T20:00:00Z", hostname="h",
+                              paths=("/x",), tags=("xenbackup", "vm:vm1", "run:r3", "disk:system/xenvm"))]
+    with pytest.raises(RestoreError) as err:
+        select_run(snaps, "a")
+    assert str(err.value) == ("snapshot ID prefix 'a' is ambiguous, it matches: "
+                              "aa (run r1, 2026-11-20T20:00:00Z, system/xenvm); "
+                              "ab000000 (run r3, 2026-11-22T20:00:00Z, system/xenvm); "
+                              "give more characters or the run ID")
+    assert select_run(snaps, "ab").run_id == "r3"
+
+
 def test_unknown_snapshot_is_a_clear_error() -> None:
     with pytest.raises(RestoreError, match="no backup of this VM has snapshot or run ID 'zzz'"):
         select_run(SNAPS, "zzz")
