@@ -102,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     no.add_argument("unit")
 
     sub.add_parser("sweep", help="remove snapshots and mounts left by interrupted runs (runs at boot)")
-    sub.add_parser("check-config", help="validate the config and report every problem")
+    cc = sub.add_parser("check-config", help="validate the config and report every problem, including VGs, "
+                                             "LVs and domain configs missing on this host")
+    cc.add_argument("--offline", action="store_true",
+                    help="check the file only, not this host (for a config written for another host)")
     sub.add_parser("init", help="initialise the restic repository (local ones are created on first use)")
     return p
 
@@ -196,17 +199,21 @@ def _cmd_sweep(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
-    errors = []
-    for vm in cfg.vms.values():
-        if vm.schedule is not None:
-            problem = systemd.calendar_error(vm.schedule, cfg.command("systemd-analyze"))
-            if problem is not None:
-                errors.append(f"{cfg.path}: vm.{vm.name}.schedule: invalid calendar expression "
-                              f"{vm.schedule!r}: {problem}")
+    from .actions.hostcheck import host_problems
+    from .lvm import Lvm
+
+    if args.offline:
+        print(f"{cfg.path}: OK (file only, host not checked), {len(cfg.vms)} VM(s): "
+              f"{', '.join(sorted(cfg.vms)) or 'none'}")
+        return EXIT_OK
     lines, problems = _discovered_disks(cfg)
-    errors += problems
-    if errors:
-        raise ConfigError(errors)
+    try:
+        problems += host_problems(cfg, Lvm(cfg.commands))
+    except (CommandError, LvmError) as exc:
+        problems.append(f"{cfg.path}: cannot check this host's LVs: {exc}; "
+                        "use --offline for a config written for another host")
+    if problems:
+        raise ConfigError(problems)
     print(f"{cfg.path}: OK, {len(cfg.vms)} VM(s): {', '.join(sorted(cfg.vms)) or 'none'}")
     for line in lines:
         print(line)
@@ -316,13 +323,17 @@ VERBS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
 }
 
 
+# Verbs that act on schedules get systemd's verdict on every calendar expression and time span up front.
+SYSTEMD_CHECKED_VERBS = ("check-config",)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     journal.setup(debug=args.debug)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
     try:
-        cfg = config_mod.load(args.config)
+        cfg = config_mod.load(args.config, ask_systemd=args.verb in SYSTEMD_CHECKED_VERBS)
         return VERBS[args.verb](cfg, args)
     except ConfigError as exc:
         for line in exc.errors:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,16 +97,65 @@ def unit_state(name: str) -> UnitState | None:
 
 def calendar_error(expr: str, analyze: str = "systemd-analyze") -> str | None:
     """None if systemd accepts the calendar expression, else its complaint."""
-    from .run import CommandError, run
+    from .run import CommandError
 
     try:
-        out = run([analyze, "calendar", expr], check=False)
+        return calendar_errors([expr], analyze).get(expr)
     except CommandError as exc:
         return str(exc)
+
+
+def _complaint(stderr: str, returncode: int) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"systemd-analyze exited {returncode}"
+
+
+def calendar_errors(exprs: Sequence[str], analyze: str = "systemd-analyze") -> dict[str, str]:
+    """systemd's complaint about each bad calendar expression, from one `systemd-analyze calendar A B C`.
+
+    Raises CommandError when systemd-analyze cannot be run at all.
+    """
+    from .run import run
+
+    exprs = list(dict.fromkeys(exprs))
+    if not exprs:
+        return {}
+    out = run([analyze, "calendar", *exprs], check=False)
     if out.returncode == 0:
-        return None
-    lines = [line.strip() for line in (out.stderr or out.stdout).splitlines() if line.strip()]
-    return lines[-1] if lines else f"systemd-analyze calendar exited {out.returncode}"
+        return {}
+    # systemd-analyze checks every argument and names each bad one: "... specification 'X': reason".
+    bad = {}
+    for line in out.stderr.splitlines():
+        for expr in exprs:
+            if f"'{expr}'" in line:
+                bad[expr] = line.strip()
+    if bad:
+        return bad
+    if len(exprs) == 1:
+        return {exprs[0]: _complaint(out.stderr or out.stdout, out.returncode)}
+    # An older systemd that words it differently: ask about each one alone.
+    return {e: why for e in exprs for why in calendar_errors([e], analyze).values()}
+
+
+def timespan_errors(spans: Sequence[str], analyze: str = "systemd-analyze") -> dict[str, str]:
+    """systemd's complaint about each bad time span; raises CommandError if systemd-analyze cannot run."""
+    from .run import run
+
+    todo = list(dict.fromkeys(spans))
+    bad: dict[str, str] = {}
+    # `systemd-analyze timespan` stops at the first bad argument, so the rest is asked again after it.
+    while todo:
+        out = run([analyze, "timespan", *todo], check=False)
+        if out.returncode == 0:
+            break
+        judged = [line.split(":", 1)[1].strip() for line in out.stdout.splitlines()
+                  if line.startswith("Original:")]
+        first_bad = len(judged)
+        if first_bad >= len(todo):
+            break
+        bad[todo[first_bad]] = _complaint(out.stderr, out.returncode)
+        todo = todo[first_bad + 1:]
+    return bad
 
 
 @dataclass(frozen=True)
