@@ -23,7 +23,7 @@ from .lvm import LvmError
 from .model import DiskMode, LvRef, format_bytes
 from .mount import MountError
 from .repository import RepositoryError
-from .run import CommandError
+from .run import CommandError, mask_url
 from .state import Busy
 
 log = logging.getLogger("xenbackup")
@@ -300,7 +300,7 @@ def _cmd_notify(cfg: Config, args: argparse.Namespace) -> int:
 def _cmd_init(cfg: Config, args: argparse.Namespace) -> int:
     ctx = backup_mod.Context.from_config(cfg)
     if ctx.restic.is_initialized():
-        print(f"{cfg.repository.url}: already initialised")
+        print(f"{mask_url(cfg.repository.url)}: already initialised")
     else:
         ctx.restic.init()
     ctx.store.remember_repository(cfg.repository.url)

@@ -19,6 +19,7 @@ from .model import (
     Retention,
     SnapshotSize,
 )
+from .run import mask_url
 
 if sys.version_info >= (3, 11):  # noqa: UP036 - tomli keeps older Pythons working
     import tomllib
@@ -122,7 +123,7 @@ def p_cmd_list(v: Any) -> tuple[str, ...]:
 def p_url(v: Any) -> str:
     s = p_str(v)
     if s and not s.startswith(("http://", "https://")):
-        raise ValueError(f"expected an http:// or https:// URL, got {s!r}")
+        raise ValueError(f"expected an http:// or https:// URL, got {mask_url(s)!r}")
     return s
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .model import Disk, DiskMode, LvRef, SnapshotRecord
+from .run import mask_url
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,9 @@ class StateStore:
         return [str(url) for url in data] if isinstance(data, list) else []
 
     def remember_repository(self, url: str) -> None:
+        # The file is world-readable and only local paths are ever compared with it; a remote URL's
+        # password stays out.
+        url = mask_url(url)
         known = self.known_repositories()
         if url not in known:
             os.makedirs(self.state_dir, exist_ok=True)

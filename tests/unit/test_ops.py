@@ -138,3 +138,21 @@ def test_alert_names_the_run_systemd_says_failed(write_config, fake_bin, monkeyp
     msg = build_message(cfg, "xenbackup@vm1", env)
     assert (msg.vm, msg.result, msg.phase, msg.invocation_id) == ("vm1", "exit-code", "backup", "0123abcd")
     assert "_SYSTEMD_INVOCATION_ID=0123abcd" in fake_bin.calls.read_text()
+
+
+def test_a_failing_webhook_is_logged_without_its_token(write_config, caplog) -> None:
+    from xenbackup.actions.notify import FailureMessage, send
+
+    cfg = config.load(str(write_config("""
+        [notify]
+        webhook = "http://127.0.0.1:9/hook?token=hook-s3cr3t"
+        timeout = 5
+        [vm.vm1]
+        disks = [{ lv = "system/xenvm", path = "vm1" }]
+    """)))
+    msg = FailureMessage(vm="vm1", unit="xenbackup@vm1.service", host="h", result="exit-code", phase="backup",
+                         invocation_id="", time=0.0, lines=[])
+    caplog.set_level("INFO")
+    assert send(cfg, msg) == ["webhook"]
+    assert "webhook http://127.0.0.1:9/hook?*** failed: " in caplog.text
+    assert "hook-s3cr3t" not in caplog.text

@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import journal
 from ..config import Config
-from ..run import CommandError, run
+from ..run import CommandError, mask_url, run
 from ..systemd import unescape_instance, unit_state
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def send(cfg: Config, msg: FailureMessage) -> list[str]:
             with urllib.request.urlopen(req, timeout=n.timeout) as resp:
                 log.info("webhook answered %s", resp.status)
         except (urllib.error.URLError, OSError) as exc:
-            log.error("webhook %s failed: %s", n.webhook, exc)
+            log.error("webhook %s failed: %s", mask_url(n.webhook), exc)
             failed.append("webhook")
     return failed
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .. import journal
 from ..model import VM, DiskMode, Retention
+from ..run import mask_url
 from .backup import Context
 from .restore import relative_tree, run_disks, select_run
 
@@ -122,4 +123,4 @@ def check_repository(ctx: Context, subset: str | None) -> None:
         log.info("restic check%s", f" --read-data-subset {subset}" if subset else "")
         ctx.restic.unlock_stale()
         ctx.restic.check(subset)
-        log.info("repository %s is consistent", ctx.cfg.repository.url)
+        log.info("repository %s is consistent", mask_url(ctx.cfg.repository.url))
