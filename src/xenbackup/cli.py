@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "LVs and domain configs missing on this host")
     cc.add_argument("--offline", action="store_true",
                     help="check the file only, not this host (for a config written for another host)")
+    sub.add_parser("reload", help="after a config change: reload systemd and start or stop the VMs' timers to "
+                                  "match each `schedule` (no reboot needed)")
     sub.add_parser("init", help="initialise the restic repository (local ones are created on first use)")
     return p
 
@@ -297,6 +299,13 @@ def _cmd_notify(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _cmd_reload(cfg: Config, args: argparse.Namespace) -> int:
+    from .actions.reload import reload
+
+    reload(cfg, say=print)
+    return EXIT_OK
+
+
 def _cmd_init(cfg: Config, args: argparse.Namespace) -> int:
     ctx = backup_mod.Context.from_config(cfg)
     if ctx.restic.is_initialized():
@@ -319,12 +328,13 @@ VERBS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "status": _cmd_status,
     "notify": _cmd_notify,
     "check-config": _cmd_check_config,
+    "reload": _cmd_reload,
     "init": _cmd_init,
 }
 
 
 # Verbs that act on schedules get systemd's verdict on every calendar expression and time span up front.
-SYSTEMD_CHECKED_VERBS = ("check-config",)
+SYSTEMD_CHECKED_VERBS = ("check-config", "reload")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -348,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("%s", exc)
         return EXIT_OVERFLOW
     except (backup_mod.StepError, RestoreError, CommandError, LvmError, MountError, RepositoryError, HypervisorError,
-            OSError) as exc:
+            systemd.SystemdUnavailable, OSError) as exc:
         with journal.context(**journal.context_of(exc)):
             log.error("%s", exc, exc_info=args.debug)
             if isinstance(exc, CommandError) and exc.stderr_tail:

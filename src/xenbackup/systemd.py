@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,3 +183,62 @@ def timer_states(pattern: str = "xenbackup@*.timer") -> dict[str, TimerState]:
     except Exception as exc:
         log.debug("cannot list timers over D-Bus: %s", exc)
         return {}
+
+
+@dataclass(frozen=True)
+class UnitFileState:
+    """What `systemctl is-active` and `is-enabled` would say about one unit."""
+
+    name: str
+    load_state: str
+    active_state: str
+    unit_file_state: str
+
+
+def unit_file_state(name: str) -> UnitFileState:
+    """A unit's load, active and enablement state; raises SystemdUnavailable when PID 1 cannot be asked."""
+    try:
+        from pystemd.systemd1 import Unit
+
+        unit = Unit(name.encode())
+        unit.load()
+        return UnitFileState(name=name, load_state=_text(unit.Unit.LoadState),
+                             active_state=_text(unit.Unit.ActiveState),
+                             unit_file_state=_text(unit.Unit.UnitFileState))
+    except Exception as exc:
+        raise SystemdUnavailable(f"cannot read {name} over D-Bus: {exc}") from exc
+
+
+def _manager_call(what: str, call: Callable[[Any], Any]) -> Any:
+    try:
+        from pystemd.systemd1 import Manager
+
+        manager = Manager()
+        manager.load()
+        return call(manager.Manager)
+    except Exception as exc:
+        raise SystemdUnavailable(f"cannot {what} over D-Bus: {exc}") from exc
+
+
+def daemon_reload() -> None:
+    """`systemctl daemon-reload`: PID 1 answers once the generators have run and the units are reloaded."""
+    _manager_call("reload systemd", lambda m: m.Reload())
+
+
+def unit_names(pattern: str) -> list[str]:
+    """Units in PID 1's memory (loaded, active or with a job) whose name matches the glob pattern."""
+    rows = _manager_call(f"list {pattern}", lambda m: m.ListUnitsByPatterns([], [pattern.encode()]))
+    return sorted(_text(row[0]) for row in rows)
+
+
+def start_unit(name: str) -> None:
+    _manager_call(f"start {name}", lambda m: m.StartUnit(name.encode(), b"replace"))
+
+
+def stop_unit(name: str) -> None:
+    _manager_call(f"stop {name}", lambda m: m.StopUnit(name.encode(), b"replace"))
+
+
+def disable_unit(name: str) -> None:
+    """`systemctl disable`: remove the admin's enablement links of the unit."""
+    _manager_call(f"disable {name}", lambda m: m.DisableUnitFiles([name.encode()], False))

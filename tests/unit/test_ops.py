@@ -12,7 +12,7 @@ from xenbackup.actions.status import render_metrics, vm_status
 from xenbackup.config import RepositoryConfig
 from xenbackup.model import Retention
 from xenbackup.repository import Restic
-from xenbackup.systemd import TimerState, UnitState, escape_instance
+from xenbackup.systemd import TimerState, UnitFileState, UnitState, escape_instance
 
 CFG = """
 [defaults]
@@ -156,3 +156,65 @@ def test_a_failing_webhook_is_logged_without_its_token(write_config, caplog) -> 
     assert send(cfg, msg) == ["webhook"]
     assert "webhook http://127.0.0.1:9/hook?*** failed: " in caplog.text
     assert "hook-s3cr3t" not in caplog.text
+
+
+RELOAD_CFG = """
+[vm.vm1]
+schedule = "*-*-* 20:00"
+disks = [{ lv = "system/xenvm", path = "vm1" }]
+[vm."web-01"]
+schedule = "*-*-* 21:00"
+disks = [{ lv = "system/web" }]
+[vm.quiet]
+disks = [{ lv = "system/quiet" }]
+[vm.mine]
+disks = [{ lv = "system/mine" }]
+"""
+
+
+def unit(name: str, active: str = "inactive", enabled: str = "static") -> UnitFileState:
+    return UnitFileState(name=name, load_state="loaded", active_state=active, unit_file_state=enabled)
+
+
+def test_reload_starts_new_schedules_and_stops_lost_ones(write_config) -> None:
+    from xenbackup.actions.reload import TimerAction, TimerChange, plan_timers
+
+    cfg = config.load(str(write_config(RELOAD_CFG)))
+    states = {u.name: u for u in [
+        unit("xenbackup@vm1.timer", "active"),                  # scheduled and running: left alone
+        unit("xenbackup@web\\x2d01.timer"),                      # a new schedule: started
+        unit("xenbackup@quiet.timer", "active"),                # its schedule was removed: stopped
+        unit("xenbackup@mine.timer", "active", "enabled"),      # enabled by the admin by hand: kept
+        unit("xenbackup@gone.timer", "active", "enabled"),      # its VM left the config: stopped and disabled
+        unit("xenbackup-prune.timer", "inactive", "enabled"),   # enabled without --now: started
+        unit("xenbackup-verify.timer", "inactive", "disabled"),  # the admin turned it off: left alone
+    ]}
+    assert plan_timers(cfg, states) == [
+        TimerAction("xenbackup@web\\x2d01.timer", TimerChange.START, "vm.web-01.schedule"),
+        TimerAction("xenbackup@gone.timer", TimerChange.STOP_AND_DISABLE, f"no vm.gone in {cfg.path}"),
+        TimerAction("xenbackup@quiet.timer", TimerChange.STOP, "vm.quiet has no schedule"),
+        TimerAction("xenbackup-prune.timer", TimerChange.START, "enabled but not running"),
+    ]
+    assert plan_timers(cfg, {**states, **{a: unit(a, "active", "enabled") for a in
+                                          ("xenbackup@web\\x2d01.timer", "xenbackup-prune.timer")},
+                             "xenbackup@gone.timer": unit("xenbackup@gone.timer"),
+                             "xenbackup@quiet.timer": unit("xenbackup@quiet.timer")}) == []
+
+
+def test_reload_without_systemd_fails_with_one_line(write_config, monkeypatch, capsys) -> None:
+    import pystemd.systemd1
+
+    from xenbackup import cli
+
+    class NoBus:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def load(self) -> None:
+            raise ConnectionError("Connection refused by the system bus")
+
+    monkeypatch.setattr(pystemd.systemd1, "Manager", NoBus)
+    path = write_config(RELOAD_CFG)
+    assert cli.main(["--config", str(path), "reload"]) == cli.EXIT_FAILED
+    assert capsys.readouterr().err.splitlines() == [
+        "error: cannot reload systemd over D-Bus: Connection refused by the system bus"]
