@@ -208,7 +208,7 @@ class Restic:
         probe = self._run(["cat", "config"], check=False)
         if probe.returncode != 0:
             why = next((line.strip() for line in probe.stderr.splitlines() if line.strip()), "no answer")
-            raise RepositoryError(f"repository {self.cfg.url} cannot be opened: {why}")
+            raise RepositoryError(f"repository {mask_url(self.cfg.url)} cannot be opened: {why}")
 
     def init(self) -> None:
         self.ensure_password()
