@@ -15,6 +15,7 @@ from types import FrameType
 from . import config as config_mod
 from . import journal, systemd
 from .actions import backup as backup_mod
+from .actions.context import Context, StepError
 from .actions.restore import RestoreError
 from .actions.watch import SnapshotOverflowed
 from .config import Config, ConfigError
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_backup(cfg: Config, args: argparse.Namespace) -> int:
     vm = cfg.vm(args.vm)
-    ctx = backup_mod.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     with journal.context(vm=vm.name):
         backup_mod.backup_foreground(ctx, vm)
     return EXIT_OK
@@ -122,7 +123,7 @@ def _cmd_backup(cfg: Config, args: argparse.Namespace) -> int:
 
 def _cmd_step(cfg: Config, args: argparse.Namespace) -> int:
     vm = cfg.vm(args.vm)
-    ctx = backup_mod.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     with journal.context(vm=vm.name):
         if args.step == "snapshot":
             backup_mod.step_snapshot(ctx, vm)
@@ -138,7 +139,7 @@ def _cmd_step(cfg: Config, args: argparse.Namespace) -> int:
 def _cmd_list(cfg: Config, args: argparse.Namespace) -> int:
     from .actions.listing import group_runs
 
-    ctx = backup_mod.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     if args.vm:
         cfg.vm(args.vm)
     tags = ["xenbackup"] + ([f"vm:{args.vm}"] if args.vm else [])
@@ -163,10 +164,12 @@ def _cmd_list(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
+    from .actions import plan as plan_mod
+
     vm = cfg.vm(args.vm)
-    ctx = backup_mod.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     print(f"# dry run for {vm.name}: nothing is executed")
-    for cmd in backup_mod.plan(ctx, vm):
+    for cmd in plan_mod.plan(ctx, vm):
         note = f"    # {cmd.note}" if cmd.note else ""
         print(f"[{cmd.phase}] {shlex.join(cmd.argv)}{note}")
     return EXIT_OK
@@ -184,7 +187,7 @@ def _cmd_restore(cfg: Config, args: argparse.Namespace) -> int:
                          flatten=args.flatten, includes=tuple(args.include), stop=args.stop,
                          start=not args.no_start, with_config=args.with_config, delete=args.delete,
                          dry_run=args.dry_run, shutdown_timeout=cfg.settings.shutdown_timeout)
-    ctx = backup_mod.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     with journal.context(vm=vm.name, phase="restore"):
         if args.dry_run:
             print(f"# dry run: restore of {vm.name}; nothing is changed")
@@ -195,7 +198,9 @@ def _cmd_restore(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(cfg: Config, args: argparse.Namespace) -> int:
-    removed = backup_mod.sweep_all(backup_mod.Context.from_config(cfg))
+    from .actions.sweep import sweep_all
+
+    removed = sweep_all(Context.from_config(cfg))
     log.info("sweep done: %s", f"removed {', '.join(removed)}" if removed else "nothing left behind")
     return EXIT_OK
 
@@ -224,14 +229,14 @@ def _cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
 
 def _discovered_disks(cfg: Config) -> tuple[list[str], list[str]]:
     """Each VM's disks and where they came from; a disk two VMs claim, or a definition that fails, is an error."""
-    ctx = backup_mod.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     lines: list[str] = []
     errors: list[str] = []
     owner: dict[str, str] = {}
     for vm in cfg.vms.values():
         try:
             disks = ctx.disks(vm)
-        except backup_mod.StepError as exc:
+        except StepError as exc:
             errors.append(f"{cfg.path}: vm.{vm.name}.disks: {exc} (a run would fail before any snapshot)")
             continue
         for disk in disks:
@@ -247,7 +252,7 @@ def _discovered_disks(cfg: Config) -> tuple[list[str], list[str]]:
 def _cmd_prune(cfg: Config, args: argparse.Namespace) -> int:
     from .actions import ops
 
-    ctx = backup_mod.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     names = [cfg.vm(args.vm).name] if args.vm else sorted(cfg.vms)
     for name in names:
         with ctx.store.lock(name):
@@ -258,7 +263,7 @@ def _cmd_prune(cfg: Config, args: argparse.Namespace) -> int:
 def _cmd_verify(cfg: Config, args: argparse.Namespace) -> int:
     from .actions import ops
 
-    ctx = backup_mod.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     if not args.no_check:
         ops.check_repository(ctx, args.read_data_subset or cfg.settings.verify_read_data_subset)
     if args.restore_test is None:
@@ -307,7 +312,7 @@ def _cmd_reload(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_init(cfg: Config, args: argparse.Namespace) -> int:
-    ctx = backup_mod.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     if ctx.restic.is_initialized():
         print(f"{mask_url(cfg.repository.url)}: already initialised")
     else:
@@ -357,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with journal.context(**journal.context_of(exc)):
             log.error("%s", exc)
         return EXIT_OVERFLOW
-    except (backup_mod.StepError, RestoreError, CommandError, LvmError, MountError, RepositoryError, HypervisorError,
+    except (StepError, RestoreError, CommandError, LvmError, MountError, RepositoryError, HypervisorError,
             systemd.SystemdUnavailable, OSError) as exc:
         with journal.context(**journal.context_of(exc)):
             log.error("%s", exc, exc_info=args.debug)

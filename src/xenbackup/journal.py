@@ -32,6 +32,12 @@ class MessageId(StrEnum):
     EXTENDED = "728c0e799eb9423badef1d4434a899eb"
 
 
+def event(logger: logging.Logger, level: int, msg: str, message_id: MessageId, *args: object,
+          **fields: object) -> None:
+    """Log an event an operator cares about, with its MESSAGE_ID and XENBACKUP_* fields."""
+    logger.log(level, msg, *args, extra={"message_id": message_id.value, "fields": fields})
+
+
 SYSLOG_PRIORITY = {
     logging.CRITICAL: 2,
     logging.ERROR: 3,

@@ -170,7 +170,8 @@ def test_end_to_end_with_real_restic(tmp_path) -> None:
 
 def test_a_vanished_local_repository_is_never_recreated(write_config, tmp_path) -> None:
     from xenbackup import config
-    from xenbackup.actions.backup import Context, open_repository
+    from xenbackup.actions.backup import open_repository
+    from xenbackup.actions.context import Context
 
     url = tmp_path / "backupdisk" / "repo"
     cfg = config.load(str(write_config(f"""

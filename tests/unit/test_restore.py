@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from xenbackup import config
-from xenbackup.actions.backup import Context
+from xenbackup.actions.context import Context
 from xenbackup.actions.restore import (
     RestoreError,
     Restorer,

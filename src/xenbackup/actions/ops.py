@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .. import journal
 from ..model import VM, DiskMode, Retention
 from ..run import mask_url
-from .backup import Context
+from .context import Context
 from .restore import relative_tree, run_disks, select_run
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from ..mount import mounts
 from ..repository import Snapshot
 from ..run import run
 from ..state import Busy, StateStore
-from .backup import Context, StepError
+from .context import Context, StepError
 
 log = logging.getLogger(__name__)
 
