@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from . import config as config_mod
-from . import journal, systemd
+from . import journal, names, systemd
 from .actions import backup as backup_mod
 from .actions.context import Context, StepError
 from .actions.restore import RestoreError
@@ -47,7 +47,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 def _vm_name(text: str) -> str:
     # The units pass %i; accept systemd-escape'd instance names as well as plain ones.
-    return systemd.unescape_instance(text)
+    return names.unescape_instance(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +142,7 @@ def _cmd_list(cfg: Config, args: argparse.Namespace) -> int:
     ctx = Context.from_config(cfg)
     if args.vm:
         cfg.vm(args.vm)
-    tags = ["xenbackup"] + ([f"vm:{args.vm}"] if args.vm else [])
+    tags = names.restic_filter(args.vm)
     snaps = ctx.restic.snapshots(tags) if ctx.restic.is_initialized() else []
     records: dict[str, dict[str, object]] = {}
     for name in cfg.vms:
@@ -285,8 +285,7 @@ def _cmd_verify(cfg: Config, args: argparse.Namespace) -> int:
 def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     from .actions import status as status_mod
 
-    units = {f"xenbackup@{systemd.escape_instance(n)}.service": systemd.unit_state(
-        f"xenbackup@{systemd.escape_instance(n)}.service") for n in cfg.vms}
+    units = {names.service(n): systemd.unit_state(names.service(n)) for n in cfg.vms}
     rows = status_mod.collect(cfg, units, systemd.timer_states())
     if args.json:
         print(json.dumps([r.as_json() for r in rows], indent=1))

@@ -11,8 +11,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import config as config_mod
+from . import names
 from .model import VM
-from .systemd import calendar_error, escape_instance
+from .systemd import calendar_error
 
 UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
              "/usr/lib/systemd/system", "/lib/systemd/system")
@@ -56,7 +57,7 @@ def generate(out_dir: str, cfg: config_mod.Config, template: str,
             log(3, f"{cfg.path}: vm.{vm.name}.schedule: invalid calendar expression {vm.schedule!r}: {problem}; "
                    f"no timer for {vm.name}")
             continue
-        timer = f"xenbackup@{escape_instance(vm.name)}.timer"
+        timer = names.timer(vm.name)
         dropin_dir = os.path.join(out_dir, f"{timer}.d")
         os.makedirs(dropin_dir, exist_ok=True)
         with open(os.path.join(dropin_dir, DROPIN), "w", encoding="utf-8") as f:

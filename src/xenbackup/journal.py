@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from enum import StrEnum
 from typing import Any
 
-from .systemd import escape_instance
+from . import names
 
 IDENTIFIER = "xenbackup"
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -87,7 +87,7 @@ def context_of(exc: BaseException) -> dict[str, str | None]:
 
 def unit_for(vm: str) -> str:
     """The service a VM's runs belong to, escaped as the timer names it (web-01 → xenbackup@web\\x2d01)."""
-    return f"xenbackup@{escape_instance(vm)}.service"
+    return names.service(vm)
 
 
 def journal_fields(record: logging.LogRecord) -> dict[str, str]:

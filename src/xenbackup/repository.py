@@ -300,7 +300,3 @@ class Restic:
     def dump(self, snapshot: str, filename: str, sink: Callable[[bytes], None]) -> None:
         """Stream one stored file's bytes (a block-mode image) to sink."""
         stream_bytes([self.bin, "dump", snapshot, filename], sink, env=self.env(), secrets=self.secrets())
-
-
-def tags_for(host: str, vm: str, disk: str, mode: str, run_id: str) -> list[str]:
-    return ["xenbackup", f"host:{host}", f"vm:{vm}", f"disk:{disk}", f"mode:{mode}", f"run:{run_id}"]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from . import names
 from .model import Disk, DiskMode, LvRef, SnapshotRecord
 from .run import mask_url
 
@@ -318,7 +319,7 @@ class Slots:
         while holders := self.try_acquire(vm, owner):
             if holders != last_said:
                 log.info("waiting for a snapshot slot: max_parallel=%d is held by %s", self.max_parallel,
-                         ", ".join(f"{h} (xenbackup@{h}.service)" for h in holders))
+                         ", ".join(f"{h} ({names.service(h)})" for h in holders))
                 last_said = holders
             sleep(poll)
 

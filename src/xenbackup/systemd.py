@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from . import names
 
 log = logging.getLogger(__name__)
 
@@ -22,26 +23,6 @@ def notify_status(text: str) -> None:
         daemon.notify(False, f"STATUS={text}")
     except Exception as exc:  # progress reporting must never break a backup
         log.debug("sd_notify failed: %s", exc)
-
-
-def unescape_instance(text: str) -> str:
-    r"""Undo systemd-escape's \xNN escapes; VM names never contain '/', so '-' stays '-'."""
-    # A run of escapes is one UTF-8 sequence: systemd-escape writes "ü" as \xc3\xbc.
-    return re.sub(r"(?:\\x[0-9a-fA-F]{2})+",
-                  lambda m: bytes.fromhex(m.group(0).replace("\\x", "")).decode(errors="replace"), text)
-
-
-def escape_instance(name: str) -> str:
-    """The instance name as `systemd-escape` writes it; the one place unit instance names are escaped."""
-    out = []
-    for i, ch in enumerate(name):
-        if ch.isascii() and (ch.isalnum() or ch in "_:" or (ch == "." and i > 0)):
-            out.append(ch)
-        elif ch == "/":
-            out.append("-")
-        else:
-            out.extend(f"\\x{b:02x}" for b in ch.encode())
-    return "".join(out)
 
 
 @dataclass(frozen=True)
@@ -165,7 +146,7 @@ class TimerState:
     last_trigger_usec: int
 
 
-def timer_states(pattern: str = "xenbackup@*.timer") -> dict[str, TimerState]:
+def timer_states(pattern: str = names.TIMER_PATTERN) -> dict[str, TimerState]:
     """Loaded timers matching pattern with their next elapse (realtime µs), over D-Bus."""
     try:
         from pystemd.systemd1 import Manager, Unit

@@ -10,7 +10,7 @@ import pytest
 
 from xenbackup import journal
 from xenbackup.journal import MessageId, journal_fields, syslog_priority
-from xenbackup.systemd import escape_instance, unescape_instance
+from xenbackup.names import escape_instance, unescape_instance
 
 CATALOG = Path(__file__).parents[2] / "packaging" / "xenbackup.catalog"
 
@@ -73,3 +73,15 @@ def test_catalog_explains_every_message_id() -> None:
     assert sorted(ids) == sorted(m.value for m in MessageId)
     for block in text.split("\n-- ")[1:]:
         assert "\nSubject: " in block and "\nDefined-By: xenbackup" in block
+
+
+def test_unit_names_round_trip_through_their_one_builder() -> None:
+    from xenbackup import names
+
+    assert names.service("web-01") == "xenbackup@web\\x2d01.service"
+    assert names.timer("db.1") == "xenbackup@db.1.timer"
+    assert names.vm_of_unit(names.service("web-01")) == "web-01"
+    assert names.vm_of_unit(names.timer("ü-vm")) == "ü-vm"
+    assert names.vm_of_unit("xenbackup-prune.timer") is None
+    assert names.restic_filter("vm1", run_id="r1", host="h") == ["xenbackup", "host:h", "vm:vm1", "run:r1"]
+    assert names.lv_tags("vm1", "r1") == ["xenbackup", "xenbackup-vm:vm1", "xenbackup-run:r1"]

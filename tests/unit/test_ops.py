@@ -11,8 +11,9 @@ from xenbackup.actions.ops import policy_for, prune_groups
 from xenbackup.actions.status import render_metrics, vm_status
 from xenbackup.config import RepositoryConfig
 from xenbackup.model import Retention
+from xenbackup.names import escape_instance
 from xenbackup.repository import Restic
-from xenbackup.systemd import TimerState, UnitFileState, UnitState, escape_instance
+from xenbackup.systemd import TimerState, UnitFileState, UnitState
 
 CFG = """
 [defaults]

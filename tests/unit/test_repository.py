@@ -6,6 +6,7 @@ import stat
 
 import pytest
 
+from xenbackup import names
 from xenbackup.config import RepositoryConfig
 from xenbackup.repository import (
     BackupSummary,
@@ -14,7 +15,6 @@ from xenbackup.repository import (
     Restic,
     parse_progress,
     parse_snapshots,
-    tags_for,
 )
 
 
@@ -51,7 +51,7 @@ def test_snapshots_json() -> None:
 
 def test_backup_argv_files_and_stdin(tmp_path) -> None:
     r = Restic(repo(tmp_path), "restic", credentials_dir="")
-    tags = tags_for("h", "vm1", "system/xenvm", "files", "r1")
+    tags = names.restic_tags("h", "vm1", "system/xenvm", "files", "r1")
     argv = r.backup_argv(["vm1"], tags, "h")
     assert argv[:4] == ["restic", "backup", "--json", "--host"]
     assert argv[-3:] == ["--one-file-system", "--", "vm1"]
@@ -160,7 +160,7 @@ def test_end_to_end_with_real_restic(tmp_path) -> None:
     r = Restic(repo(tmp_path), credentials_dir="")
     r.ensure_initialized()
     seen: list[Progress] = []
-    summary = r.backup(["vm1"], tags_for("h", "vm1", "system/xenvm", "files", "r1"), "h", seen.append,
+    summary = r.backup(["vm1"], names.restic_tags("h", "vm1", "system/xenvm", "files", "r1"), "h", seen.append,
                        cwd=str(tmp_path / "mnt"))
     assert summary.files == 1 and summary.total_bytes == 4096
     (snap,) = r.snapshots(["xenbackup", "vm:vm1"])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from xenbackup import config
+from xenbackup import config, names
 from xenbackup.actions.context import Context
 from xenbackup.actions.restore import (
     RestoreError,
@@ -16,7 +16,7 @@ from xenbackup.actions.restore import (
     normalize_include,
     select_run,
 )
-from xenbackup.repository import Snapshot, tags_for
+from xenbackup.repository import Snapshot
 
 
 def snap(id_: str, time: str, run: str, disk: str, mode: str = "files") -> Snapshot:
@@ -131,7 +131,7 @@ def backed_up(tmp_path: Path, write_config):
     (mnt / "vm1" / "vm1.cfg").write_text("memory = 256\n")
     (mnt / "vm1" / "name with space\nand newline").write_text("odd")
     ctx.restic.ensure_initialized()
-    ctx.restic.backup(["vm1"], tags_for(ctx.host, "vm1", "system/xenvm", "files", "r1"), ctx.host,
+    ctx.restic.backup(["vm1"], names.restic_tags(ctx.host, "vm1", "system/xenvm", "files", "r1"), ctx.host,
                       lambda p: None, cwd=str(mnt))
     return ctx, cfg, mnt / "vm1"
 

@@ -11,13 +11,13 @@ import time
 from contextlib import ExitStack
 from dataclasses import replace
 
-from .. import journal
+from .. import journal, names
 from ..journal import MessageId
 from ..lvm import LogicalVolume, LvmError, VolumeGroup
 from ..model import VM, Consistency, Disk, DiskMode, SnapshotRecord, snapshot_name
 from ..mount import mounts_below
 from ..progress import Reporter
-from ..repository import BackupSummary, RepositoryError, tags_for
+from ..repository import BackupSummary, RepositoryError
 from ..run import CommandError
 from ..state import Busy, Owner, RunState, new_run_id
 from .context import Context, StepError
@@ -95,7 +95,7 @@ def step_snapshot(ctx: Context, vm: VM) -> RunState:
         if method is Consistency.FREEZE and not hv.agent_answers(vm.name):
             raise StepError(f"consistency = \"freeze\" but the qemu guest agent of {vm.name} does not answer")
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
-        tags = ["xenbackup", vm.lv_tag, f"xenbackup-run:{state.run_id}"]
+        tags = names.lv_tags(vm.name, state.run_id)
         planned = [(disk, snapshot_name(vm.name, disk, stamp), thin[str(disk.lv)]) for disk in disks]
         state = replace(state, disks=disks, consistency=method.value)
         ctx.store.save(state)
@@ -198,7 +198,7 @@ class _Current:
 
 def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord, current: _Current) -> BackupSummary:
     disk = _disk(vm, state, rec.disk_slug)
-    tags = tags_for(ctx.host, vm.name, str(disk.lv), disk.mode.value, state.run_id)
+    tags = names.restic_tags(ctx.host, vm.name, str(disk.lv), disk.mode.value, state.run_id)
     reporter = Reporter(f"{vm.name} {disk.lv}", ctx.cfg.settings.progress_interval)
     try:
         if disk.mode is DiskMode.FILES:
@@ -267,7 +267,8 @@ def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunS
         for key in totals:
             totals[key] += getattr(summary, key)
     if vm.domain_config and os.path.isfile(vm.domain_config):
-        tags = tags_for(ctx.host, vm.name, "config", "config", state.run_id)
+        tags = names.restic_tags(ctx.host, vm.name, names.CONFIG_DISK, names.CONFIG_DISK,
+                                 state.run_id)
         summary = ctx.restic.backup([vm.domain_config], tags, ctx.host, lambda p: None)
         state = replace(state, restic_snapshots=(*state.restic_snapshots, summary.snapshot_id))
         ctx.store.save(state)
@@ -318,7 +319,7 @@ def forget_run(ctx: Context, state: RunState, why: str) -> None:
     """An untrustworthy run must not leave a restic snapshot that could be restored as good."""
     ids = set(state.restic_snapshots)
     # restic can store a snapshot and still fail (exit 3: some files unreadable), so ask it by run tag too.
-    ids |= {s.id for s in ctx.restic.snapshots(["xenbackup", f"vm:{state.vm}", f"run:{state.run_id}"])}
+    ids |= {s.id for s in ctx.restic.snapshots(names.restic_filter(state.vm, run_id=state.run_id))}
     if ids:
         log.warning("forgetting restic snapshots %s of run %s: %s", ", ".join(sorted(i[:8] for i in ids)),
                     state.run_id, why)

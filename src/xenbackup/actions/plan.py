@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from .. import names
 from ..model import VM, Consistency, DiskMode, HypervisorKind, PlannedCommand, snapshot_name
 from ..mount import mount_options
-from ..repository import tags_for
 from .context import Context
 from .window import choose
 
@@ -27,7 +27,7 @@ def plan(ctx: Context, vm: VM) -> list[PlannedCommand]:
     out: list[PlannedCommand] = []
     stamp = "<YYYYmmddHHMMSS>"
     run_id = "<run-id>"
-    tags = ["xenbackup", vm.lv_tag, f"xenbackup-run:{run_id}"]
+    tags = names.lv_tags(vm.name, run_id)
     out.append(PlannedCommand("snapshot", tuple(ctx.lvm.lvs_argv([f"@{vm.lv_tag}"])),
                               "find leftovers of a crashed run (removed if found)"))
     disks = ctx.disks(vm)
@@ -55,7 +55,7 @@ def plan(ctx: Context, vm: VM) -> list[PlannedCommand]:
                 f"/dev/{disk.lv.vg}/{name}", target, "<fstype>", opts)),
                 "xfs adds nouuid,norecovery; ext4 adds noload only when its journal is dirty"))
     for disk in disks:
-        tags_r = tags_for(ctx.host, vm.name, str(disk.lv), disk.mode.value, run_id)
+        tags_r = names.restic_tags(ctx.host, vm.name, str(disk.lv), disk.mode.value, run_id)
         if disk.mode is DiskMode.FILES:
             argv = ctx.restic.backup_argv([disk.path], tags_r, ctx.host)
             note = f"in {ctx.store.mountpoint(vm.name, disk.slug)}"
@@ -64,8 +64,8 @@ def plan(ctx: Context, vm: VM) -> list[PlannedCommand]:
             note = f"stdin from /dev/{disk.lv.vg}/{snapshot_name(vm.name, disk, stamp)}"
         out.append(PlannedCommand("backup", tuple(argv), note))
     if vm.domain_config:
-        argv = ctx.restic.backup_argv([vm.domain_config], tags_for(ctx.host, vm.name, "config", "config",
-                                                                    run_id), ctx.host)
+        config_tags = names.restic_tags(ctx.host, vm.name, names.CONFIG_DISK, names.CONFIG_DISK, run_id)
+        argv = ctx.restic.backup_argv([vm.domain_config], config_tags, ctx.host)
         out.append(PlannedCommand("backup", tuple(argv), "if the domain config exists"))
     for disk in disks:
         name = snapshot_name(vm.name, disk, stamp)

@@ -12,14 +12,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from .. import systemd
+from .. import names, systemd
 from ..config import Config
-from ..systemd import UnitFileState, escape_instance, unescape_instance
+from ..systemd import UnitFileState
 
 log = logging.getLogger(__name__)
 
 # Enabled by the package; a `systemctl enable` without --now leaves them inactive until the next boot.
-SERVICE_TIMERS = ("xenbackup-prune.timer", "xenbackup-verify.timer")
+SERVICE_TIMERS = names.SERVICE_TIMERS
 ENABLED = ("enabled", "enabled-runtime")
 RUNNING = ("active", "activating", "reloading")
 
@@ -37,22 +37,18 @@ class TimerAction:
     why: str
 
 
-def vm_timer(vm: str) -> str:
-    return f"xenbackup@{escape_instance(vm)}.timer"
-
-
 def plan_timers(cfg: Config, states: Mapping[str, UnitFileState]) -> list[TimerAction]:
     """What to start and stop so that the timers match cfg; states holds every xenbackup timer PID 1 knows."""
     actions: list[TimerAction] = []
-    wanted = {vm_timer(vm.name): vm.name for vm in cfg.vms.values() if vm.schedule is not None}
-    for unit, vm in sorted(wanted.items()):
+    wanted = {names.timer(vm.name): vm.name for vm in cfg.vms.values() if vm.schedule is not None}
+    for unit, name in sorted(wanted.items()):
         st = states.get(unit)
         if st is None or st.active_state not in RUNNING:
-            actions.append(TimerAction(unit, TimerChange.START, f"vm.{vm}.schedule"))
+            actions.append(TimerAction(unit, TimerChange.START, f"vm.{name}.schedule"))
     for unit, st in sorted(states.items()):
-        if unit in wanted or unit in SERVICE_TIMERS or not unit.startswith("xenbackup@"):
+        vm = names.vm_of_unit(unit)
+        if unit in wanted or unit in SERVICE_TIMERS or vm is None:
             continue
-        vm = unescape_instance(unit.removeprefix("xenbackup@").removesuffix(".timer"))
         running = st.active_state in RUNNING
         if vm not in cfg.vms:
             if running or st.unit_file_state in ENABLED:
@@ -70,10 +66,10 @@ def plan_timers(cfg: Config, states: Mapping[str, UnitFileState]) -> list[TimerA
 def reload(cfg: Config, say: Callable[[str], None]) -> list[TimerAction]:
     """Reload systemd (which reruns the generator), then start and stop timers to match cfg."""
     systemd.daemon_reload()
-    names = set(systemd.unit_names("xenbackup@*.timer"))
-    names |= {vm_timer(vm.name) for vm in cfg.vms.values() if vm.schedule is not None}
-    names |= set(SERVICE_TIMERS)
-    states = {name: systemd.unit_file_state(name) for name in sorted(names)}
+    units = set(systemd.unit_names(names.TIMER_PATTERN))
+    units |= {names.timer(vm.name) for vm in cfg.vms.values() if vm.schedule is not None}
+    units |= set(SERVICE_TIMERS)
+    states = {unit: systemd.unit_file_state(unit) for unit in sorted(units)}
     actions = plan_timers(cfg, states)
     for action in actions:
         if action.change is TimerChange.START:

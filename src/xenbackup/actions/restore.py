@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .. import hypervisor as hv_mod
-from .. import journal
+from .. import journal, names
 from ..journal import MessageId
 from ..model import VM, Disk, DiskMode, LvRef
 from ..mount import mounts
@@ -102,8 +102,8 @@ def select_run(snaps: Sequence[Snapshot], wanted: str) -> RunSelection:
                                "give more characters or the run ID")
         run_id = runs.pop()
     members = [s for s in snaps if (s.tag_value("run") or "") == run_id] if run_id else []
-    disks = {d: s for s in members if (d := s.tag_value("disk")) and d != "config"}
-    config = next((s for s in members if s.tag_value("mode") == "config"), None)
+    disks = {d: s for s in members if (d := s.tag_value("disk")) and d != names.CONFIG_DISK}
+    config = next((s for s in members if s.tag_value("mode") == names.CONFIG_DISK), None)
     return RunSelection(run_id=run_id, disks=disks, config=config)
 
 
@@ -278,7 +278,7 @@ class Restorer:
     # --- the run ---
 
     def run(self) -> Outcome:
-        snaps = self.ctx.restic.snapshots(["xenbackup", f"vm:{self.vm.name}"])
+        snaps = self.ctx.restic.snapshots(names.restic_filter(self.vm.name))
         sel = select_run(snaps, self.req.snapshot)
         disks = self.disks(sel)
         self.validate(sel, disks)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from .. import journal
+from .. import journal, names
 from ..journal import MessageId
 from ..model import VM
 from ..mount import mounts_below
@@ -52,8 +52,8 @@ def sweep_all(ctx: Context) -> list[str]:
             except Busy:
                 log.info("a run of %s is in progress; not sweeping it", vm.name)
     known = {vm.lv_tag for vm in ctx.cfg.vms.values()}
-    for lv in ctx.lvm.tagged("xenbackup"):
-        vm_tags = [t for t in lv.tags if t.startswith("xenbackup-vm:")]
+    for lv in ctx.lvm.tagged(names.TAG):
+        vm_tags = [t for t in lv.tags if t.startswith(names.LV_VM_TAG_PREFIX)]
         if vm_tags and not known.intersection(vm_tags):
             ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries)
             removed.append(str(lv.ref))
