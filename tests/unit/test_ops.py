@@ -219,3 +219,24 @@ def test_reload_without_systemd_fails_with_one_line(write_config, monkeypatch, c
     assert cli.main(["--config", str(path), "reload"]) == cli.EXIT_FAILED
     assert capsys.readouterr().err.splitlines() == [
         "error: cannot reload systemd over D-Bus: Connection refused by the system bus"]
+
+
+def test_generator_checks_every_schedule_with_one_systemd_analyze(write_config, tmp_path: Path) -> None:
+    analyze = tmp_path / "systemd-analyze"
+    calls = tmp_path / "analyze-calls"
+    # Judges like systemd: one bad expression named on stderr, exit 1.
+    analyze.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n'
+                       'for a in "$@"; do [ "$a" = "never-ever" ] && '
+                       '{ echo "Failed to parse calendar specification \'never-ever\': Invalid argument" >&2; '
+                       'exit 1; }; done\nexit 0\n')
+    analyze.chmod(0o755)
+    vms = "".join(f'[vm.vm{i}]\nschedule = "*-*-* 0{i % 10}:00"\ndisks = [{{ lv = "system/lv{i}" }}]\n'
+                  for i in range(100))
+    cfg = config.load(str(write_config(f'[commands]\nsystemd-analyze = "{analyze}"\n' + vms +
+                                       '[vm.bad]\nschedule = "never-ever"\ndisks = [{ lv = "system/bad" }]\n')))
+    logged: list[str] = []
+    enabled = generator.generate_checked(str(tmp_path / "out"), cfg, "/usr/lib/systemd/system/xenbackup@.timer",
+                                         lambda level, text: logged.append(text))
+    assert len(calls.read_text().splitlines()) == 1, "one spawn for all schedules"
+    assert len(enabled) == 100 and "xenbackup@bad.timer" not in enabled
+    assert any("vm.bad.schedule" in line and "never-ever" in line for line in logged)
