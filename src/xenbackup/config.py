@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -146,6 +148,32 @@ def p_timespan(v: Any) -> str:
     return s
 
 
+_SPAN_UNITS = {"s": 1, "sec": 1, "second": 1, "seconds": 1, "m": 60, "min": 60, "minute": 60, "minutes": 60,
+               "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600, "d": 86400, "day": 86400, "days": 86400}
+_SPAN_PART = re.compile(r"\s*(\d+)\s*([a-z]*)\s*")
+
+
+def p_seconds(hi: int) -> Callable[[Any], int]:
+    """Seconds as an integer, or a systemd-style span such as "1h", "30min" or "1h 30min"."""
+    def parse(v: Any) -> int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            total = v
+        elif isinstance(v, str) and v.strip():
+            total, pos = 0, 0
+            while pos < len(v):
+                m = _SPAN_PART.match(v, pos)
+                if m is None or m.end() == pos or m.group(2) not in {"", *_SPAN_UNITS}:
+                    raise ValueError(f'expected seconds or a time span such as "1h" or "30min", got {v!r}')
+                total += int(m.group(1)) * _SPAN_UNITS.get(m.group(2), 1)
+                pos = m.end()
+        else:
+            raise ValueError(f'expected seconds or a time span such as "1h" or "30min", got {v!r}')
+        if not 0 <= total <= hi:
+            raise ValueError(f"expected 0..{hi} seconds, got {total}")
+        return total
+    return parse
+
+
 @dataclass(frozen=True)
 class Opt:
     parse: Callable[[Any], Any]
@@ -165,6 +193,12 @@ REPOSITORY_OPTS: dict[str, Opt] = {
     "cache_dir": Opt(p_path, "/var/cache/xenbackup/restic", "restic's local cache"),
     "host": Opt(p_str, "", "the host name recorded in restic snapshots; empty means this host's name"),
     "compression": Opt(p_choice("auto", "off", "max"), "auto", "restic --compression"),
+    "prune": Opt(p_bool, True, "`xenbackup prune` also runs restic prune, which locks the whole repository; "
+                 "in a fleet sharing one repository set it on one host only"),
+    "lock_wait": Opt(p_seconds(7 * 86400), 3600,
+                     "how long a run waits for another process's repository lock before it fails"),
+    "limit_upload": Opt(p_int(0, 10_000_000), 0, "restic --limit-upload in KiB/s; 0 is unlimited"),
+    "limit_download": Opt(p_int(0, 10_000_000), 0, "restic --limit-download in KiB/s; 0 is unlimited"),
 }
 
 DEFAULT_OPTS: dict[str, Opt] = {
@@ -238,6 +272,25 @@ class RepositoryConfig:
     cache_dir: str
     host: str
     compression: str
+    prune: bool = True
+    lock_wait: int = 3600
+    limit_upload: int = 0
+    limit_download: int = 0
+
+    @property
+    def hostname(self) -> str:
+        """The host name restic records in snapshots and filters them by."""
+        return self.host or socket.gethostname()
+
+    @property
+    def display_url(self) -> str:
+        """The URL for messages: a password in it (rest:https://user:pw@host/) is masked."""
+        return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", self.url)
+
+    @property
+    def url_password(self) -> str | None:
+        m = re.search(r"://[^/@:]*:([^/@]*)@", self.url)
+        return m.group(1) if m else None
 
     @property
     def is_local(self) -> bool:

@@ -106,9 +106,10 @@ def test_end_to_end_with_real_restic(tmp_path) -> None:
     summary = r.backup(["vm1"], tags_for("h", "vm1", "system/xenvm", "files", "r1"), "h", seen.append,
                        cwd=str(tmp_path / "mnt"))
     assert summary.files == 1 and summary.total_bytes == 4096
-    (snap,) = r.snapshots(["xenbackup", "vm:vm1"])
+    (snap,) = r.snapshots(["xenbackup", "vm:vm1"], host="h")
     assert snap.id.startswith(summary.snapshot_id) and snap.tag_value("run") == "r1"
-    assert r.snapshots(["vm:vm2"]) == []
+    assert r.snapshots(["vm:vm2"], host="h") == []
+    assert r.snapshots(["xenbackup"]) == [], "this host (not h) has no backups"
 
 
 def test_a_vanished_local_repository_is_never_recreated(write_config, tmp_path) -> None:
