@@ -357,7 +357,7 @@ class Restic:
                         f"repository {self.cfg.display_url} is locked by {holder.describe()}; gave up after "
                         f"waiting {self.cfg.lock_wait} s ([repository] lock_wait)", holder) from None
                 sleep = min(pause * random.uniform(0.8, 1.2), left)
-                log.warning("repository %s is locked by %s; trying again in %.0f s (waiting up to %.0f s more)",
+                log.warning("repository %s is locked by %s; trying again in %.1f s (waiting up to %.0f s more)",
                             self.cfg.display_url, holder.describe(), sleep, left, extra={"fields": fields})
                 time.sleep(sleep)
                 pause = min(pause * 2, LOCK_RETRY_MAX)
