@@ -19,6 +19,7 @@ HOST_CONFIG = """
 url = "{repo}"
 password_file = "{pw}"
 host = "{host}"
+prune = {prune}
 [settings]
 runtime_dir = "{root}/run"
 state_dir = "{root}/state"
@@ -47,11 +48,12 @@ class FleetHost:
                                lambda p: None, cwd=str(self.mnt))
 
 
-def fleet_host(tmp_path: Path, name: str) -> FleetHost:
+def fleet_host(tmp_path: Path, name: str, prune: bool = True) -> FleetHost:
     root = tmp_path / name
     root.mkdir()
     path = root / "xenbackup.toml"
-    path.write_text(HOST_CONFIG.format(repo=tmp_path / "repo", pw=tmp_path / "pw", host=name, root=root))
+    path.write_text(HOST_CONFIG.format(repo=tmp_path / "repo", pw=tmp_path / "pw", host=name, root=root,
+                                       prune=str(prune).lower()))
     ctx = Context.from_config(config.load(str(path)))
     return FleetHost(name, path, ctx, root / "mnt")
 
@@ -142,3 +144,27 @@ def test_each_host_of_the_fleet_sees_the_repository_alike(fleet) -> None:
     assert {s.tag_value("run") for s in a.ctx.restic.snapshots(["xenbackup"])} == {"rA"}
     assert {s.tag_value("run") for s in b.ctx.restic.snapshots(["xenbackup"])} == {"rB"}
     assert os.path.isdir(a.ctx.cfg.repository.url)
+
+
+def _pack_bytes(repo: Path) -> int:
+    return sum(p.stat().st_size for p in (repo / "data").rglob("*") if p.is_file())
+
+
+def test_only_the_designated_host_prunes_and_it_prunes_for_everyone(tmp_path: Path) -> None:
+    worker = fleet_host(tmp_path, "hostA", prune=False)
+    pruner = fleet_host(tmp_path, "hostB", prune=True)
+    worker.back_up(os.urandom(400_000), "rA1")
+    worker.back_up(os.urandom(400_000), "rA2")  # keep_last = 1 makes rA1 and its 400 kB garbage
+    pruner.back_up(b"B" * 1000, "rB1")
+    repo = tmp_path / "repo"
+    before = _pack_bytes(repo)
+
+    assert cli.main(["--config", str(worker.config), "prune"]) == 0
+    left = {s.tag_value("run") for s in worker.ctx.restic.snapshots(["xenbackup"], any_host=True)}
+    assert left == {"rA2", "rB1"}, "hostA forgets its own old run"
+    assert _pack_bytes(repo) == before, "a host with prune = false removed data"
+
+    assert cli.main(["--config", str(pruner.config), "prune"]) == 0
+    assert {s.tag_value("run") for s in pruner.ctx.restic.snapshots(["xenbackup"], any_host=True)} == left
+    assert _pack_bytes(repo) < before - 300_000, "the designated host's prune left hostA's forgotten data"
+    worker.ctx.restic.check()

@@ -7,6 +7,7 @@ import stat
 import pytest
 
 from xenbackup.config import RepositoryConfig
+from xenbackup.model import Retention
 from xenbackup.repository import (
     BackupSummary,
     Progress,
@@ -146,3 +147,134 @@ def test_an_unreachable_remote_repository_names_restic_s_reason(tmp_path) -> Non
     (tmp_path / "etc" / "pw").write_text("secret\n")
     with pytest.raises(RepositoryError, match=r"cannot be opened: .*connection refused"):
         r.ensure_initialized()
+
+
+def test_fleet_options_parse_and_default(write_config) -> None:
+    from xenbackup import config
+
+    default = config.load(str(write_config("[repository]\nurl = \"/r\"\n"))).repository
+    assert (default.prune, default.lock_wait, default.limit_upload, default.limit_download) == (True, 3600, 0, 0)
+    for text, seconds in (('"1h"', 3600), ('"30min"', 1800), ('"1h 30min"', 5400), ("90", 90), ('"45s"', 45),
+                          ('"0"', 0), ('"2d"', 172800)):
+        cfg = config.load(str(write_config(f'[repository]\nlock_wait = {text}\n'))).repository
+        assert cfg.lock_wait == seconds, text
+    cfg = config.load(str(write_config("[repository]\nprune = false\nlimit_upload = 2048\nlimit_download = 512\n")))
+    assert (cfg.repository.prune, cfg.repository.limit_upload, cfg.repository.limit_download) == (False, 2048, 512)
+
+
+def test_bad_fleet_options_are_all_reported(write_config) -> None:
+    from xenbackup import config
+
+    path = write_config("""
+        [repository]
+        prune = "yes"
+        lock_wait = "soon"
+        limit_upload = "fast"
+        limit_download = -1
+    """)
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(str(path))
+    text = "\n".join(exc.value.errors)
+    assert f"{path}: repository.prune: expected true or false" in text
+    assert f'{path}: repository.lock_wait: expected seconds or a time span such as "1h" or "30min", got \'soon\'' \
+        in text
+    assert f"{path}: repository.limit_upload: expected an integer" in text
+    assert f"{path}: repository.limit_download: expected 0..10000000, got -1" in text
+    with pytest.raises(config.ConfigError, match=r"lock_wait: expected 0\.\.604800 seconds"):
+        config.load(str(write_config('[repository]\nlock_wait = "8d"\n')))
+    with pytest.raises(config.ConfigError, match="lock_wait: expected seconds"):
+        config.load(str(write_config('[repository]\nlock_wait = "1 fortnight"\n')))
+
+
+def _recording_restic(tmp_path) -> tuple[str, object]:
+    """A restic that records its argv and environment, one JSON line per call."""
+    calls = tmp_path / "restic-calls.jsonl"
+    fake = tmp_path / "fake-restic"
+    fake.write_text(f"""#!/usr/bin/env python3
+import json, os, sys
+with open("{calls}", "a") as f:
+    f.write(json.dumps({{"argv": sys.argv[1:], "env": dict(os.environ)}}) + "\\n")
+if "snapshots" in sys.argv:
+    print("[]")
+if "version" in sys.argv:
+    print("restic 0.14.0 compiled with go1.19.8 on linux/amd64")
+if "fail" in os.environ.get("RESTIC_REPOSITORY", ""):
+    print("Fatal: s3 said: bad key " + os.environ.get("AWS_SECRET_ACCESS_KEY", ""), file=sys.stderr)
+    sys.exit(1)
+""")
+    fake.chmod(0o755)
+
+    def read() -> list[dict[str, object]]:
+        return [json.loads(line) for line in calls.read_text().splitlines()]
+    return str(fake), read
+
+
+def test_bandwidth_limits_reach_every_repository_command(tmp_path) -> None:
+    from dataclasses import replace
+
+    fake, calls = _recording_restic(tmp_path)
+    cfg = replace(repo(tmp_path, url="sftp:backup@nas:/srv/restic"), limit_upload=2048, limit_download=512)
+    r = Restic(cfg, fake, credentials_dir="")
+    r.snapshots(["xenbackup"])
+    r.check()
+    r.forget(["abc"])
+    r.prune()
+    r.restore("abc", str(tmp_path / "t"))
+    r.dump("abc", "/x.img", lambda b: None)
+    r.run_argv(r.forget_policy_argv(["xenbackup"], "h", Retention(keep_last=1)))
+    r.is_initialized()
+    repo_calls = [c["argv"] for c in calls() if c["argv"] != ["version"]]  # type: ignore[index]
+    assert len(repo_calls) == 8
+    for argv in repo_calls:
+        assert argv[:4] == ["--limit-upload", "2048", "--limit-download", "512"], argv
+    built = r.backup_argv(["vm1"], ["xenbackup"], "h")
+    assert built[:5] == [fake, "--limit-upload", "2048", "--limit-download", "512"]
+    unlimited = Restic(repo(tmp_path), fake, credentials_dir="")
+    assert "--limit-upload" not in unlimited.backup_argv(["vm1"], ["xenbackup"], "h")
+
+
+def test_s3_keys_reach_only_restic_s_environment_and_never_argv_or_logs(tmp_path, caplog) -> None:
+    import logging
+
+    from xenbackup.run import CommandError, run
+
+    env_file = tmp_path / "restic.env"
+    env_file.write_text("AWS_ACCESS_KEY_ID=AKIAFILE\nAWS_SECRET_ACCESS_KEY=file-secret-123\n")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "restic-password").write_text("the-repository-password\n")
+    (creds / "restic-environment").write_text("AWS_SECRET_ACCESS_KEY=credential-secret-456\n")
+    fake, calls = _recording_restic(tmp_path)
+    caplog.set_level(logging.DEBUG)
+    r = Restic(repo(tmp_path, url="s3:http://127.0.0.1:7480/bucket", env_file=str(env_file)), fake,
+               credentials_dir=str(creds))
+    r.snapshots(["xenbackup"])
+    (call,) = [c for c in calls() if c["argv"] != ["version"]]
+    secrets = ("credential-secret-456", "file-secret-123", "the-repository-password")
+    assert not any(s in " ".join(call["argv"]) for s in secrets)  # type: ignore[arg-type]
+    env = call["env"]
+    # The systemd credential wins over the file; the password travels as a file name, not a value.
+    assert env["AWS_SECRET_ACCESS_KEY"] == "credential-secret-456"  # type: ignore[index]
+    assert env["AWS_ACCESS_KEY_ID"] == "AKIAFILE"  # type: ignore[index]
+    assert env["RESTIC_PASSWORD_FILE"] == str(creds / "restic-password")  # type: ignore[index]
+    assert "the-repository-password" not in json.dumps(env)
+
+    # restic repeating a secret in its error: the error xenbackup logs is masked.
+    failing = Restic(repo(tmp_path, url="s3:http://fail/bucket", env_file=str(env_file)), fake,
+                     credentials_dir=str(creds))
+    with pytest.raises(CommandError) as exc:
+        failing.check()
+    assert "credential-secret-456" not in str(exc.value) and "***" in str(exc.value)
+    assert "credential-secret-456" not in exc.value.stderr_tail
+    assert not any("credential-secret-456" in rec.getMessage() for rec in caplog.records)
+
+    # Any other child xenbackup starts (a notify command, lvcreate) gets none of restic's environment.
+    other = run(["env"]).stdout
+    assert "AWS_" not in other and "RESTIC_" not in other
+
+
+def test_a_password_in_the_repository_url_is_masked_in_messages(tmp_path) -> None:
+    cfg = repo(tmp_path, url="rest:https://backup:url-pass-789@nas:8000/xen")
+    assert cfg.display_url == "rest:https://backup:***@nas:8000/xen"
+    assert "url-pass-789" in Restic(cfg, credentials_dir="").secrets()
+    assert repo(tmp_path, url="s3:http://127.0.0.1:7480/b").display_url == "s3:http://127.0.0.1:7480/b"
