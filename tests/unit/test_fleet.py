@@ -168,3 +168,19 @@ def test_only_the_designated_host_prunes_and_it_prunes_for_everyone(tmp_path: Pa
     assert {s.tag_value("run") for s in pruner.ctx.restic.snapshots(["xenbackup"], any_host=True)} == left
     assert _pack_bytes(repo) < before - 300_000, "the designated host's prune left hostA's forgotten data"
     worker.ctx.restic.check()
+
+
+def test_the_readme_fleet_examples_are_valid(tmp_path: Path) -> None:
+    import re
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    fleet = readme[readme.index("## Fleet"):]
+    fleet = fleet[:fleet.index("\n## ", 1)]
+    blocks = re.findall(r"```toml\n(.*?)```", fleet, re.S)
+    assert len(blocks) == 2
+    prunes = []
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"fleet{i}.toml"
+        path.write_text(block)
+        prunes.append(config.load(str(path)).repository.prune)
+    assert prunes == [True, False]
