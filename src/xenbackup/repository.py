@@ -12,7 +12,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import IO, TypeVar
 
@@ -241,6 +241,13 @@ class Restic:
         self.credentials_dir = credentials_dir if credentials_dir is not None else os.environ.get(
             "CREDENTIALS_DIRECTORY")
         self._extra_env: dict[str, str] | None = None
+
+    def waiting_at_most(self, seconds: int) -> Restic:
+        """The same repository with a shorter lock wait, for steps that systemd gives little time (cleanup)."""
+        shorter = Restic(replace(self.cfg, lock_wait=min(seconds, self.cfg.lock_wait)), self.bin,
+                         self.credentials_dir)
+        shorter._extra_env = self._extra_env
+        return shorter
 
     # --- secrets ---
 

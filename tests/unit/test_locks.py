@@ -222,3 +222,20 @@ def test_restic_0_16_waits_itself_with_retry_lock(tmp_path: Path) -> None:
     old.check()
     assert (tmp_path / "calls-0.14.0").read_text().splitlines() == [
         "version", "snapshots --json --host xen-a", "check"]
+
+
+def test_a_shorter_wait_for_cleanup_never_lengthens_it(repo, quick_retries) -> None:
+    restic, env = repo
+    assert restic.waiting_at_most(60).cfg.lock_wait == 30
+    holder = _backup_holding_lock(restic, env)
+    start = time.monotonic()
+    try:
+        with pytest.raises(RepositoryLocked):
+            restic.waiting_at_most(1).check()
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.write(b"held")
+        holder.stdin.close()
+        holder.wait()
+    assert time.monotonic() - start < 10
+    assert restic.cfg.lock_wait == 30
