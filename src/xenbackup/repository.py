@@ -398,7 +398,11 @@ class Restic:
         """None when the repository opens, else why not (restic's first line)."""
         if self.cfg.is_local:
             return None if os.path.exists(os.path.join(self.cfg.url, "config")) else "no repository there"
-        # --no-lock: a prune elsewhere in the fleet holds an exclusive lock, and this is only a probe.
+        return self._read_config()
+
+    def _read_config(self) -> str | None:
+        """None when restic decrypts the repository's config, else restic's first line saying why not."""
+        # --no-lock: a prune elsewhere in the fleet may hold an exclusive lock, and this only reads.
         probe = run(self.argv("cat", "config", "--no-lock"), env=self.env(), secrets=self.secrets(), check=False)
         if probe.returncode == 0:
             return None
@@ -419,10 +423,9 @@ class Restic:
 
     def _check_key(self) -> None:
         """Decrypt the repository's config as any backup would: a wrong password fails here, before LVM."""
-        probe = self._run(["cat", "config"], check=False)
-        if probe.returncode != 0:
-            why = next((line.strip() for line in probe.stderr.splitlines() if line.strip()), "no answer")
-            raise RepositoryError(f"repository {self.cfg.url} cannot be opened: {why}")
+        why = self._read_config()
+        if why is not None:
+            raise RepositoryError(f"repository {self.cfg.display_url} cannot be opened: {why}")
 
     def init(self) -> None:
         self.ensure_password()
