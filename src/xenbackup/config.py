@@ -174,6 +174,26 @@ def p_seconds(hi: int) -> Callable[[Any], int]:
     return parse
 
 
+def p_ssh_options(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError('expected a list of ssh options such as ["Port=2222", "ConnectTimeout=30"]')
+    for item in v:
+        key, sep, value = item.partition("=")
+        # restic splits sftp.command on blanks itself, so an option can carry neither blanks nor quotes.
+        if not sep or not key.isalnum() or not value or any(c.isspace() or c in "'\"\\" for c in item):
+            raise ValueError(f"bad ssh option {item!r}: one Name=value per item, without blanks or quotes")
+    return tuple(v)
+
+
+def p_ssh_path(v: Any) -> str | None:
+    if v == "":
+        return None
+    s = p_path(v)
+    if any(c.isspace() or c in "'\"\\" for c in s):
+        raise ValueError(f"{s!r}: restic passes this path to ssh unquoted, so it must hold no blanks or quotes")
+    return s
+
+
 @dataclass(frozen=True)
 class Opt:
     parse: Callable[[Any], Any]
@@ -199,6 +219,11 @@ REPOSITORY_OPTS: dict[str, Opt] = {
                      "how long a run waits for another process's repository lock before it fails"),
     "limit_upload": Opt(p_int(0, 10_000_000), 0, "restic --limit-upload in KiB/s; 0 is unlimited"),
     "limit_download": Opt(p_int(0, 10_000_000), 0, "restic --limit-download in KiB/s; 0 is unlimited"),
+    "sftp_identity": Opt(p_ssh_path, None, "sftp: repositories: the ssh private key (ssh -i)"),
+    "sftp_known_hosts": Opt(p_ssh_path, None,
+                            "sftp: repositories: the known_hosts file that pins the server's key; "
+                            "an unknown or changed key is refused"),
+    "sftp_options": Opt(p_ssh_options, (), 'sftp: repositories: more ssh -o options, e.g. ["Port=2222"]'),
 }
 
 DEFAULT_OPTS: dict[str, Opt] = {
@@ -276,6 +301,9 @@ class RepositoryConfig:
     lock_wait: int = 3600
     limit_upload: int = 0
     limit_download: int = 0
+    sftp_identity: str | None = None
+    sftp_known_hosts: str | None = None
+    sftp_options: tuple[str, ...] = ()
 
     @property
     def hostname(self) -> str:
@@ -413,6 +441,9 @@ def parse(data: bytes | str, path: str = "<config>") -> Config:
     repo = c.options(c.section(raw.get("repository"), "repository"), REPOSITORY_OPTS, "repository.")
     if not repo.get("url"):
         c.error("repository.url", "must not be empty")
+    for key in ("sftp_identity", "sftp_known_hosts", "sftp_options"):
+        if repo.get(key) and not str(repo.get("url", "")).startswith("sftp:"):
+            c.error(f"repository.{key}", "applies to sftp: repositories only")
     defaults = c.options(c.section(raw.get("defaults"), "defaults"), DEFAULT_OPTS, "defaults.")
     settings = c.options(c.section(raw.get("settings"), "settings"), SETTINGS_OPTS, "settings.")
     commands = c.options(c.section(raw.get("commands"), "commands"), COMMAND_OPTS, "commands.")

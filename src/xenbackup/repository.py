@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import IO, TypeVar
+from urllib.parse import urlsplit
 
 from .config import RepositoryConfig
 from .model import Retention
@@ -129,6 +130,34 @@ def removable_locks(locks: Sequence[Lock], here: str, now: datetime,
     dead = [lk for lk in locks if lk.hostname == here and not alive(lk.pid)]
     others_stale = [lk for lk in locks if lk not in dead and lk.age(now) > RESTIC_STALE_AGE]
     return None if others_stale else dead
+
+
+_SFTP_SHORT = re.compile(r"^sftp:(?:(?P<user>[^@/]+)@)?(?P<host>\[[^\]]+\]|[^:/]+):")
+
+
+def sftp_command(cfg: RepositoryConfig) -> str | None:
+    """restic's -o sftp.command for the configured key, known_hosts and ssh options; None: restic's own ssh."""
+    if not cfg.url.startswith("sftp:") or not (cfg.sftp_identity or cfg.sftp_known_hosts or cfg.sftp_options):
+        return None
+    if cfg.url.startswith("sftp://"):
+        parts = urlsplit(cfg.url)
+        user, host, port = parts.username, parts.hostname, parts.port
+    else:
+        m = _SFTP_SHORT.match(cfg.url)
+        user, host, port = (m.group("user"), m.group("host"), None) if m else (None, None, None)
+    if not host:
+        raise RepositoryError(f"cannot find the host in the sftp repository URL {cfg.display_url}")
+    # BatchMode: under systemd no one can answer a password or host key prompt; fail instead of hanging.
+    argv = ["ssh", "-o", "BatchMode=yes"]
+    if cfg.sftp_identity:
+        argv += ["-i", cfg.sftp_identity, "-o", "IdentitiesOnly=yes"]
+    if cfg.sftp_known_hosts:
+        argv += ["-o", f"UserKnownHostsFile={cfg.sftp_known_hosts}", "-o", "StrictHostKeyChecking=yes"]
+    for option in cfg.sftp_options:
+        argv += ["-o", option]
+    if port:
+        argv += ["-p", str(port)]
+    return " ".join([*argv, f"{user}@{host}" if user else host, "-s", "sftp"])
 
 
 _VERSION = re.compile(r"restic (\d+)\.(\d+)\.(\d+)")
@@ -307,6 +336,9 @@ class Restic:
             args += ["--limit-upload", str(self.cfg.limit_upload)]
         if self.cfg.limit_download:
             args += ["--limit-download", str(self.cfg.limit_download)]
+        command = sftp_command(self.cfg)
+        if command:
+            args += ["-o", f"sftp.command={command}"]
         return args
 
     def argv(self, *args: str) -> list[str]:

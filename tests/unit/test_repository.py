@@ -278,3 +278,69 @@ def test_a_password_in_the_repository_url_is_masked_in_messages(tmp_path) -> Non
     assert cfg.display_url == "rest:https://backup:***@nas:8000/xen"
     assert "url-pass-789" in Restic(cfg, credentials_dir="").secrets()
     assert repo(tmp_path, url="s3:http://127.0.0.1:7480/b").display_url == "s3:http://127.0.0.1:7480/b"
+
+
+def test_sftp_key_and_known_hosts_become_restic_s_ssh_command(write_config, tmp_path) -> None:
+    from xenbackup import config
+    from xenbackup.repository import sftp_command
+
+    cfg = config.load(str(write_config("""
+        [repository]
+        url = "sftp:backup@nas.example:/srv/restic"
+        sftp_identity = "/etc/xenbackup/id_ed25519"
+        sftp_known_hosts = "/etc/xenbackup/known_hosts"
+        sftp_options = ["ConnectTimeout=30", "ServerAliveInterval=60"]
+    """))).repository
+    r = Restic(cfg, credentials_dir="")
+    argv = r.backup_argv(["vm1"], ["xenbackup"], "h")
+    assert argv[1:3] == ["-o", "sftp.command=ssh -o BatchMode=yes -i /etc/xenbackup/id_ed25519 -o IdentitiesOnly=yes "
+                         "-o UserKnownHostsFile=/etc/xenbackup/known_hosts -o StrictHostKeyChecking=yes "
+                         "-o ConnectTimeout=30 -o ServerAliveInterval=60 backup@nas.example -s sftp"]
+    url_form = config.load(str(write_config("""
+        [repository]
+        url = "sftp://backup@nas.example:2222//srv/restic"
+        sftp_known_hosts = "/etc/xenbackup/known_hosts"
+    """))).repository
+    assert sftp_command(url_form) == ("ssh -o BatchMode=yes -o UserKnownHostsFile=/etc/xenbackup/known_hosts "
+                                      "-o StrictHostKeyChecking=yes -p 2222 backup@nas.example -s sftp")
+    plain = config.load(str(write_config('[repository]\nurl = "sftp:nas:/srv/restic"\n'))).repository
+    assert sftp_command(plain) is None and "-o" not in Restic(plain, credentials_dir="").global_args()
+
+
+def test_bad_sftp_options_are_reported(write_config) -> None:
+    from xenbackup import config
+
+    path = write_config("""
+        [repository]
+        url = "/srv/restic"
+        sftp_identity = "/etc/xenbackup/my key"
+        sftp_options = ["ProxyCommand=nc %h 22", "-v"]
+    """)
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(str(path))
+    text = "\n".join(exc.value.errors)
+    assert "repository.sftp_identity: '/etc/xenbackup/my key': restic passes this path to ssh unquoted" in text
+    assert "repository.sftp_options: bad ssh option 'ProxyCommand=nc %h 22'" in text
+    path = write_config('[repository]\nurl = "/srv/restic"\nsftp_known_hosts = "/etc/xenbackup/known_hosts"\n')
+    with pytest.raises(config.ConfigError, match=r"repository\.sftp_known_hosts: applies to sftp: repositories only"):
+        config.load(str(path))
+
+
+def test_real_restic_runs_ssh_with_exactly_these_arguments(tmp_path, monkeypatch) -> None:
+    """restic 0.14 splits sftp.command itself; an ssh on PATH records what it was given."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "ssh").write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {tmp_path / "ssh.argv"}\n'
+                                'echo "Host key verification failed." >&2\nexit 255\n')
+    (bindir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    (tmp_path / "pw").write_text("pw\n")
+    cfg = RepositoryConfig(url="sftp:backup@nas.example:/srv/restic", password_file=str(tmp_path / "pw"),
+                           environment_file=None, cache_dir=str(tmp_path / "c"), host="h", compression="auto",
+                           sftp_identity="/etc/xenbackup/id_ed25519", sftp_known_hosts="/etc/xenbackup/known_hosts")
+    with pytest.raises(RepositoryError, match=r"cannot be opened: .*Host key verification failed"):
+        Restic(cfg, "restic", credentials_dir="").ensure_initialized()
+    assert (tmp_path / "ssh.argv").read_text().splitlines() == [
+        "-o", "BatchMode=yes", "-i", "/etc/xenbackup/id_ed25519", "-o", "IdentitiesOnly=yes",
+        "-o", "UserKnownHostsFile=/etc/xenbackup/known_hosts", "-o", "StrictHostKeyChecking=yes",
+        "backup@nas.example", "-s", "sftp"]
