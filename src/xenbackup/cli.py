@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     hosts = ls.add_mutually_exclusive_group()
     hosts.add_argument("--host", action="append", metavar="NAME",
-                       help="list this host's backups instead of this host's (repeatable)")
+                       help="list host NAME's backups instead of this host's (repeatable)")
     hosts.add_argument("--all-hosts", action="store_true", help="list the backups of every host")
 
     pl = sub.add_parser("plan", help="dry run: print every command a backup would run, change nothing")
