@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list backups with time, size and mode")
     ls.add_argument("vm", nargs="?", type=_vm_name)
     ls.add_argument("--json", action="store_true")
+    hosts = ls.add_mutually_exclusive_group()
+    hosts.add_argument("--host", action="append", metavar="NAME",
+                       help="list host NAME's backups instead of this host's (repeatable)")
+    hosts.add_argument("--all-hosts", action="store_true", help="list the backups of every host")
 
     pl = sub.add_parser("plan", help="dry run: print every command a backup would run, change nothing")
     pl.add_argument("vm", type=_vm_name)
@@ -74,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("restore", help="restore a VM: stop it, restore over the original, verify, start it")
     r.add_argument("vm", type=_vm_name)
     r.add_argument("--snapshot", default="latest", help="run ID or restic snapshot ID (default: latest)")
+    r.add_argument("--host", metavar="NAME", help="restore a backup another host made (disaster recovery)")
     where = r.add_mutually_exclusive_group()
     where.add_argument("--in-place", action="store_true", help="restore over the VM's own files or LV (default)")
     where.add_argument("--to", dest="to_path", metavar="PATH", help="restore a files-mode disk into PATH instead")
@@ -137,13 +142,20 @@ def _cmd_step(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_list(cfg: Config, args: argparse.Namespace) -> int:
-    from .actions.listing import group_runs
+    from .actions.listing import group_runs, render_table
 
     ctx = Context.from_config(cfg)
-    if args.vm:
-        cfg.vm(args.vm)
+    hosts = list(dict.fromkeys(args.host or [ctx.host]))
+    if args.vm and not args.all_hosts and hosts == [ctx.host]:
+        cfg.vm(args.vm)  # another host's VMs need not be in this host's config
     tags = names.restic_filter(args.vm)
-    snaps = ctx.restic.snapshots(tags) if ctx.restic.is_initialized() else []
+    snaps = []
+    if ctx.restic.is_initialized():
+        if args.all_hosts:
+            snaps = ctx.restic.snapshots(tags, any_host=True)
+        else:
+            for host in hosts:
+                snaps += ctx.restic.snapshots(tags, host=host)
     records: dict[str, dict[str, object]] = {}
     for name in cfg.vms:
         for rec in ctx.store.run_records(name):
@@ -152,14 +164,7 @@ def _cmd_list(cfg: Config, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.as_json() for r in rows], indent=1))
         return EXIT_OK
-    print(f"{'VM':<16} {'TIME (UTC)':<19}  {'MODE':<12} {'SIZE':>10} {'ADDED':>10}  SNAPSHOTS")
-    for r in rows:
-        size = format_bytes(r.size) if r.size is not None else "-"
-        added = format_bytes(r.added) if r.added is not None else "-"
-        print(f"{r.vm:<16} {r.time:<19}  {'+'.join(r.modes):<12} {size:>10} {added:>10}  "
-              f"{' '.join(r.snapshot_ids)}")
-    if not rows:
-        print("(no backups)")
+    print(render_table(rows, with_host=args.all_hosts or hosts != [ctx.host]))
     return EXIT_OK
 
 
@@ -186,7 +191,7 @@ def _cmd_restore(cfg: Config, args: argparse.Namespace) -> int:
     req = RestoreRequest(vm=vm.name, snapshot=args.snapshot, to_path=args.to_path, to_lv=to_lv, disk=args.disk,
                          flatten=args.flatten, includes=tuple(args.include), stop=args.stop,
                          start=not args.no_start, with_config=args.with_config, delete=args.delete,
-                         dry_run=args.dry_run, shutdown_timeout=cfg.settings.shutdown_timeout)
+                         dry_run=args.dry_run, shutdown_timeout=cfg.settings.shutdown_timeout, host=args.host)
     ctx = Context.from_config(cfg)
     with journal.context(vm=vm.name, phase="restore"):
         if args.dry_run:
@@ -257,6 +262,7 @@ def _cmd_prune(cfg: Config, args: argparse.Namespace) -> int:
     for name in names:
         with ctx.store.lock(name):
             ops.prune(ctx, cfg.vm(name))
+    ops.prune_repository(ctx)
     return EXIT_OK
 
 

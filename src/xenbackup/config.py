@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -147,6 +149,52 @@ def p_timespan(v: Any) -> str:
     return s
 
 
+_SPAN_UNITS = {"s": 1, "sec": 1, "second": 1, "seconds": 1, "m": 60, "min": 60, "minute": 60, "minutes": 60,
+               "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600, "d": 86400, "day": 86400, "days": 86400}
+_SPAN_PART = re.compile(r"\s*(\d+)\s*([a-z]*)\s*")
+
+
+def p_seconds(hi: int) -> Callable[[Any], int]:
+    """Seconds as an integer, or a systemd-style span such as "1h", "30min" or "1h 30min"."""
+    def parse(v: Any) -> int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            total = v
+        elif isinstance(v, str) and v.strip():
+            total, pos = 0, 0
+            while pos < len(v):
+                m = _SPAN_PART.match(v, pos)
+                if m is None or m.end() == pos or m.group(2) not in {"", *_SPAN_UNITS}:
+                    raise ValueError(f'expected seconds or a time span such as "1h" or "30min", got {v!r}')
+                total += int(m.group(1)) * _SPAN_UNITS.get(m.group(2), 1)
+                pos = m.end()
+        else:
+            raise ValueError(f'expected seconds or a time span such as "1h" or "30min", got {v!r}')
+        if not 0 <= total <= hi:
+            raise ValueError(f"expected 0..{hi} seconds, got {total}")
+        return total
+    return parse
+
+
+def p_ssh_options(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError('expected a list of ssh options such as ["Port=2222", "ConnectTimeout=30"]')
+    for item in v:
+        key, sep, value = item.partition("=")
+        # restic splits sftp.command on blanks itself, so an option can carry neither blanks nor quotes.
+        if not sep or not key.isalnum() or not value or any(c.isspace() or c in "'\"\\" for c in item):
+            raise ValueError(f"bad ssh option {item!r}: one Name=value per item, without blanks or quotes")
+    return tuple(v)
+
+
+def p_ssh_path(v: Any) -> str | None:
+    if v == "":
+        return None
+    s = p_path(v)
+    if any(c.isspace() or c in "'\"\\" for c in s):
+        raise ValueError(f"{s!r}: restic passes this path to ssh unquoted, so it must hold no blanks or quotes")
+    return s
+
+
 @dataclass(frozen=True)
 class Opt:
     parse: Callable[[Any], Any]
@@ -166,6 +214,17 @@ REPOSITORY_OPTS: dict[str, Opt] = {
     "cache_dir": Opt(p_path, "/var/cache/xenbackup/restic", "restic's local cache"),
     "host": Opt(p_str, "", "the host name recorded in restic snapshots; empty means this host's name"),
     "compression": Opt(p_choice("auto", "off", "max"), "auto", "restic --compression"),
+    "prune": Opt(p_bool, True, "`xenbackup prune` also runs restic prune, which locks the whole repository; "
+                 "in a fleet sharing one repository set it on one host only"),
+    "lock_wait": Opt(p_seconds(7 * 86400), 3600,
+                     "how long a run waits for another process's repository lock before it fails"),
+    "limit_upload": Opt(p_int(0, 10_000_000), 0, "restic --limit-upload in KiB/s; 0 is unlimited"),
+    "limit_download": Opt(p_int(0, 10_000_000), 0, "restic --limit-download in KiB/s; 0 is unlimited"),
+    "sftp_identity": Opt(p_ssh_path, None, "sftp: repositories: the ssh private key (ssh -i)"),
+    "sftp_known_hosts": Opt(p_ssh_path, None,
+                            "sftp: repositories: the known_hosts file that pins the server's key; "
+                            "an unknown or changed key is refused"),
+    "sftp_options": Opt(p_ssh_options, (), 'sftp: repositories: more ssh -o options, e.g. ["Port=2222"]'),
 }
 
 DEFAULT_OPTS: dict[str, Opt] = {
@@ -239,6 +298,23 @@ class RepositoryConfig:
     cache_dir: str
     host: str
     compression: str
+    prune: bool = True
+    lock_wait: int = 3600
+    limit_upload: int = 0
+    limit_download: int = 0
+    sftp_identity: str | None = None
+    sftp_known_hosts: str | None = None
+    sftp_options: tuple[str, ...] = ()
+
+    @property
+    def hostname(self) -> str:
+        """The host name restic records in snapshots and filters them by."""
+        return self.host or socket.gethostname()
+
+    @property
+    def display_url(self) -> str:
+        """The URL for messages: its password (rest:https://user:pw@host/) and query are masked."""
+        return mask_url(self.url)
 
     @property
     def is_local(self) -> bool:
@@ -373,6 +449,9 @@ def parse(data: bytes | str, path: str = "<config>", ask_systemd: bool = False) 
     repo = c.options(c.section(raw.get("repository"), "repository"), REPOSITORY_OPTS, "repository.")
     if not repo.get("url"):
         c.error("repository.url", "must not be empty")
+    for key in ("sftp_identity", "sftp_known_hosts", "sftp_options"):
+        if repo.get(key) and not str(repo.get("url", "")).startswith("sftp:"):
+            c.error(f"repository.{key}", "applies to sftp: repositories only")
     defaults = c.options(c.section(raw.get("defaults"), "defaults"), DEFAULT_OPTS, "defaults.")
     settings = c.options(c.section(raw.get("settings"), "settings"), SETTINGS_OPTS, "settings.")
     commands = c.options(c.section(raw.get("commands"), "commands"), COMMAND_OPTS, "commands.")

@@ -5,23 +5,163 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import re
 import secrets
+import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import IO, Any
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import IO, TypeVar
+from urllib.parse import urlsplit
 
 from .config import RepositoryConfig
 from .model import Retention
-from .run import Completed, mask_url, run, stream, stream_bytes, url_secrets
+from .run import CommandError, Completed, run, stream, stream_bytes, url_secrets
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 CREDENTIAL = "restic-password"
+# KEY=VALUE lines like [repository] environment_file (S3 keys), for admins who keep them in a credential store.
+ENV_CREDENTIAL = "restic-environment"
+
+# `restic unlock` removes every lock older than this, whatever host holds it (restic's staleTimeout).
+RESTIC_STALE_AGE = 30 * 60
+# restic 0.16 added --retry-lock (restic PR #4107); older ones fail at once on a held lock.
+RETRY_LOCK_SINCE = (0, 16, 0)
+# Our own wait for restic < 0.16: the first pause, and the longest one between two attempts.
+LOCK_RETRY_FIRST = 5.0
+LOCK_RETRY_MAX = 120.0
 
 
 class RepositoryError(Exception):
     pass
+
+
+class RepositoryLocked(RepositoryError):
+    """Another process held the repository's lock for longer than [repository] lock_wait."""
+
+    def __init__(self, message: str, holder: LockHolder) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds the lock a restic command ran into, as restic's error names it."""
+
+    pid: int
+    host: str
+    user: str
+    exclusive: bool
+    since: str
+
+    def describe(self) -> str:
+        kind = "an exclusive lock" if self.exclusive else "a lock"
+        since = f", taken {self.since}" if self.since else ""
+        return f"{kind} of PID {self.pid} on {self.host} ({self.user}{since})"
+
+
+_LOCK_HELD = re.compile(r"repository is already locked (?P<exclusive>exclusively )?by PID (?P<pid>\d+) on "
+                        r"(?P<host>\S+) by (?P<user>.*?) \(UID")
+_LOCK_CREATED = re.compile(r"lock was created at (?P<at>[^(\n]+?)\s*\(")
+
+
+def parse_lock_conflict(stderr: str) -> LockHolder | None:
+    """The holder named by restic's "repository is already locked" error, or None for any other failure."""
+    m = _LOCK_HELD.search(stderr)
+    if m is None:
+        return None
+    created = _LOCK_CREATED.search(stderr, m.end())
+    return LockHolder(pid=int(m.group("pid")), host=m.group("host"), user=m.group("user"),
+                      exclusive=bool(m.group("exclusive")), since=created.group("at") if created else "")
+
+
+@dataclass(frozen=True)
+class Lock:
+    """One lock file of the repository (`restic cat lock`)."""
+
+    id: str
+    time: datetime
+    exclusive: bool
+    hostname: str
+    username: str
+    pid: int
+
+    def age(self, now: datetime) -> float:
+        return (now - self.time).total_seconds()
+
+
+def parse_lock(lock_id: str, text: str) -> Lock:
+    try:
+        d = json.loads(text)
+        # Go prints nanoseconds; Python reads at most microseconds.
+        stamp = re.sub(r"(\.\d{6})\d+", r"\1", str(d["time"])).replace("Z", "+00:00")
+        return Lock(id=lock_id, time=datetime.fromisoformat(stamp), exclusive=bool(d.get("exclusive")),
+                    hostname=str(d.get("hostname", "")), username=str(d.get("username", "")),
+                    pid=int(d.get("pid", 0)))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RepositoryError(f"restic cat lock {lock_id[:8]} printed JSON xenbackup cannot read: {exc}") from None
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def removable_locks(locks: Sequence[Lock], here: str, now: datetime,
+                    alive: Callable[[int], bool] = pid_alive) -> list[Lock] | None:
+    """This host's locks whose process is gone, if `restic unlock` would remove nothing else; else None.
+
+    restic's unlock also removes any lock older than 30 minutes, even another host's; xenbackup never
+    removes another host's lock, so it does not run unlock while one of those exists.
+    """
+    dead = [lk for lk in locks if lk.hostname == here and not alive(lk.pid)]
+    others_stale = [lk for lk in locks if lk not in dead and lk.age(now) > RESTIC_STALE_AGE]
+    return None if others_stale else dead
+
+
+_SFTP_SHORT = re.compile(r"^sftp:(?:(?P<user>[^@/]+)@)?(?P<host>\[[^\]]+\]|[^:/]+):")
+
+
+def sftp_command(cfg: RepositoryConfig) -> str | None:
+    """restic's -o sftp.command for the configured key, known_hosts and ssh options; None: restic's own ssh."""
+    if not cfg.url.startswith("sftp:") or not (cfg.sftp_identity or cfg.sftp_known_hosts or cfg.sftp_options):
+        return None
+    if cfg.url.startswith("sftp://"):
+        parts = urlsplit(cfg.url)
+        user, host, port = parts.username, parts.hostname, parts.port
+    else:
+        m = _SFTP_SHORT.match(cfg.url)
+        user, host, port = (m.group("user"), m.group("host"), None) if m else (None, None, None)
+    if not host:
+        raise RepositoryError(f"cannot find the host in the sftp repository URL {cfg.display_url}")
+    # BatchMode: under systemd no one can answer a password or host key prompt; fail instead of hanging.
+    argv = ["ssh", "-o", "BatchMode=yes"]
+    if cfg.sftp_identity:
+        argv += ["-i", cfg.sftp_identity, "-o", "IdentitiesOnly=yes"]
+    if cfg.sftp_known_hosts:
+        argv += ["-o", f"UserKnownHostsFile={cfg.sftp_known_hosts}", "-o", "StrictHostKeyChecking=yes"]
+    for option in cfg.sftp_options:
+        argv += ["-o", option]
+    if port:
+        argv += ["-p", str(port)]
+    return " ".join([*argv, f"{user}@{host}" if user else host, "-s", "sftp"])
+
+
+_VERSION = re.compile(r"restic (\d+)\.(\d+)\.(\d+)")
+_retry_lock_support: dict[str, bool] = {}
 
 
 @dataclass(frozen=True)
@@ -124,19 +264,32 @@ class Restic:
                  credentials_dir: str | None = None) -> None:
         self.cfg = cfg
         self.bin = restic
+        self.host = cfg.hostname
+        # restic records the kernel's host name in its locks, whatever --host says.
+        self.machine = socket.gethostname()
         self.credentials_dir = credentials_dir if credentials_dir is not None else os.environ.get(
             "CREDENTIALS_DIRECTORY")
         self._extra_env: dict[str, str] | None = None
 
+    def waiting_at_most(self, seconds: int) -> Restic:
+        """The same repository with a shorter lock wait, for steps that systemd gives little time (cleanup)."""
+        shorter = Restic(replace(self.cfg, lock_wait=min(seconds, self.cfg.lock_wait)), self.bin,
+                         self.credentials_dir)
+        shorter._extra_env = self._extra_env
+        return shorter
+
     # --- secrets ---
+
+    def _credential(self, name: str) -> str | None:
+        if self.credentials_dir:
+            cred = os.path.join(self.credentials_dir, name)
+            if os.path.exists(cred):
+                return cred
+        return None
 
     def password_file(self) -> str:
         """The systemd credential if the unit passed one, else the configured 0600 file."""
-        if self.credentials_dir:
-            cred = os.path.join(self.credentials_dir, CREDENTIAL)
-            if os.path.exists(cred):
-                return cred
-        return self.cfg.password_file
+        return self._credential(CREDENTIAL) or self.cfg.password_file
 
     def ensure_password(self) -> str:
         path = self.password_file()
@@ -154,8 +307,11 @@ class Restic:
 
     def env(self) -> dict[str, str]:
         if self._extra_env is None:
-            self._extra_env = (read_environment_file(self.cfg.environment_file)
-                               if self.cfg.environment_file else {})
+            extra = read_environment_file(self.cfg.environment_file) if self.cfg.environment_file else {}
+            cred = self._credential(ENV_CREDENTIAL)
+            if cred:
+                extra.update(read_environment_file(cred))
+            self._extra_env = extra
         return {
             **self._extra_env,
             "RESTIC_REPOSITORY": self.cfg.url,
@@ -169,12 +325,99 @@ class Restic:
         return [v for k, v in (self._extra_env or {}).items() if "KEY" in k or "SECRET" in k or "PASS" in k
                 or "TOKEN" in k] + url_secrets(self.cfg.url)
 
-    def _run(self, args: Sequence[str], **kw: Any) -> Completed:
-        return run([self.bin, *args], env=self.env(), secrets=self.secrets(), **kw)
+    # --- running restic ---
+
+    def global_args(self) -> list[str]:
+        """Options every command that talks to the repository gets."""
+        args = []
+        if self.cfg.limit_upload:
+            args += ["--limit-upload", str(self.cfg.limit_upload)]
+        if self.cfg.limit_download:
+            args += ["--limit-download", str(self.cfg.limit_download)]
+        command = sftp_command(self.cfg)
+        if command:
+            args += ["-o", f"sftp.command={command}"]
+        return args
+
+    def argv(self, *args: str) -> list[str]:
+        return [self.bin, *self.global_args(), *args]
+
+    def has_retry_lock(self) -> bool:
+        """Whether this restic waits for locks itself (--retry-lock); asked once per binary and process."""
+        known = _retry_lock_support.get(self.bin)
+        if known is None:
+            out = run([self.bin, "version"], check=False).stdout
+            m = _VERSION.search(out)
+            known = m is not None and tuple(int(g) for g in m.groups()) >= RETRY_LOCK_SINCE
+            _retry_lock_support[self.bin] = known
+        return known
+
+    def _masked(self, exc: CommandError) -> CommandError:
+        stderr = exc.stderr
+        for secret in self.secrets():
+            if secret:
+                stderr = stderr.replace(secret, "***")
+        if stderr == exc.stderr:
+            return exc
+        return CommandError(exc.argv, exc.returncode, stderr, exc.reason)
+
+    def _with_lock_wait(self, argv: list[str], attempt: Callable[[list[str]], T]) -> T:
+        """Run attempt(argv); while another process holds the repository lock, wait up to lock_wait."""
+        wait = self.cfg.lock_wait
+        if wait and self.has_retry_lock():
+            argv = [argv[0], "--retry-lock", f"{wait}s", *argv[1:]]
+            wait = 0
+        start = time.monotonic()
+        pause = LOCK_RETRY_FIRST
+        cleared = False
+        waited = False
+        while True:
+            try:
+                result = attempt(argv)
+            except CommandError as exc:
+                holder = parse_lock_conflict(exc.stderr)
+                if holder is None:
+                    raise self._masked(exc) from None
+                if holder.host == self.machine and not pid_alive(holder.pid) and not cleared:
+                    # A restic killed on this host left its lock; restic 0.14 does not step over it itself.
+                    log.warning("the repository lock of PID %d on this host is left from a process that is "
+                                "gone; removing it", holder.pid)
+                    self.unlock_stale()
+                    cleared = True
+                    continue
+                left = self.cfg.lock_wait - (time.monotonic() - start) if wait else 0
+                fields = {"lock_host": holder.host, "lock_pid": holder.pid}
+                if left <= 0:
+                    log.error("repository %s is still locked by %s", self.cfg.display_url, holder.describe(),
+                              extra={"fields": fields})
+                    raise RepositoryLocked(
+                        f"repository {self.cfg.display_url} is locked by {holder.describe()}; gave up after "
+                        f"waiting {self.cfg.lock_wait} s ([repository] lock_wait)", holder) from None
+                sleep = min(pause * random.uniform(0.8, 1.2), left)
+                log.warning("repository %s is locked by %s; trying again in %.1f s (waiting up to %.0f s more)",
+                            self.cfg.display_url, holder.describe(), sleep, left, extra={"fields": fields})
+                time.sleep(sleep)
+                pause = min(pause * 2, LOCK_RETRY_MAX)
+                waited = True
+                continue
+            if waited:
+                log.info("got the repository lock after waiting %.0f s", time.monotonic() - start,
+                         extra={"fields": {"lock_waited": round(time.monotonic() - start)}})
+            return result
 
     def run_argv(self, argv: Sequence[str]) -> Completed:
-        """Run an argv built by one of the *_argv methods."""
-        return run(argv, env=self.env(), secrets=self.secrets())
+        """Run an argv built by argv() or one of the *_argv methods, waiting for a held lock."""
+        return self._with_lock_wait(list(argv), lambda a: run(a, env=self.env(), secrets=self.secrets()))
+
+    def _run(self, *args: str) -> Completed:
+        return self.run_argv(self.argv(*args))
+
+    def _run_unlocked(self, *args: str) -> Completed:
+        """A command that takes no repository lock (it runs with --no-lock, or is unlock itself)."""
+        try:
+            return run(self.argv(*args), env=self.env(), secrets=self.secrets())
+        except CommandError as exc:
+            raise self._masked(exc) from None
 
     # --- repository ---
 
@@ -185,7 +428,12 @@ class Restic:
         """None when the repository opens, else why not (restic's first line)."""
         if self.cfg.is_local:
             return None if os.path.exists(os.path.join(self.cfg.url, "config")) else "no repository there"
-        probe = self._run(["cat", "config"], check=False)
+        return self._read_config()
+
+    def _read_config(self) -> str | None:
+        """None when restic decrypts the repository's config, else restic's first line saying why not."""
+        # --no-lock: a prune elsewhere in the fleet may hold an exclusive lock, and this only reads.
+        probe = run(self.argv("cat", "config", "--no-lock"), env=self.env(), secrets=self.secrets(), check=False)
         if probe.returncode == 0:
             return None
         return next((line.strip() for line in probe.stderr.splitlines() if line.strip()), "no answer")
@@ -199,25 +447,24 @@ class Restic:
                 self._check_key()
             return
         if not self.cfg.is_local:
-            raise RepositoryError(f"repository {mask_url(self.cfg.url)} cannot be opened: {error} (if it was never "
-                                  "initialised, run `xenbackup init` once)")
+            raise RepositoryError(f"repository {self.cfg.display_url} cannot be opened: {error} (if it was "
+                                  "never initialised, run `xenbackup init` once)")
         self.init()
 
     def _check_key(self) -> None:
         """Decrypt the repository's config as any backup would: a wrong password fails here, before LVM."""
-        probe = self._run(["cat", "config"], check=False)
-        if probe.returncode != 0:
-            why = next((line.strip() for line in probe.stderr.splitlines() if line.strip()), "no answer")
-            raise RepositoryError(f"repository {mask_url(self.cfg.url)} cannot be opened: {why}")
+        why = self._read_config()
+        if why is not None:
+            raise RepositoryError(f"repository {self.cfg.display_url} cannot be opened: {why}")
 
     def init(self) -> None:
         self.ensure_password()
-        log.info("initialising restic repository %s", mask_url(self.cfg.url))
-        self._run(["init"])
+        log.info("initialising restic repository %s", self.cfg.display_url)
+        self._run_unlocked("init")
 
     def backup_argv(self, paths: Sequence[str], tags: Iterable[str], host: str,
                     stdin_filename: str | None = None) -> list[str]:
-        argv = [self.bin, "backup", "--json", "--host", host, "--compression", self.cfg.compression]
+        argv = self.argv("backup", "--json", "--host", host, "--compression", self.cfg.compression)
         for tag in tags:
             argv += ["--tag", tag]
         if stdin_filename is not None:
@@ -237,55 +484,92 @@ class Restic:
             elif isinstance(item, BackupSummary):
                 summary.append(item)
 
-        argv = self.backup_argv(paths, tags, host, stdin_filename)
-        stream(argv, on_line, env=self.env(), secrets=self.secrets(), cwd=cwd, stdin=stdin, on_start=on_start)
+        # restic takes its lock before it reads a byte; a retry after a held lock starts where the first began.
+        offset = stdin.tell() if stdin is not None and stdin.seekable() else None
+
+        def attempt(argv: list[str]) -> Completed:
+            if stdin is not None and offset is not None:
+                stdin.seek(offset)
+            return stream(argv, on_line, env=self.env(), secrets=self.secrets(), cwd=cwd, stdin=stdin,
+                          on_start=on_start)
+
+        self._with_lock_wait(self.backup_argv(paths, tags, host, stdin_filename), attempt)
         if not summary or not summary[-1].snapshot_id:
             raise RepositoryError("restic backup ended without reporting a snapshot")
         return summary[-1]
 
-    def snapshots(self, tags: Iterable[str] = (), host: str | None = None) -> list[Snapshot]:
+    def snapshots(self, tags: Iterable[str] = (), host: str | None = None, *,
+                  any_host: bool = False) -> list[Snapshot]:
+        """Snapshots with all these tags, of this host (or of `host`; of every host with any_host)."""
         args = ["snapshots", "--json"]
         tag_list = list(tags)
         if tag_list:
             # One --tag with a comma list means all of them at once.
             args += ["--tag", ",".join(tag_list)]
-        if host:
-            args += ["--host", host]
-        return parse_snapshots(self._run(args).stdout)
+        if not any_host:
+            args += ["--host", host or self.host]
+        return parse_snapshots(self._run(*args).stdout)
 
-    def unlock_stale(self) -> None:
-        """Remove locks left by a restic that was killed (restic only removes locks of dead processes)."""
-        if self.is_initialized():
-            self._run(["unlock"], check=False)
+    def locks(self) -> list[Lock]:
+        found = []
+        for lock_id in self._run_unlocked("list", "locks", "--no-lock").stdout.split():
+            text = run(self.argv("cat", "lock", lock_id, "--no-lock"), env=self.env(), secrets=self.secrets(),
+                       check=False)
+            if text.returncode == 0:  # else its holder removed it in between
+                found.append(parse_lock(lock_id, text.stdout))
+        return found
+
+    def unlock_stale(self) -> list[Lock]:
+        """Remove the locks a killed restic on this host left; another host's lock is never removed."""
+        if not self.is_initialized():
+            return []
+        locks = self.locks()
+        dead = removable_locks(locks, self.machine, datetime.now(UTC))
+        if dead is None:
+            foreign = [lk for lk in locks if lk.hostname != self.machine]
+            log.warning("not running restic unlock: it would also remove the lock of %s, which may still be "
+                        "working; run `restic unlock` by hand once that host is known to be down",
+                        ", ".join(f"PID {lk.pid} on {lk.hostname}" for lk in foreign) or "a live process")
+            return []
+        if dead:
+            log.info("removing stale repository lock(s) of %s on this host",
+                     ", ".join(f"PID {lk.pid}" for lk in dead))
+            self._run_unlocked("unlock")
+        return dead
 
     def forget(self, ids: Sequence[str]) -> None:
         if ids:
-            self._run(["forget", *ids])
+            self._run("forget", *ids)
 
     def forget_policy_argv(self, tags: Iterable[str], host: str, retention: Retention) -> list[str]:
-        return [self.bin, "forget", "--prune", "--host", host, "--tag", ",".join(tags),
-                # The tag filter already scopes to one VM's disk; grouping by tags would make every run
-                # (each has its own run: tag) a group of one, and nothing would ever be forgotten.
-                "--group-by", "host", *retention.forget_args()]
+        # No --prune: prune locks the whole repository, and in a fleet only one host runs it (prune()).
+        return self.argv("forget", "--host", host, "--tag", ",".join(tags),
+                         # The tag filter already scopes to one VM's disk; grouping by tags would make every run
+                         # (each has its own run: tag) a group of one, and nothing would ever be forgotten.
+                         "--group-by", "host", *retention.forget_args())
+
+    def prune(self) -> None:
+        """Remove the data no snapshot uses any more, whichever host forgot it."""
+        self._run("prune")
 
     def check(self, read_data_subset: str | None = None) -> Completed:
         args = ["check"]
         if read_data_subset:
             args += ["--read-data-subset", read_data_subset]
-        return self._run(args)
+        return self._run(*args)
 
     def restore_argv(self, snapshot: str, target: str, includes: Sequence[str] = ()) -> list[str]:
         # --verify re-reads every restored file and checks it against the stored blobs.
-        argv = [self.bin, "restore", snapshot, "--target", target, "--verify"]
+        argv = self.argv("restore", snapshot, "--target", target, "--verify")
         for inc in includes:
             argv += ["--include", inc]
         return argv
 
     def restore(self, snapshot: str, target: str, includes: Sequence[str] = ()) -> None:
-        self._run(self.restore_argv(snapshot, target, includes)[1:])
+        self.run_argv(self.restore_argv(snapshot, target, includes))
 
     def ls(self, snapshot: str) -> list[Node]:
-        out = self._run(["ls", "--json", snapshot]).stdout
+        out = self._run("ls", "--json", snapshot).stdout
         nodes = []
         for line in out.splitlines():
             try:
@@ -299,4 +583,5 @@ class Restic:
 
     def dump(self, snapshot: str, filename: str, sink: Callable[[bytes], None]) -> None:
         """Stream one stored file's bytes (a block-mode image) to sink."""
-        stream_bytes([self.bin, "dump", snapshot, filename], sink, env=self.env(), secrets=self.secrets())
+        self._with_lock_wait(self.argv("dump", snapshot, filename),
+                             lambda a: stream_bytes(a, sink, env=self.env(), secrets=self.secrets()))

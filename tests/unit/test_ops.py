@@ -70,7 +70,7 @@ def test_retention_falls_back_to_default_and_is_scoped(write_config) -> None:
     restic = Restic(RepositoryConfig("/r", "/p", None, "/c", "", "auto"), credentials_dir="")
     argv = restic.forget_policy_argv(["xenbackup", "host:h", "vm:vm3", "disk:system/vm3"], "h",
                                      cfg.vm("vm3").retention)
-    assert argv == ["restic", "forget", "--prune", "--host", "h", "--tag", "xenbackup,host:h,vm:vm3,disk:system/vm3",
+    assert argv == ["restic", "forget", "--host", "h", "--tag", "xenbackup,host:h,vm:vm3,disk:system/vm3",
                     "--group-by", "host", "--keep-last", "2"]
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from xenbackup import names
 from xenbackup.config import RepositoryConfig
+from xenbackup.model import Retention
 from xenbackup.repository import (
     BackupSummary,
     Progress,
@@ -124,7 +125,7 @@ def test_secrets_never_reach_the_log_lines_written(write_config, tmp_path, capsy
     """)
     assert cli.main(["--config", str(path), "--debug", "init"]) == cli.EXIT_FAILED
     lines = capsys.readouterr().err.splitlines()
-    assert f"+ {restic} cat config" in lines
+    assert f"+ {restic} cat config --no-lock" in lines
     assert "initialising restic repository rest:https://backup:***@backup.example:8000/host1/" in lines
     assert ("error: restic failed with exit code 1: Fatal: unable to open config file: key *** rejected by "
             "rest:https://backup:***@backup.example:8000/host1/") in lines
@@ -163,9 +164,10 @@ def test_end_to_end_with_real_restic(tmp_path) -> None:
     summary = r.backup(["vm1"], names.restic_tags("h", "vm1", "system/xenvm", "files", "r1"), "h", seen.append,
                        cwd=str(tmp_path / "mnt"))
     assert summary.files == 1 and summary.total_bytes == 4096
-    (snap,) = r.snapshots(["xenbackup", "vm:vm1"])
+    (snap,) = r.snapshots(["xenbackup", "vm:vm1"], host="h")
     assert snap.id.startswith(summary.snapshot_id) and snap.tag_value("run") == "r1"
-    assert r.snapshots(["vm:vm2"]) == []
+    assert r.snapshots(["vm:vm2"], host="h") == []
+    assert r.snapshots(["xenbackup"]) == [], "this host (not h) has no backups"
 
 
 def test_a_vanished_local_repository_is_never_recreated(write_config, tmp_path) -> None:
@@ -214,3 +216,198 @@ def test_the_world_readable_list_of_repositories_holds_no_password(tmp_path) -> 
     text = (tmp_path / "state" / "repositories.json").read_text()
     assert "hunter2" not in text
     assert store.known_repositories() == ["rest:https://backup:***@backup.example/", str(tmp_path / "repo")]
+def test_fleet_options_parse_and_default(write_config) -> None:
+    from xenbackup import config
+
+    default = config.load(str(write_config("[repository]\nurl = \"/r\"\n"))).repository
+    assert (default.prune, default.lock_wait, default.limit_upload, default.limit_download) == (True, 3600, 0, 0)
+    for text, seconds in (('"1h"', 3600), ('"30min"', 1800), ('"1h 30min"', 5400), ("90", 90), ('"45s"', 45),
+                          ('"0"', 0), ('"2d"', 172800)):
+        cfg = config.load(str(write_config(f'[repository]\nlock_wait = {text}\n'))).repository
+        assert cfg.lock_wait == seconds, text
+    cfg = config.load(str(write_config("[repository]\nprune = false\nlimit_upload = 2048\nlimit_download = 512\n")))
+    assert (cfg.repository.prune, cfg.repository.limit_upload, cfg.repository.limit_download) == (False, 2048, 512)
+
+
+def test_bad_fleet_options_are_all_reported(write_config) -> None:
+    from xenbackup import config
+
+    path = write_config("""
+        [repository]
+        prune = "yes"
+        lock_wait = "soon"
+        limit_upload = "fast"
+        limit_download = -1
+    """)
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(str(path))
+    text = "\n".join(exc.value.errors)
+    assert f"{path}: repository.prune: expected true or false" in text
+    assert f'{path}: repository.lock_wait: expected seconds or a time span such as "1h" or "30min", got \'soon\'' \
+        in text
+    assert f"{path}: repository.limit_upload: expected an integer" in text
+    assert f"{path}: repository.limit_download: expected 0..10000000, got -1" in text
+    with pytest.raises(config.ConfigError, match=r"lock_wait: expected 0\.\.604800 seconds"):
+        config.load(str(write_config('[repository]\nlock_wait = "8d"\n')))
+    with pytest.raises(config.ConfigError, match="lock_wait: expected seconds"):
+        config.load(str(write_config('[repository]\nlock_wait = "1 fortnight"\n')))
+
+
+def _recording_restic(tmp_path) -> tuple[str, object]:
+    """A restic that records its argv and environment, one JSON line per call."""
+    calls = tmp_path / "restic-calls.jsonl"
+    fake = tmp_path / "fake-restic"
+    fake.write_text(f"""#!/usr/bin/env python3
+import json, os, sys
+with open("{calls}", "a") as f:
+    f.write(json.dumps({{"argv": sys.argv[1:], "env": dict(os.environ)}}) + "\\n")
+if "snapshots" in sys.argv:
+    print("[]")
+if "version" in sys.argv:
+    print("restic 0.14.0 compiled with go1.19.8 on linux/amd64")
+if "fail" in os.environ.get("RESTIC_REPOSITORY", ""):
+    print("Fatal: s3 said: bad key " + os.environ.get("AWS_SECRET_ACCESS_KEY", ""), file=sys.stderr)
+    sys.exit(1)
+""")
+    fake.chmod(0o755)
+
+    def read() -> list[dict[str, object]]:
+        return [json.loads(line) for line in calls.read_text().splitlines()]
+    return str(fake), read
+
+
+def test_bandwidth_limits_reach_every_repository_command(tmp_path) -> None:
+    from dataclasses import replace
+
+    fake, calls = _recording_restic(tmp_path)
+    cfg = replace(repo(tmp_path, url="sftp:backup@nas:/srv/restic"), limit_upload=2048, limit_download=512)
+    r = Restic(cfg, fake, credentials_dir="")
+    r.snapshots(["xenbackup"])
+    r.check()
+    r.forget(["abc"])
+    r.prune()
+    r.restore("abc", str(tmp_path / "t"))
+    r.dump("abc", "/x.img", lambda b: None)
+    r.run_argv(r.forget_policy_argv(["xenbackup"], "h", Retention(keep_last=1)))
+    r.is_initialized()
+    repo_calls = [c["argv"] for c in calls() if c["argv"] != ["version"]]  # type: ignore[index]
+    assert len(repo_calls) == 8
+    for argv in repo_calls:
+        assert argv[:4] == ["--limit-upload", "2048", "--limit-download", "512"], argv
+    built = r.backup_argv(["vm1"], ["xenbackup"], "h")
+    assert built[:5] == [fake, "--limit-upload", "2048", "--limit-download", "512"]
+    unlimited = Restic(repo(tmp_path), fake, credentials_dir="")
+    assert "--limit-upload" not in unlimited.backup_argv(["vm1"], ["xenbackup"], "h")
+
+
+def test_s3_keys_reach_only_restic_s_environment_and_never_argv_or_logs(tmp_path, caplog) -> None:
+    import logging
+
+    from xenbackup.run import CommandError, run
+
+    env_file = tmp_path / "restic.env"
+    env_file.write_text("AWS_ACCESS_KEY_ID=AKIAFILE\nAWS_SECRET_ACCESS_KEY=file-secret-123\n")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "restic-password").write_text("the-repository-password\n")
+    (creds / "restic-environment").write_text("AWS_SECRET_ACCESS_KEY=credential-secret-456\n")
+    fake, calls = _recording_restic(tmp_path)
+    caplog.set_level(logging.DEBUG)
+    r = Restic(repo(tmp_path, url="s3:http://127.0.0.1:7480/bucket", env_file=str(env_file)), fake,
+               credentials_dir=str(creds))
+    r.snapshots(["xenbackup"])
+    (call,) = [c for c in calls() if c["argv"] != ["version"]]
+    secrets = ("credential-secret-456", "file-secret-123", "the-repository-password")
+    assert not any(s in " ".join(call["argv"]) for s in secrets)  # type: ignore[arg-type]
+    env = call["env"]
+    # The systemd credential wins over the file; the password travels as a file name, not a value.
+    assert env["AWS_SECRET_ACCESS_KEY"] == "credential-secret-456"  # type: ignore[index]
+    assert env["AWS_ACCESS_KEY_ID"] == "AKIAFILE"  # type: ignore[index]
+    assert env["RESTIC_PASSWORD_FILE"] == str(creds / "restic-password")  # type: ignore[index]
+    assert "the-repository-password" not in json.dumps(env)
+
+    # restic repeating a secret in its error: the error xenbackup logs is masked.
+    failing = Restic(repo(tmp_path, url="s3:http://fail/bucket", env_file=str(env_file)), fake,
+                     credentials_dir=str(creds))
+    with pytest.raises(CommandError) as exc:
+        failing.check()
+    assert "credential-secret-456" not in str(exc.value) and "***" in str(exc.value)
+    assert "credential-secret-456" not in exc.value.stderr_tail
+    assert not any("credential-secret-456" in rec.getMessage() for rec in caplog.records)
+
+    # Any other child xenbackup starts (a notify command, lvcreate) gets none of restic's environment.
+    other = run(["env"]).stdout
+    assert "AWS_" not in other and "RESTIC_" not in other
+
+
+def test_a_password_in_the_repository_url_is_masked_in_messages(tmp_path) -> None:
+    cfg = repo(tmp_path, url="rest:https://backup:url-pass-789@nas:8000/xen")
+    assert cfg.display_url == "rest:https://backup:***@nas:8000/xen"
+    assert "url-pass-789" in Restic(cfg, credentials_dir="").secrets()
+    assert repo(tmp_path, url="s3:http://127.0.0.1:7480/b").display_url == "s3:http://127.0.0.1:7480/b"
+
+
+def test_sftp_key_and_known_hosts_become_restic_s_ssh_command(write_config, tmp_path) -> None:
+    from xenbackup import config
+    from xenbackup.repository import sftp_command
+
+    cfg = config.load(str(write_config("""
+        [repository]
+        url = "sftp:backup@nas.example:/srv/restic"
+        sftp_identity = "/etc/xenbackup/id_ed25519"
+        sftp_known_hosts = "/etc/xenbackup/known_hosts"
+        sftp_options = ["ConnectTimeout=30", "ServerAliveInterval=60"]
+    """))).repository
+    r = Restic(cfg, credentials_dir="")
+    argv = r.backup_argv(["vm1"], ["xenbackup"], "h")
+    assert argv[1:3] == ["-o", "sftp.command=ssh -o BatchMode=yes -i /etc/xenbackup/id_ed25519 -o IdentitiesOnly=yes "
+                         "-o UserKnownHostsFile=/etc/xenbackup/known_hosts -o StrictHostKeyChecking=yes "
+                         "-o ConnectTimeout=30 -o ServerAliveInterval=60 backup@nas.example -s sftp"]
+    url_form = config.load(str(write_config("""
+        [repository]
+        url = "sftp://backup@nas.example:2222//srv/restic"
+        sftp_known_hosts = "/etc/xenbackup/known_hosts"
+    """))).repository
+    assert sftp_command(url_form) == ("ssh -o BatchMode=yes -o UserKnownHostsFile=/etc/xenbackup/known_hosts "
+                                      "-o StrictHostKeyChecking=yes -p 2222 backup@nas.example -s sftp")
+    plain = config.load(str(write_config('[repository]\nurl = "sftp:nas:/srv/restic"\n'))).repository
+    assert sftp_command(plain) is None and "-o" not in Restic(plain, credentials_dir="").global_args()
+
+
+def test_bad_sftp_options_are_reported(write_config) -> None:
+    from xenbackup import config
+
+    path = write_config("""
+        [repository]
+        url = "/srv/restic"
+        sftp_identity = "/etc/xenbackup/my key"
+        sftp_options = ["ProxyCommand=nc %h 22", "-v"]
+    """)
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(str(path))
+    text = "\n".join(exc.value.errors)
+    assert "repository.sftp_identity: '/etc/xenbackup/my key': restic passes this path to ssh unquoted" in text
+    assert "repository.sftp_options: bad ssh option 'ProxyCommand=nc %h 22'" in text
+    path = write_config('[repository]\nurl = "/srv/restic"\nsftp_known_hosts = "/etc/xenbackup/known_hosts"\n')
+    with pytest.raises(config.ConfigError, match=r"repository\.sftp_known_hosts: applies to sftp: repositories only"):
+        config.load(str(path))
+
+
+def test_real_restic_runs_ssh_with_exactly_these_arguments(tmp_path, monkeypatch) -> None:
+    """restic 0.14 splits sftp.command itself; an ssh on PATH records what it was given."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "ssh").write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {tmp_path / "ssh.argv"}\n'
+                                'echo "Host key verification failed." >&2\nexit 255\n')
+    (bindir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    (tmp_path / "pw").write_text("pw\n")
+    cfg = RepositoryConfig(url="sftp:backup@nas.example:/srv/restic", password_file=str(tmp_path / "pw"),
+                           environment_file=None, cache_dir=str(tmp_path / "c"), host="h", compression="auto",
+                           sftp_identity="/etc/xenbackup/id_ed25519", sftp_known_hosts="/etc/xenbackup/known_hosts")
+    with pytest.raises(RepositoryError, match=r"cannot be opened: .*Host key verification failed"):
+        Restic(cfg, "restic", credentials_dir="").ensure_initialized()
+    assert (tmp_path / "ssh.argv").read_text().splitlines() == [
+        "-o", "BatchMode=yes", "-i", "/etc/xenbackup/id_ed25519", "-o", "IdentitiesOnly=yes",
+        "-o", "UserKnownHostsFile=/etc/xenbackup/known_hosts", "-o", "StrictHostKeyChecking=yes",
+        "backup@nas.example", "-s", "sftp"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 from pathlib import Path
 
@@ -174,7 +175,17 @@ print(json.dumps({{"report": [{{"lv": [r for r in rows if tag in r["lv_tags"].sp
                                           and r["vg_name"] + "/" + r["lv_name"] not in gone]}}]}}))
 """)
     (bindir / "lvremove").write_text(f'#!/bin/sh\necho "$2" >> {tmp_path / "removed"}\n')
-    (bindir / "restic").write_text(f'#!/bin/sh\necho "$RESTIC_REPOSITORY $*" >> {tmp_path / "restic.calls"}\n')
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock = json.dumps({"time": "2026-11-26T15:21:42.5Z", "exclusive": False, "hostname": socket.gethostname(),
+                       "username": "root", "pid": dead.pid})
+    (bindir / "restic").write_text(f"""#!/bin/sh
+echo "$RESTIC_REPOSITORY $*" >> {tmp_path / "restic.calls"}
+case "$1 $2" in
+"list locks") echo 5f1c0ffee ;;
+"cat lock") echo '{lock}' ;;
+esac
+""")
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "config").write_text("restic repository config")
@@ -202,7 +213,9 @@ print(json.dumps({{"report": [{{"lv": [r for r in rows if tag in r["lv_tags"].sp
     assert record["result"] == "interrupted" and record["last_success"] == 1000.0
     assert record["stale_snapshots"] == ["system/xenvm.xb-vm1-20261126152142"]
     # The interrupted run's restic lock would block the admin's `restic check`.
-    assert (tmp_path / "restic.calls").read_text().splitlines() == [f"{repo} unlock"]
+    # It is this host's, and its restic is gone: restic unlock removes it (and another host's lock not).
+    assert (tmp_path / "restic.calls").read_text().splitlines() == [
+        f"{repo} list locks --no-lock", f"{repo} cat lock 5f1c0ffee --no-lock", f"{repo} unlock"]
     assert sweep_all(Context.from_config(cfg)) == []  # idempotent: nothing left, nothing recorded again
     assert len((state / "vm1.runs.jsonl").read_text().splitlines()) == 1
-    assert len((tmp_path / "restic.calls").read_text().splitlines()) == 1
+    assert len((tmp_path / "restic.calls").read_text().splitlines()) == 3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
 from .. import hypervisor as hv_mod
@@ -40,7 +39,7 @@ class Context:
             restic=Restic(cfg.repository, cfg.command("restic")),
             store=StateStore(cfg.settings.runtime_dir, cfg.settings.state_dir),
             slots=Slots(cfg.settings.runtime_dir, cfg.settings.max_parallel),
-            host=cfg.repository.host or socket.gethostname(),
+            host=cfg.repository.hostname,
         )
 
     def hypervisor(self, vm: VM) -> Hypervisor:

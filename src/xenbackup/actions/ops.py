@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from .. import journal, names
 from ..model import VM, DiskMode, Retention
-from ..run import mask_url
 from .context import Context
 from .restore import relative_tree, run_disks, select_run
 
@@ -36,7 +35,7 @@ def prune_groups(vm: VM, stored: Iterable[str] = ()) -> list[str]:
 
 
 def prune(ctx: Context, vm: VM) -> int:
-    """restic forget --prune, scoped to this host's snapshots of this VM. Returns how many runs were kept."""
+    """restic forget, scoped to this host's snapshots of this VM. Returns how many runs were kept."""
     policy = policy_for(vm, ctx.cfg.default_retention)
     with journal.context(vm=vm.name, phase="prune"):
         if not policy.forget_args():
@@ -58,6 +57,18 @@ def prune(ctx: Context, vm: VM) -> int:
         return len(kept)
 
 
+def prune_repository(ctx: Context) -> bool:
+    """restic prune once, after every VM's forget, on the host that [repository] prune designates."""
+    with journal.context(phase="prune"):
+        if not ctx.cfg.repository.prune:
+            log.info("not pruning %s: [repository] prune = false leaves it to the fleet's designated host",
+                     ctx.cfg.repository.display_url)
+            return False
+        log.info("pruning %s: removing data no snapshot of any host uses", ctx.cfg.repository.display_url)
+        ctx.restic.prune()
+        return True
+
+
 @dataclass(frozen=True)
 class RestoreTestResult:
     vm: str
@@ -69,7 +80,7 @@ class RestoreTestResult:
 def restore_test(ctx: Context, vm: VM, scratch_root: str = "/var/tmp") -> RestoreTestResult:
     """Restore the latest backup to scratch space and compare it with what restic recorded."""
     with journal.context(vm=vm.name, phase="verify"):
-        sel = select_run(ctx.restic.snapshots(names.restic_filter(vm.name)), "latest")
+        sel = select_run(ctx.restic.snapshots(names.restic_filter(vm.name), host=ctx.host), "latest")
         entries = 0
         total = 0
         scratch = tempfile.mkdtemp(prefix="xenbackup-verify-", dir=scratch_root)
@@ -123,4 +134,4 @@ def check_repository(ctx: Context, subset: str | None) -> None:
         log.info("restic check%s", f" --read-data-subset {subset}" if subset else "")
         ctx.restic.unlock_stale()
         ctx.restic.check(subset)
-        log.info("repository %s is consistent", mask_url(ctx.cfg.repository.url))
+        log.info("repository %s is consistent", ctx.cfg.repository.display_url)

@@ -44,6 +44,8 @@ class RestoreRequest:
     delete: bool = False
     dry_run: bool = False
     shutdown_timeout: float = 120.0
+    # Whose backups to restore: None is this host; another host's name recovers that host's VM here.
+    host: str | None = None
 
     @property
     def in_place(self) -> bool:
@@ -277,8 +279,21 @@ class Restorer:
 
     # --- the run ---
 
+    def run_snapshots(self) -> list[Snapshot]:
+        """The VM's snapshots of one host only: two hosts sharing a repository may both have a vm1."""
+        tags = ["xenbackup", f"vm:{self.vm.name}"]
+        host = self.req.host or self.ctx.host
+        snaps = self.ctx.restic.snapshots(tags, host=host)
+        if not snaps:
+            others = sorted({s.hostname for s in self.ctx.restic.snapshots(tags, any_host=True)})
+            if others:
+                raise RestoreError(f"there is no backup of {self.vm.name} from host {host}; "
+                                   f"{', '.join(others)} backed up a {self.vm.name}: to restore that, add "
+                                   + " or ".join(f"--host {h}" for h in others))
+        return snaps
+
     def run(self) -> Outcome:
-        snaps = self.ctx.restic.snapshots(names.restic_filter(self.vm.name))
+        snaps = self.run_snapshots()
         sel = select_run(snaps, self.req.snapshot)
         disks = self.disks(sel)
         self.validate(sel, disks)
