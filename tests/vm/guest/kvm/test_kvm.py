@@ -141,7 +141,7 @@ def test_domain_runs_from_two_lvs_under_nested_tcg(kvm1: KvmGuest, record_proper
     record_property("virsh_start_seconds", f"{kvm1.boot.start_seconds:.1f}")
     record_property("ready_seconds", f"{kvm1.boot.ready_seconds:.1f}")
     print(f"libvirtd answered after {kvm1.libvirtd_seconds:.1f}s; virsh start took {kvm1.boot.start_seconds:.1f}s;"
-          f" the guest was ready {kvm1.boot.ready_seconds:.1f}s after the start")
+          f" the guest was ready {kvm1.boot.ready_seconds:.1f}s after the start; its console:\n{kvm1.boot.console}")
     assert kvm.domstate(VM) == "running"
     assert kvm.qemu_pid(VM) is not None, "no qemu process for kvm1"
     assert kvm1.boot.marker("vda") == kvm1.disks.markers["kvm1-root"]
