@@ -157,7 +157,12 @@ def test_domain_runs_from_two_lvs_under_nested_tcg(kvm1: KvmGuest, record_proper
 def test_plan_shows_the_discovered_disks(kvm1: KvmGuest, xb: Xb) -> None:
     plan = sh("xenbackup", "plan", VM, check=False)
     assert plan.returncode == 0, plan.stdout + plan.stderr
-    assert f"{VG}/kvm1-root" in plan.stdout and f"{VG}/kvm1-data" in plan.stdout, plan.stdout
+    disk_lines = [line for line in plan.stdout.splitlines() if line.startswith("[disks]")]
+    # Two disks from `virsh dumpxml`, each in block mode; the empty CD-ROM is not among them.
+    assert len(disk_lines) == 2, plan.stdout
+    for lv in LV_SIZES:
+        assert any(f"{VG}/{lv} block" in line and "domain definition" in line for line in disk_lines), plan.stdout
+    assert "virsh suspend kvm1" in plan.stdout and "virsh resume kvm1" in plan.stdout, plan.stdout
 
 
 def test_unit_backs_up_both_disks_inside_one_pause(kvm1: KvmGuest, xb: Xb) -> None:
