@@ -32,9 +32,19 @@ READY_TIMEOUT = 600
 """Seconds from `virsh start` to READY: TCG inside TCG (see tests/vm/README.md for what it takes)."""
 SHUTDOWN_TIMEOUT = 10
 """The busybox guest ignores ACPI, so restore --stop destroys it after this."""
+LVCREATE_LOG = Path("/run/xbtest/kvm-lvcreate.log")
+LVCREATE_RECORDER = Path("/run/xbtest/lvcreate-recorder")
+LVCREATE_RECORDER_TEXT = f"""#!/bin/sh
+# Notes the domain's state at each lvcreate call, then runs the real lvcreate.
+echo "$(/usr/bin/virsh domstate {VM} 2>&1 | head -n 1)|$*" >>{LVCREATE_LOG}
+exec /sbin/lvcreate "$@"
+"""
 CONFIG_TEXT = f"""
 [settings]
 shutdown_timeout = {SHUTDOWN_TIMEOUT}
+
+[commands]
+lvcreate = "{LVCREATE_RECORDER}"
 
 [vm.{VM}]
 hypervisor = "kvm"
@@ -130,6 +140,10 @@ def reset_product() -> None:
 def xb() -> Iterator[Xb]:
     """The product configured for kvm1 with discovery (no `disks` key); reset afterwards."""
     reset_product()
+    LVCREATE_RECORDER.parent.mkdir(parents=True, exist_ok=True)
+    LVCREATE_RECORDER.write_text(LVCREATE_RECORDER_TEXT)
+    LVCREATE_RECORDER.chmod(0o755)
+    LVCREATE_LOG.unlink(missing_ok=True)
     product = Xb(vm=VM)
     product.write_config(CONFIG_TEXT)
     yield product
@@ -194,7 +208,10 @@ def test_unit_backs_up_both_disks_inside_one_pause(kvm1: KvmGuest, xb: Xb) -> No
     assert {entry["XENBACKUP_CONSISTENCY"] for entry in windows} == {"pause"}, windows
     paused = [float(str(entry["XENBACKUP_PAUSE_SECONDS"])) for entry in windows]
     assert all(0 < seconds < 10 for seconds in paused), windows
-    assert "2 snapshots" in journal.text("-u", UNIT)
+    # Both snapshots were created while kvm1 was suspended, as the recorder saw it at each lvcreate.
+    calls = [line.split("|", 1) for line in LVCREATE_LOG.read_text().splitlines()]
+    assert [state for state, _ in calls] == ["paused", "paused"], calls
+    assert sorted(argv.split()[-1] for _, argv in calls) == [f"{VG}/kvm1-data", f"{VG}/kvm1-root"], calls
     print(f"kvm1 was paused for {paused[0]:.1f}s; domain states seen during the run: {sorted(states)}")
     if paused[0] > 2:  # long enough for the watcher's 0.5 s polls to see it
         assert "paused" in states, states
