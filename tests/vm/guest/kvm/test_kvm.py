@@ -33,7 +33,8 @@ READY_TIMEOUT = 600
 SHUTDOWN_TIMEOUT = 10
 """The busybox guest ignores ACPI, so restore --stop destroys it after this."""
 LVCREATE_LOG = Path("/run/xbtest/kvm-lvcreate.log")
-LVCREATE_RECORDER = Path("/run/xbtest/lvcreate-recorder")
+# On the root filesystem: /run is mounted noexec.
+LVCREATE_RECORDER = Path("/usr/local/sbin/xbtest-lvcreate-recorder")
 LVCREATE_RECORDER_TEXT = f"""#!/bin/sh
 # Notes the domain's state at each lvcreate call, then runs the real lvcreate.
 echo "$(/usr/bin/virsh domstate {VM} 2>&1 | head -n 1)|$*" >>{LVCREATE_LOG}
