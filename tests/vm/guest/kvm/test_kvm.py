@@ -149,6 +149,7 @@ def xb() -> Iterator[Xb]:
     product.write_config(CONFIG_TEXT)
     yield product
     reset_product()
+    LVCREATE_RECORDER.unlink(missing_ok=True)
 
 
 def test_domain_runs_from_two_lvs_under_nested_tcg(kvm1: KvmGuest, record_property) -> None:
