@@ -1,11 +1,13 @@
 """Each suite boots the guest once and reports every in-guest test here.
 
     TestHostFlavour  Debian's kernel: systemd, journald, LVM;
-                     runs tests/vm/guest/ except xen/ and powercut/.
+                     runs tests/vm/guest/ except xen/, powercut/ and kvm/.
     TestXenFlavour   Xen 4.17 with Debian's kernel as dom0, PV guests;
                      runs tests/vm/guest/xen/.
     TestPowerCut     Debian's kernel; tests/vm/guest/powercut/ resets the
                      guest mid-backup and finishes in a second boot.
+    TestKvm          Debian's kernel with a real libvirtd; tests/vm/guest/kvm/
+                     runs a qemu domain (TCG inside TCG) from two LVs.
 
 `test_in_guest` is parametrized with the guest's test functions, found
 statically (see conftest.py's pytest_generate_tests).
@@ -38,4 +40,9 @@ class TestXenFlavour(GuestSuite):
 
 @pytest.mark.testvm("powercut")
 class TestPowerCut(GuestSuite):
+    pass
+
+
+@pytest.mark.testvm("kvm")
+class TestKvm(GuestSuite):
     pass

@@ -45,11 +45,13 @@ def test_suites_split_the_guest_directory() -> None:
     host = {case.path for case in guest_cases(SUITES["host"])}
     xen = {case.path for case in guest_cases(SUITES["xen"])}
     powercut = {case.path for case in guest_cases(SUITES["powercut"])}
+    kvm = {case.path for case in guest_cases(SUITES["kvm"])}
     assert "test_smoke_lvm.py" in host and "test_smoke_systemd.py" in host
     assert xen and all(path.startswith("xen/") for path in xen)
     assert powercut and all(path.startswith("powercut/") for path in powercut)
-    assert not any(path.startswith(("xen/", "powercut/")) for path in host)
-    assert SUITES["powercut"].flavour is Flavour.HOST
+    assert kvm and all(path.startswith("kvm/") for path in kvm)
+    assert not any(path.startswith(("xen/", "powercut/", "kvm/")) for path in host)
+    assert SUITES["powercut"].flavour is Flavour.HOST and SUITES["kvm"].flavour is Flavour.HOST
 
 
 def test_whole_suite_runs_the_directory_and_a_subset_runs_node_ids() -> None:
@@ -58,6 +60,7 @@ def test_whole_suite_runs_the_directory_and_a_subset_runs_node_ids() -> None:
         "tests/vm/guest",
         "--ignore=tests/vm/guest/xen",
         "--ignore=tests/vm/guest/powercut",
+        "--ignore=tests/vm/guest/kvm",
     ]
     assert pytest_arguments(xen, guest_cases(xen)) == ["tests/vm/guest/xen"]
     case = guest_cases(host)[0]

@@ -63,6 +63,13 @@ done
 echo 'XENCONSOLED_ARGS="--log=guest --log-dir=/var/log/xen/console"' >>"$root/etc/default/xen"
 install -d "$root/var/log/xen/console"
 
+# libvirt only serves the kvm suite, which starts libvirtd itself: at boot
+# it would probe qemu's capabilities under TCG in every suite. Its default
+# NAT network needs dnsmasq, which the image does not carry.
+chroot "$root" systemctl disable --quiet \
+    libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket libvirt-guests.service
+rm -f "$root/etc/libvirt/qemu/networks/autostart/default.xml"
+
 lib="$root/usr/local/lib/xenbackup-testbed"
 install -d "$lib" "$root/mnt/src" "$root/mnt/results"
 install -m 0755 "$here/testbed-boot.sh" "$lib/testbed-boot.sh"

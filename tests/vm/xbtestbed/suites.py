@@ -30,8 +30,11 @@ class Suite:
 SUITES: dict[str, Suite] = {
     suite.name: suite
     for suite in (
-        Suite("host", Flavour.HOST, "", excluded=("xen", "powercut")),
+        Suite("host", Flavour.HOST, "", excluded=("xen", "powercut", "kvm")),
         Suite("xen", Flavour.XEN, "xen"),
+        # libvirtd and its TCG-in-TCG domain would slow every other host test down, and the domain's
+        # boot is paid once for the whole suite.
+        Suite("kvm", Flavour.HOST, "kvm"),
         # Power-cut tests reset the guest mid-test and continue in a second boot
         # (see guestrun.REBOOT_REQUEST), so they cannot share a boot with others.
         Suite("powercut", Flavour.HOST, "powercut"),

@@ -10,11 +10,8 @@ sets XENCONSOLED_ARGS in /etc/default/xen).
 
 from __future__ import annotations
 
-import gzip
-import io
 import re
 import shutil
-import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cmd import CommandFailed, output, run
+from .cmd import CommandFailed, run
+from .initramfs import busybox_initramfs
 
 if TYPE_CHECKING:  # storage imports this module
     from .storage import SeedLayout
@@ -55,16 +53,6 @@ fi
 echo "XBDOMU-READY"
 while :; do sleep 3600; done
 """
-
-# `xl shutdown` makes the kernel run /sbin/poweroff. busybox's own poweroff
-# would signal PID 1, which is a shell here, so power off directly.
-DOMU_POWEROFF = """#!/bin/sh
-sync
-exec /bin/busybox poweroff -f
-"""
-
-BUSYBOX_APPLETS = ("sh", "mount", "insmod", "head", "sleep", "cat", "echo", "sync", "ls", "dd")
-
 
 def in_dom0() -> bool:
     try:
@@ -108,71 +96,7 @@ def build_domu_initramfs(out: Path) -> Path:
 
 
 def _initramfs_bytes() -> bytes:
-    archive = _Newc()
-    for directory in ("bin", "sbin", "dev", "proc", "sys", "lib", "lib/modules"):
-        archive.directory(directory)
-    archive.device("dev/console", 5, 1)
-    archive.device("dev/null", 1, 3)
-    archive.file("bin/busybox", Path("/bin/busybox").read_bytes(), 0o755)
-    for applet in BUSYBOX_APPLETS:
-        archive.symlink(f"bin/{applet}", "busybox")
-    archive.file("sbin/poweroff", DOMU_POWEROFF.encode(), 0o755)
-    archive.file("init", DOMU_INIT.encode(), 0o755)
-    order = []
-    for module in _module_files("xen-blkfront"):
-        archive.file(f"lib/modules/{module.name}", module.read_bytes(), 0o644)
-        order.append(module.name)
-    archive.file("lib/modules/load.order", "".join(f"{name}\n" for name in order).encode(), 0o644)
-    return gzip.compress(archive.finish(), compresslevel=9, mtime=0)
-
-
-def _module_files(module: str) -> list[Path]:
-    """The .ko files to insmod for `module`, dependencies first (none if built in)."""
-    files = []
-    for line in output("modprobe", "--show-depends", module).splitlines():
-        fields = line.split()
-        if fields and fields[0] == "insmod":
-            path = Path(fields[1])
-            if path.suffix != ".ko":
-                raise AssertionError(f"{path}: compressed modules are not supported by the domU initramfs")
-            files.append(path)
-    return files
-
-
-class _Newc:
-    """A minimal writer for the newc cpio format the kernel unpacks."""
-
-    def __init__(self) -> None:
-        self._buffer = io.BytesIO()
-        self._inode = 1
-
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
-        encoded = name.encode() + b"\0"
-        fields = (self._inode, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
-        self._inode += 1
-        self._buffer.write(b"070701" + b"".join(b"%08x" % value for value in fields) + encoded)
-        self._pad()
-        self._buffer.write(data)
-        self._pad()
-
-    def _pad(self) -> None:
-        self._buffer.write(b"\0" * (-self._buffer.tell() % 4))
-
-    def directory(self, name: str) -> None:
-        self._entry(name, stat.S_IFDIR | 0o755)
-
-    def file(self, name: str, data: bytes, mode: int) -> None:
-        self._entry(name, stat.S_IFREG | mode, data)
-
-    def symlink(self, name: str, target: str) -> None:
-        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
-
-    def device(self, name: str, major: int, minor: int) -> None:
-        self._entry(name, stat.S_IFCHR | 0o600, rdev=(major, minor))
-
-    def finish(self) -> bytes:
-        self._entry("TRAILER!!!", 0)
-        return self._buffer.getvalue()
+    return busybox_initramfs(DOMU_INIT, ["xen-blkfront"])
 
 
 @dataclass(frozen=True)
