@@ -5,7 +5,13 @@
     TestXenFlavour   Xen 4.17 with Debian's kernel as dom0, PV guests;
                      runs tests/vm/guest/xen/.
     TestPowerCut     Debian's kernel; tests/vm/guest/powercut/ resets the
-                     guest mid-backup and finishes in a second boot.
+                     guest mid-backup and finishes in a second boot. The
+                     only suite that installs with packaging/install.sh.
+    TestPackage      Debian's kernel; tests/vm/guest/package/ checks what
+                     systemd, journald and dpkg make of the installed .deb,
+                     across a reboot, and purges it last.
+
+The other suites install the .deb that the host run built, with apt-get.
 
 `test_in_guest` is parametrized with the guest's test functions, found
 statically (see conftest.py's pytest_generate_tests).
@@ -38,4 +44,9 @@ class TestXenFlavour(GuestSuite):
 
 @pytest.mark.testvm("powercut")
 class TestPowerCut(GuestSuite):
+    pass
+
+
+@pytest.mark.testvm("package")
+class TestPackage(GuestSuite):
     pass
