@@ -68,7 +68,7 @@ deb)
         cp "$results/$XBTEST_DEB" /var/cache/xenbackup-testbed/ &&
             cd /var/cache/xenbackup-testbed &&
             DEBIAN_FRONTEND=noninteractive timeout --kill-after=10 600 \
-                apt-get install --yes --no-download -o Dpkg::Use-Pty=0 "./$XBTEST_DEB"
+                apt-get install --yes -o Dpkg::Use-Pty=0 "./$XBTEST_DEB"
     } >"$results/install.log" 2>&1
     rc=$?
     # The package suite reinstalls after dpkg --purge from here.

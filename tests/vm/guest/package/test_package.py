@@ -204,7 +204,7 @@ def test_purge_removes_the_program_but_not_repository_password_or_config(xb: Xb,
         snapshots = xb.snapshots("kept-over-purge")
         assert len(snapshots) == 1, snapshots
     finally:
-        sh("apt-get", "install", "--yes", "--no-download", package, timeout=600)
+        sh("apt-get", "install", "--yes", package, timeout=600)
     # Installing again neither replaces nor removes the admin's files.
     assert CONFIG.read_bytes() == config and PASSWORD.read_bytes() == password
     assert example.is_file() and Path("/usr/bin/xenbackup").exists()
