@@ -1,11 +1,19 @@
 # Entry points; see README.md and tests/vm/README.md.
 PYTHON ?= python3
 
-.PHONY: deps test test-unit test-vm demo bench
+.PHONY: deps deb rpm test test-unit test-vm demo bench
 
 # Host tools for the VM test bed (qemu, mmdebstrap, ...) and the project with its test extra.
 deps:
 	bash tests/vm/provision.sh
+
+# The Debian package, into dist/: then `apt install ./dist/xenbackup_*.deb`.
+deb:
+	sh packaging/build-deb.sh dist
+
+# The RPM (openSUSE, Fedora), into dist/; built and checked in CI, not install-tested.
+rpm:
+	sh packaging/rpm/build-rpm.sh dist
 
 # Everything: unit tests and both VM flavours (a cold image cache adds a few minutes).
 test: deps

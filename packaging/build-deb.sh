@@ -1,7 +1,9 @@
 #!/bin/sh
-# Build xenbackup_*.deb from this tree: packaging/build-deb.sh [OUTDIR]
+# Build xenbackup_*.deb from this tree: packaging/build-deb.sh [OUTDIR] (or `make deb`)
 # Needs: debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools dpkg-dev fakeroot
 set -eu
+# pybuild must find Debian's python3 and its modules, not one that a developer's PATH puts first.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 top=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-$top/dist}
 work=$(mktemp -d)

@@ -9,6 +9,8 @@
 #   XBTEST_MODE          pytest | script
 #   XBTEST_ARGS          (array) pytest arguments, or a script path and its arguments
 #   XBTEST_STEP_TIMEOUT  seconds for the pytest/script step
+#   XBTEST_INSTALL       deb (apt-get install ./XBTEST_DEB from the share) | script (packaging/install.sh)
+#   XBTEST_DEB           the package's file name in /mnt/results
 #
 # Results: junit.xml, pytest.log or script.log, install.log/install.rc,
 # journal.export, journal.txt, timings.txt, selfcheck.txt, xl-dmesg.txt and
@@ -54,18 +56,33 @@ if ! timeout 300 tar -C /mnt/src --exclude=./.git --exclude=./tests/vm/artifacts
 fi
 timing copy "$t"
 
-# 3. Install the product offline, if the project has its installer yet.
-if [ -f "$src/packaging/install.sh" ]; then
-    t=$(now)
+# 3. Install the product offline: the .deb the host built (the admin's path),
+# or packaging/install.sh where a suite keeps that path proven. The image
+# holds every dependency, so apt needs no network and no package lists.
+t=$(now)
+case ${XBTEST_INSTALL:-script} in
+deb)
+    say "installing the product: apt-get install ./$XBTEST_DEB"
+    mkdir -p /var/cache/xenbackup-testbed
+    {
+        cp "$results/$XBTEST_DEB" /var/cache/xenbackup-testbed/ &&
+            cd /var/cache/xenbackup-testbed &&
+            DEBIAN_FRONTEND=noninteractive timeout --kill-after=10 600 \
+                apt-get install --yes -o Dpkg::Use-Pty=0 "./$XBTEST_DEB"
+    } >"$results/install.log" 2>&1
+    rc=$?
+    # The package suite reinstalls after dpkg --purge from here.
+    export XBTEST_PACKAGE=/var/cache/xenbackup-testbed/$XBTEST_DEB
+    ;;
+*)
     say "installing the product: packaging/install.sh"
     (cd "$src" && timeout --kill-after=10 600 bash packaging/install.sh) >"$results/install.log" 2>&1
     rc=$?
-    echo "$rc" >"$results/install.rc"
-    timing install "$t"
-    [ "$rc" -eq 0 ] || say "packaging/install.sh failed with exit code $rc (see install.log); running the tests anyway"
-else
-    say "no packaging/install.sh yet: skipping the product install"
-fi
+    ;;
+esac
+echo "$rc" >"$results/install.rc"
+timing install "$t"
+[ "$rc" -eq 0 ] || say "installing the product failed with exit code $rc (see install.log); running the tests anyway"
 
 # 4. The job itself.
 t=$(now)

@@ -5,9 +5,15 @@
     TestXenFlavour   Xen 4.17 with Debian's kernel as dom0, PV guests;
                      runs tests/vm/guest/xen/.
     TestPowerCut     Debian's kernel; tests/vm/guest/powercut/ resets the
-                     guest mid-backup and finishes in a second boot.
+                     guest mid-backup and finishes in a second boot. The
+                     only suite that installs with packaging/install.sh.
     TestKvm          Debian's kernel with a real libvirtd; tests/vm/guest/kvm/
                      runs a qemu domain (TCG inside TCG) from two LVs.
+    TestPackage      Debian's kernel; tests/vm/guest/package/ checks what
+                     systemd, journald and dpkg make of the installed .deb,
+                     across a reboot, and purges it last.
+
+The other suites install the .deb that the host run built, with apt-get.
 
 `test_in_guest` is parametrized with the guest's test functions, found
 statically (see conftest.py's pytest_generate_tests).
@@ -45,4 +51,9 @@ class TestPowerCut(GuestSuite):
 
 @pytest.mark.testvm("kvm")
 class TestKvm(GuestSuite):
+    pass
+
+
+@pytest.mark.testvm("package")
+class TestPackage(GuestSuite):
     pass

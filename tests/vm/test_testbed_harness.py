@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from xbtestbed.config import REPO_ROOT, Flavour, InfraError, parse_flavours
+from xbtestbed.config import REPO_ROOT, Flavour, InfraError, Install, parse_flavours
 from xbtestbed.guestrun import GuestRequest, GuestRun, _set_aside
 from xbtestbed.image import Image, deb822_to_one_line, describe_build_failure, image_key, one_line_entries
 from xbtestbed.junit import Outcome, parse_junit, results_for
@@ -61,6 +61,7 @@ def test_whole_suite_runs_the_directory_and_a_subset_runs_node_ids() -> None:
         "--ignore=tests/vm/guest/xen",
         "--ignore=tests/vm/guest/powercut",
         "--ignore=tests/vm/guest/kvm",
+        "--ignore=tests/vm/guest/package",
     ]
     assert pytest_arguments(xen, guest_cases(xen)) == ["tests/vm/guest/xen"]
     case = guest_cases(host)[0]
@@ -135,14 +136,23 @@ def test_host_verdict_names_a_test_bed_error_or_a_missing_junit(tmp_path: Path) 
 def test_request_env_is_bash_that_round_trips_arguments(tmp_path: Path) -> None:
     request = GuestRequest.pytest(Flavour.XEN, ["tests/vm/guest/x.py::test_a[it's ok]", "-k", "a and b"])
     env = tmp_path / "request.env"
-    env.write_text(request.env_text(600))
+    env.write_text(request.env_text(600, "xenbackup_0.1.0-1_all.deb"))
     printed = subprocess.run(
-        ["bash", "-c", f'. {env} && printf "%s\\n" "$XBTEST_FLAVOUR" "$XBTEST_STEP_TIMEOUT" "${{XBTEST_ARGS[@]}}"'],
+        ["bash", "-c", f'. {env} && printf "%s\\n" "$XBTEST_FLAVOUR" "$XBTEST_STEP_TIMEOUT" "$XBTEST_INSTALL"'
+         ' "$XBTEST_DEB" "${XBTEST_ARGS[@]}"'],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.splitlines()
-    assert printed == ["xen", "600", "tests/vm/guest/x.py::test_a[it's ok]", "-k", "a and b"]
+    assert printed == ["xen", "600", "deb", "xenbackup_0.1.0-1_all.deb", "tests/vm/guest/x.py::test_a[it's ok]", "-k",
+                       "a and b"]
+
+
+def test_one_suite_keeps_install_sh_proven_and_the_others_install_the_deb() -> None:
+    assert {name: suite.install for name, suite in SUITES.items()} == {
+        "host": Install.DEB, "xen": Install.DEB, "kvm": Install.DEB, "package": Install.DEB, "powercut": Install.SCRIPT}
+    request = GuestRequest.pytest(Flavour.HOST, ["tests/vm/guest/powercut"], "powercut", Install.SCRIPT)
+    assert "XBTEST_INSTALL=script\n" in request.env_text(600)
 
 
 def test_apt_sources_keep_only_debian_bookworm_entries() -> None:

@@ -4,6 +4,9 @@
     tests/vm/run-guest pytest --flavour host [PYTEST_ARG...]
     tests/vm/run-guest script --flavour xen tests/vm/demo/demo-in-guest.sh [ARG...]
 
+The guest installs the product first: the .deb built here (`--install deb`,
+the default) or packaging/install.sh (`--install script`).
+
 `script` streams what the script prints (the guest's console after boot) and
 ends with the script's summary.txt, if it wrote one to /mnt/results.
 """
@@ -17,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import VM_DIR, Flavour, InfraError, Settings
+from .config import VM_DIR, Flavour, InfraError, Install, Settings
 from .guestrun import GuestRequest, GuestRun, run_in_guest
 from .image import ensure_image
 from .qemu import BOOTED_MARKER
@@ -62,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub = commands.add_parser(name, help=f"boot a guest and run {name} inside")
         sub.add_argument("--flavour", choices=[f.value for f in Flavour], default=Flavour.HOST.value)
         sub.add_argument("--verbose", action="store_true", help="also print the console during boot")
+        sub.add_argument("--install", choices=[i.value for i in Install], default=Install.DEB.value,
+                         help="install the product with the .deb built here (default) or packaging/install.sh")
         sub.add_argument("arguments", nargs=argparse.REMAINDER, help=what)
     options = parser.parse_args(argv)
 
@@ -75,9 +80,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.command == "script":
             if not options.arguments:
                 parser.error("script: name the script to run, e.g. tests/vm/demo/demo-in-guest.sh")
-            request = GuestRequest.script(flavour, options.arguments[0], options.arguments[1:])
+            request = GuestRequest.script(
+                flavour, options.arguments[0], options.arguments[1:], Install(options.install)
+            )
         else:
-            request = GuestRequest.pytest(flavour, options.arguments or [f"{VM_DIR.name}/guest"])
+            request = GuestRequest.pytest(
+                flavour, options.arguments or [f"{VM_DIR.name}/guest"], install=Install(options.install)
+            )
     except InfraError as exc:
         report(f"error: {exc}")
         return 2

@@ -26,6 +26,18 @@ class Flavour(StrEnum):
     """Xen 4.17 with the same kernel as dom0."""
 
 
+class Install(StrEnum):
+    """How the guest installs the product before the job."""
+
+    DEB = "deb"
+    """`apt-get install ./xenbackup_*.deb`, offline, with the package built on this machine: the admin's path."""
+    SCRIPT = "script"
+    """packaging/install.sh, the path for distributions without the package."""
+
+    def describe(self) -> str:
+        return "apt-get install ./xenbackup_*.deb" if self is Install.DEB else "packaging/install.sh"
+
+
 class InfraError(Exception):
     """A problem of the test bed itself, reported as one clear line."""
 

@@ -24,8 +24,9 @@ from enum import StrEnum
 from pathlib import Path
 
 from . import qemu
-from .config import REPO_ROOT, Flavour, InfraError, Settings
+from .config import REPO_ROOT, Flavour, InfraError, Install, Settings
 from .image import check_free_space, ensure_image
+from .package import debian_package
 
 WORK_SPACE_NEEDED = 4 * 2**30
 """Overlay growth plus what the tests write to the sparse blank disks."""
@@ -55,24 +56,31 @@ class GuestRequest:
     """pytest arguments, or the script (relative to the project tree) and its arguments."""
     name: str
     """The artifacts subdirectory."""
+    install: Install = Install.DEB
 
     @classmethod
-    def pytest(cls, flavour: Flavour, arguments: list[str], name: str | None = None) -> GuestRequest:
-        return cls(flavour, GuestMode.PYTEST, tuple(arguments), name or flavour.value)
+    def pytest(
+        cls, flavour: Flavour, arguments: list[str], name: str | None = None, install: Install = Install.DEB
+    ) -> GuestRequest:
+        return cls(flavour, GuestMode.PYTEST, tuple(arguments), name or flavour.value, install)
 
     @classmethod
-    def script(cls, flavour: Flavour, script: str, arguments: list[str] | None = None) -> GuestRequest:
+    def script(
+        cls, flavour: Flavour, script: str, arguments: list[str] | None = None, install: Install = Install.DEB
+    ) -> GuestRequest:
         name = f"{flavour.value}-{Path(script).stem}"
-        return cls(flavour, GuestMode.SCRIPT, (script, *(arguments or [])), name)
+        return cls(flavour, GuestMode.SCRIPT, (script, *(arguments or [])), name, install)
 
-    def env_text(self, step_timeout: float) -> str:
-        """request.env: sourced by guest-run.sh."""
+    def env_text(self, step_timeout: float, package: str = "") -> str:
+        """request.env: sourced by guest-run.sh; `package` is the .deb's name in the results share."""
         quoted = " ".join(shlex.quote(argument) for argument in self.arguments)
         return (
             f"XBTEST_FLAVOUR={self.flavour.value}\n"
             f"XBTEST_MODE={self.mode.value}\n"
             f"XBTEST_ARGS=({quoted})\n"
             f"XBTEST_STEP_TIMEOUT={int(step_timeout)}\n"
+            f"XBTEST_INSTALL={self.install.value}\n"
+            f"XBTEST_DEB={shlex.quote(package)}\n"
         )
 
 
@@ -133,6 +141,11 @@ def _boot(request: GuestRequest, settings: Settings, run: GuestRun, say: Report,
     run.timings["image build" if built else "image (cached)"] = time.monotonic() - started
     say(f"image {image.key}: " + (f"built in {run.timings['image build']:.0f}s" if built else "cached"))
 
+    package = None
+    if request.install is Install.DEB:
+        started = time.monotonic()
+        package = debian_package(settings.artifacts_dir / "package", say)
+        run.timings["package build"] = time.monotonic() - started
     check_free_space(settings.work_dir, WORK_SPACE_NEEDED, "boot the test bed guest")
     with tempfile.TemporaryDirectory(prefix="xenbackup-testvm-", dir=settings.work_dir) as work:
         workdir = Path(work)
@@ -156,7 +169,12 @@ def _boot(request: GuestRequest, settings: Settings, run: GuestRun, say: Report,
         )
         (run.artifacts / "qemu-command.txt").write_text(shlex.join(machine.command()) + "\n")
         for boot in range(1, MAX_BOOTS + 1):
-            (results / "request.env").write_text(request.env_text(guest_limit - STEP_OVERHEAD))
+            # Again on each boot: setting the last boot's logs aside empties the share.
+            if package is not None:
+                shutil.copy2(package, results / package.name)
+            (results / "request.env").write_text(
+                request.env_text(guest_limit - STEP_OVERHEAD, package.name if package else "")
+            )
             again = f", boot {boot} after a power cut" if boot > 1 else ""
             say(f"booting ({request.flavour.value} flavour, TCG){again}")
             outcome = _boot_once(machine, settings, run, say, echo, total_limit, boot)

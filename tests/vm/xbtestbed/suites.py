@@ -11,7 +11,7 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import GUEST_TEST_DIR, REPO_ROOT, Flavour
+from .config import GUEST_TEST_DIR, REPO_ROOT, Flavour, Install
 
 
 @dataclass(frozen=True)
@@ -25,19 +25,25 @@ class Suite:
     """Relative to tests/vm/guest/; "" is the directory itself."""
     excluded: tuple[str, ...] = ()
     """Subdirectories (relative to tests/vm/guest/) that belong to other suites."""
+    install: Install = Install.DEB
+    """How the guest installs the product; one suite keeps packaging/install.sh proven."""
 
 
 SUITES: dict[str, Suite] = {
     suite.name: suite
     for suite in (
-        Suite("host", Flavour.HOST, "", excluded=("xen", "powercut", "kvm")),
+        Suite("host", Flavour.HOST, "", excluded=("xen", "powercut", "kvm", "package")),
         Suite("xen", Flavour.XEN, "xen"),
         # libvirtd and its TCG-in-TCG domain would slow every other host test down, and the domain's
         # boot is paid once for the whole suite.
         Suite("kvm", Flavour.HOST, "kvm"),
         # Power-cut tests reset the guest mid-test and continue in a second boot
         # (see guestrun.REBOOT_REQUEST), so they cannot share a boot with others.
-        Suite("powercut", Flavour.HOST, "powercut"),
+        # This suite installs with packaging/install.sh, so that path stays proven.
+        Suite("powercut", Flavour.HOST, "powercut", install=Install.SCRIPT),
+        # The package's own claims: one boot to install it and set a schedule, a second to see what systemd
+        # made of it at boot, then dpkg --purge.
+        Suite("package", Flavour.HOST, "package"),
     )
 }
 
