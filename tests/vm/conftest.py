@@ -21,7 +21,9 @@ from xbtestbed.config import InfraError, Settings
 from xbtestbed.pytest_support import (
     MARKER,
     FlavourResults,
+    boot_order,
     boot_suite,
+    shutdown,
     state,
     suite_of,
     summary_lines,
@@ -51,11 +53,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
     selected = state(config).selected
+    booting: list[str] = []
     for item in kept:
         suite = suite_of(item)
+        if suite is not None and suite.name not in booting:
+            booting.append(suite.name)
         callspec = getattr(item, "callspec", None)
         if suite is not None and callspec is not None and isinstance(callspec.params.get("case"), GuestCase):
             selected.setdefault(suite.name, []).append(callspec.params["case"])
+    state(config).suites = boot_order(booting)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutdown(config)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

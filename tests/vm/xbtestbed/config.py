@@ -75,6 +75,8 @@ class Settings:
     guest_timeout_override: float | None
     echo_console: bool
     mirror: str | None
+    parallel: int = 2
+    """How many suites boot at once (XENBACKUP_TESTVM_PARALLEL)."""
 
     @classmethod
     def from_environment(cls) -> Settings:
@@ -88,11 +90,21 @@ class Settings:
             guest_timeout_override=_env_seconds("XENBACKUP_TESTVM_TIMEOUT"),
             echo_console=env.get("XENBACKUP_TESTVM_ECHO", "") not in ("", "0"),
             mirror=env.get("XENBACKUP_TESTVM_MIRROR") or None,
+            parallel=_env_count("XENBACKUP_TESTVM_PARALLEL", 2),
         )
 
     def guest_timeout(self, flavour: Flavour) -> float:
         """Seconds for a whole boot: XENBACKUP_TESTVM_TIMEOUT, or the flavour's default."""
         return self.guest_timeout_override or DEFAULT_GUEST_TIMEOUTS[flavour]
+
+
+def _env_count(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or not 1 <= int(text) <= 8:
+        raise InfraError(f"{name}: expected a whole number from 1 to 8, got {text!r}")
+    return int(text)
 
 
 def parse_flavours(text: str) -> frozenset[Flavour]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +18,17 @@ from .config import REPO_ROOT, InfraError
 
 BUILD_TIMEOUT = 600.0
 _built: dict[Path, Path] = {}
+# Suites boot in parallel threads; the first builds the package, the others wait for it.
+_lock = threading.Lock()
 
 
 def debian_package(out_dir: Path, report: Callable[[str], None]) -> Path:
     """The .deb built from the tree into out_dir; built on the first call of this process only."""
+    with _lock:
+        return _build_once(out_dir, report)
+
+
+def _build_once(out_dir: Path, report: Callable[[str], None]) -> Path:
     if out_dir in _built and _built[out_dir].is_file():
         return _built[out_dir]
     shutil.rmtree(out_dir, ignore_errors=True)

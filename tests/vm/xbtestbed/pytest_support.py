@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,12 @@ class SessionState:
     selected: dict[str, list[GuestCase]] = field(default_factory=dict)
     """Guest cases kept after deselection, by suite name."""
     runs: dict[str, GuestRun] = field(default_factory=dict)
+    suites: list[str] = field(default_factory=list)
+    """Suites with a selected host test, in the order they should boot."""
+    pending: dict[str, Future[GuestRun]] = field(default_factory=dict)
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+    """Progress lines of suites booting in worker threads; the main thread prints them."""
+    pool: ThreadPoolExecutor | None = None
 
 
 STATE_KEY = pytest.StashKey[SessionState]()
@@ -128,19 +136,70 @@ def _describe(result: CaseResult) -> str:
     return f"{result.label}: {result.message}\n{result.details.rstrip()}"
 
 
-def boot_suite(config: pytest.Config, suite: Suite) -> FlavourResults:
-    """Boot the suite's guest (again if a test cuts its power) and run the selected in-guest tests."""
+# Longest first: with two at a time, the host suite runs beside all the others one after another.
+BOOT_ORDER = ("host", "xen", "kvm", "package", "powercut")
+
+
+def boot_order(names: list[str]) -> list[str]:
+    return sorted(names, key=lambda n: BOOT_ORDER.index(n) if n in BOOT_ORDER else len(BOOT_ORDER))
+
+
+def _boot(config: pytest.Config, suite: Suite, settings: Settings, write: Callable[[str], None]) -> GuestRun:
     session = state(config)
-    settings = Settings.from_environment()
-    write = terminal_writer(config)
-    write("")
     request = GuestRequest.pytest(
         suite.flavour, pytest_arguments(suite, session.selected.get(suite.name)), suite.name, suite.install
     )
     echo = write if settings.echo_console else None
-    run = run_in_guest(request, settings, report=write, echo=echo)
+    return run_in_guest(request, settings, report=write, echo=echo)
+
+
+def _start_all(config: pytest.Config, settings: Settings) -> None:
+    """Boot every selected suite, `settings.parallel` at a time, in worker threads (once per session)."""
+    session = state(config)
+    if session.pool is not None:
+        return
+    session.pool = ThreadPoolExecutor(max_workers=settings.parallel, thread_name_prefix="suite")
+    for name in session.suites:
+        suite = SUITES[name]
+
+        def write(line: str, name: str = name) -> None:
+            session.lines.put(line if line.startswith("[") else f"[{name}] {line}")
+
+        session.pending[name] = session.pool.submit(_boot, config, suite, settings, write)
+
+
+def boot_suite(config: pytest.Config, suite: Suite) -> FlavourResults:
+    """Boot the suite's guest (again if a test cuts its power) and run the selected in-guest tests.
+
+    With XENBACKUP_TESTVM_PARALLEL above 1 every selected suite starts booting at the first call, and each
+    call waits for its own suite, printing the progress of all of them meanwhile."""
+    session = state(config)
+    settings = Settings.from_environment()
+    write = terminal_writer(config)
+    write("")
+    if settings.parallel > 1 and suite.name in session.suites:
+        _start_all(config, settings)
+        future = session.pending[suite.name]
+        while True:
+            try:
+                write(session.lines.get(timeout=1))
+                continue
+            except queue.Empty:
+                pass
+            if future.done():
+                break
+        run = future.result()
+    else:
+        run = _boot(config, suite, settings, write)
     session.runs[suite.name] = run
     return FlavourResults.from_run(run)
+
+
+def shutdown(config: pytest.Config) -> None:
+    """Wait for boots still running (a session cut short) so no qemu outlives pytest unaccounted."""
+    session = state(config)
+    if session.pool is not None:
+        session.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def summary_lines(config: pytest.Config) -> list[str]:
