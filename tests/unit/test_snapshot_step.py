@@ -139,3 +139,49 @@ def test_a_wrong_repository_password_fails_before_lvm(tools: Path) -> None:
     with pytest.raises(RepositoryError, match="wrong password"):
         backup.step_snapshot(ctx, cfg.vm("db1"))
     assert not any(c.startswith(("lvcreate", "xl pause")) for c in calls(tools))
+
+
+def test_a_discovered_disk_another_vm_lists_is_refused_before_any_snapshot(tools: Path) -> None:
+    """Two VMs that claim one LV: db1 discovers system/db1-data, which vm.other lists by hand."""
+    (tools / "bin" / "xl").write_text(
+        f'#!/bin/sh\necho "xl $*" >> {tools / "calls"}\n'
+        'case "$1" in domid) exit 1 ;; -N) cat ' + str(tools / "db1.json") + ' ;; esac\n')
+    image = tools / "images" / "db1.img"
+    image.parent.mkdir()
+    image.write_bytes(b"\0" * 4096)
+    (tools / "db1.json").write_text(json.dumps({"disks": [{"pdev_path": str(image), "vdev": "xvda"}]}))
+    write_cfg(tools, "")
+    text = (tools / "xenbackup.toml").read_text().replace(
+        'disks = [{ lv = "system/db1-root", mode = "block" }, { lv = "system/db1-data", mode = "block" }]', "")
+    text += '\n[vm.other]\ndisks = [{ lv = "system/db1-root", mode = "block" }]\n'
+    (tools / "xenbackup.toml").write_text(text)
+    (tools / "db1.cfg").write_text("name = 'db1'\n")
+    # The image's filesystem stands for the LV: the fake lvs gives db1-root that filesystem's device number.
+    import os
+    st = os.stat(image)
+    rows = json.loads((tools / "lvs.json").read_text())
+    rows["report"][0]["lv"][0].update(lv_kernel_major=str(os.major(st.st_dev)),
+                                      lv_kernel_minor=str(os.minor(st.st_dev)))
+    (tools / "lvs.json").write_text(json.dumps(rows))
+    cfg = config.load(str(tools / "xenbackup.toml"))
+    assert cfg.vm("db1").discovers_disks
+    with pytest.raises(backup.StepError, match=r"system/db1-root \(xvda: .*/db1.img\) of db1 is configured as a "
+                                               r"disk of vm.other too"):
+        backup.step_snapshot(Context.from_config(cfg), cfg.vm("db1"))
+    assert not any(c.startswith(("lvcreate", "xl pause")) for c in calls(tools))
+
+
+def test_a_config_xl_rejects_fails_with_xl_s_own_words(tools: Path) -> None:
+    (tools / "bin" / "xl").write_text(
+        f'#!/bin/sh\necho "xl $*" >> {tools / "calls"}\n'
+        'case "$1" in domid) exit 1 ;; -N) echo "Parsing config from $3" >&2; '
+        'echo "$3:4: config parsing error near \\`disk\': syntax error" >&2; exit 1 ;; esac\n')
+    write_cfg(tools)
+    text = (tools / "xenbackup.toml").read_text().replace(
+        'disks = [{ lv = "system/db1-root", mode = "block" }, { lv = "system/db1-data", mode = "block" }]', "")
+    (tools / "xenbackup.toml").write_text(text)
+    (tools / "db1.cfg").write_text("disk = [ oops\n")
+    cfg = config.load(str(tools / "xenbackup.toml"))
+    with pytest.raises(backup.StepError, match="config parsing error near"):
+        backup.step_snapshot(Context.from_config(cfg), cfg.vm("db1"))
+    assert not any(c.startswith(("lvcreate", "xl pause")) for c in calls(tools))
