@@ -1,7 +1,7 @@
 """Each suite boots the guest once and reports every in-guest test here.
 
     TestHostFlavour  Debian's kernel: systemd, journald, LVM;
-                     runs tests/vm/guest/ except xen/, powercut/ and kvm/.
+                     runs tests/vm/guest/ except xen/, powercut/, kvm/ and package/.
     TestXenFlavour   Xen 4.17 with Debian's kernel as dom0, PV guests;
                      runs tests/vm/guest/xen/.
     TestPowerCut     Debian's kernel; tests/vm/guest/powercut/ resets the
