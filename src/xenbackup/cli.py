@@ -20,7 +20,7 @@ from .actions.watch import SnapshotOverflowed
 from .config import Config, ConfigError
 from .hypervisor import HypervisorError
 from .lvm import LvmError
-from .model import LvRef, format_bytes
+from .model import DiskMode, LvRef, format_bytes
 from .mount import MountError
 from .repository import RepositoryError
 from .run import CommandError
@@ -203,10 +203,36 @@ def _cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
             if problem is not None:
                 errors.append(f"{cfg.path}: vm.{vm.name}.schedule: invalid calendar expression "
                               f"{vm.schedule!r}: {problem}")
+    lines, problems = _discovered_disks(cfg)
+    errors += problems
     if errors:
         raise ConfigError(errors)
     print(f"{cfg.path}: OK, {len(cfg.vms)} VM(s): {', '.join(sorted(cfg.vms)) or 'none'}")
+    for line in lines:
+        print(line)
     return EXIT_OK
+
+
+def _discovered_disks(cfg: Config) -> tuple[list[str], list[str]]:
+    """Each VM's disks and where they came from; a disk two VMs claim, or a definition that fails, is an error."""
+    ctx = backup_mod.Context.from_config(cfg)
+    lines: list[str] = []
+    errors: list[str] = []
+    owner: dict[str, str] = {}
+    for vm in cfg.vms.values():
+        try:
+            disks = ctx.disks(vm)
+        except backup_mod.StepError as exc:
+            errors.append(f"{cfg.path}: vm.{vm.name}.disks: {exc} (a run would fail before any snapshot)")
+            continue
+        for disk in disks:
+            where = "configured" if disk.source == "config" else f"found: {disk.source}"
+            lines.append(f"  {vm.name}: {disk.lv} {disk.mode.value}"
+                         f"{'' if disk.mode is DiskMode.BLOCK else ' ' + disk.path} ({where})")
+            other = owner.setdefault(str(disk.lv), vm.name)
+            if other != vm.name:
+                errors.append(f"{cfg.path}: vm.{vm.name}.disks: {disk.lv} is a disk of vm.{other} too")
+    return lines, errors
 
 
 def _cmd_prune(cfg: Config, args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from .model import (
     VM,
     VM_NAME_RE,
+    Consistency,
     Disk,
     DiskMode,
     HypervisorKind,
@@ -85,6 +86,12 @@ def p_str_list(v: Any) -> tuple[str, ...]:
     for item in v:
         if not item or "," in item or any(c.isspace() for c in item):
             raise ValueError(f"bad mount option {item!r}: one option per list item, no spaces or commas")
+    return tuple(v)
+
+
+def p_names(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x and not any(c.isspace() for c in x) for x in v):
+        raise ValueError('expected a list of device names such as ["xvdb"]')
     return tuple(v)
 
 
@@ -168,6 +175,9 @@ DEFAULT_OPTS: dict[str, Opt] = {
     "overflow_threshold": Opt(p_int(1, 99), 80, "snapshot fill (%) at which it is extended"),
     "extend_step": Opt(p_size, SnapshotSize.parse("10%ORIGIN"), "how much to extend a filling snapshot by"),
     "pool_threshold": Opt(p_int(50, 99), 95, "thin pool data or metadata fill (%) at which the run stops"),
+    "consistency": Opt(p_enum(Consistency), Consistency.AUTO,
+                       "how a VM's disks are snapshotted at one instant: auto, pause, freeze or none"),
+    "max_pause": Opt(p_int(1, 3600), 10, "seconds a guest may stay paused or frozen while its snapshots are made"),
     "schedule": Opt(p_calendar, None, "systemd calendar expression for the VM's timer"),
     "randomized_delay": Opt(p_timespan, None, "RandomizedDelaySec= for the VM's timer"),
     "keep_last": Opt(p_opt_int, None, "retention: keep the last N backups"),
@@ -201,13 +211,15 @@ NOTIFY_OPTS: dict[str, Opt] = {
 }
 
 COMMAND_NAMES = ("lvs", "vgs", "lvcreate", "lvremove", "lvextend", "mount", "umount",
-                 "blkid", "dumpe2fs", "restic", "xl", "virsh", "udevadm", "fallocate", "systemd-analyze",
+                 "blkid", "dumpe2fs", "restic", "xl", "virsh", "losetup", "udevadm", "fallocate", "systemd-analyze",
                  "journalctl")
 COMMAND_OPTS: dict[str, Opt] = {name: Opt(p_str, name, f"the {name} binary") for name in COMMAND_NAMES}
 
 VM_ONLY_OPTS: dict[str, Opt] = {
     "domain_config": Opt(p_path, None, "the domain config saved with each backup; xen: /etc/xen/<vm>.cfg"),
-    "disks": Opt(lambda v: v, None, "the LVs to snapshot: [{ lv = \"VG/LV\", mode = \"files\", path = \"vm1\" }]"),
+    "disks": Opt(lambda v: v, None, "the LVs to snapshot: [{ lv = \"VG/LV\", mode = \"files\", path = \"vm1\" }]; "
+                 "without it they are read from the domain's definition"),
+    "exclude": Opt(p_names, (), "discovered disks to skip, by the guest's device name: [\"xvdb\"]"),
 }
 DISK_OPTS: dict[str, Opt] = {
     "lv": Opt(p_lv, None, '"VG/LV" of the logical volume'),
@@ -409,6 +421,10 @@ def _parse_vm(c: _Collector, name: str, raw: Any, defaults: Mapping[str, Any]) -
             overflow_threshold=values["overflow_threshold"],
             extend_step=values["extend_step"],
             pool_threshold=values["pool_threshold"],
+            consistency=values["consistency"],
+            max_pause=values["max_pause"],
+            exclude=values["exclude"],
+            mount_options=values["mount_options"],
         )
     except (KeyError, TypeError):
         return None  # an error for the missing key was already collected
@@ -416,8 +432,7 @@ def _parse_vm(c: _Collector, name: str, raw: Any, defaults: Mapping[str, Any]) -
 
 def _parse_disks(c: _Collector, raw: Any, prefix: str, vm_mount_options: tuple[str, ...]) -> tuple[Disk, ...]:
     if raw is None:
-        c.error(f"{prefix}disks", "missing: list the LVs to back up, e.g. disks = [{ lv = \"system/xenvm\" }]")
-        return ()
+        return ()  # discovered from the domain's definition at run time
     if not isinstance(raw, list) or not raw:
         c.error(f"{prefix}disks", "expected a non-empty list of tables")
         return ()
@@ -463,5 +478,15 @@ def _cross_checks(c: _Collector, vms: Mapping[str, VM]) -> None:
             if other is not None and other != vm.name:
                 c.error(f"vm.{vm.name}.disks[{i}].lv", f"{disk.lv} already belongs to vm.{other}")
             owner[str(disk.lv)] = vm.name
-        if vm.hypervisor is HypervisorKind.KVM and vm.domain_config is None:
-            pass  # libvirt keeps the XML itself; nothing to save by default
+        prefix = f"vm.{vm.name}."
+        if vm.hypervisor is HypervisorKind.NONE:
+            if vm.discovers_disks:
+                c.error(f"{prefix}disks", 'missing: hypervisor = "none" has no domain definition to find the disks '
+                        'in; list them, e.g. disks = [{ lv = "system/xenvm" }]')
+            if vm.consistency in (Consistency.PAUSE, Consistency.FREEZE):
+                c.error(f"{prefix}consistency", f'hypervisor = "none" cannot {vm.consistency.value} a guest')
+        if vm.consistency is Consistency.FREEZE and vm.hypervisor is HypervisorKind.XEN:
+            c.error(f"{prefix}consistency", 'freeze needs the qemu guest agent (hypervisor = "kvm"); '
+                    'Xen guests use "pause"')
+        if vm.exclude and not vm.discovers_disks:
+            c.error(f"{prefix}exclude", "applies to discovered disks only; drop it or the disks key")

@@ -16,7 +16,7 @@ from .run import CommandError, run
 log = logging.getLogger(__name__)
 
 LV_FIELDS = ("lv_name,vg_name,lv_attr,lv_size,origin,origin_size,snap_percent,data_percent,"
-             "metadata_percent,lv_tags,pool_lv,lv_path")
+             "metadata_percent,lv_tags,pool_lv,lv_path,lv_kernel_major,lv_kernel_minor")
 VG_FIELDS = "vg_name,vg_size,vg_free,vg_extent_size"
 
 
@@ -42,6 +42,13 @@ class LogicalVolume:
     metadata_percent: float | None
     tags: tuple[str, ...]
     pool: str
+    # The device number of an active LV (-1 when inactive): the one way to recognise it behind any path.
+    kernel_major: int = -1
+    kernel_minor: int = -1
+
+    @property
+    def devnum(self) -> tuple[int, int] | None:
+        return (self.kernel_major, self.kernel_minor) if self.kernel_major >= 0 else None
 
     @property
     def ref(self) -> LvRef:
@@ -92,6 +99,11 @@ def _pct(value: Any) -> float | None:
     return float(text) if text else None
 
 
+def _devnum_part(value: Any) -> int:
+    text = str(value).strip()
+    return int(text) if text.lstrip("-").isdigit() else -1
+
+
 def _rows(command: str, stdout: str, kind: str) -> list[Mapping[str, Any]]:
     try:
         data = json.loads(stdout)
@@ -116,6 +128,8 @@ def parse_lvs(stdout: str) -> list[LogicalVolume]:
                 metadata_percent=_pct(row.get("metadata_percent", "")),
                 tags=tuple(t for t in str(row.get("lv_tags", "")).split(",") if t),
                 pool=row.get("pool_lv", ""),
+                kernel_major=_devnum_part(row.get("lv_kernel_major", "")),
+                kernel_minor=_devnum_part(row.get("lv_kernel_minor", "")),
             ))
         except (KeyError, ValueError) as exc:
             raise MalformedReport("lvs", f"bad row {row!r}: {exc}") from None
@@ -163,6 +177,9 @@ class Lvm:
                 return None
             raise
         return found[0] if found else None
+
+    def all(self) -> list[LogicalVolume]:
+        return self.lvs()
 
     def tagged(self, tag: str) -> list[LogicalVolume]:
         """Every LV carrying the tag; only these may ever be removed by cleanup."""

@@ -25,6 +25,15 @@ class HypervisorKind(StrEnum):
     NONE = "none"
 
 
+class Consistency(StrEnum):
+    """How a VM's disks are made to look like one instant while their snapshots are taken."""
+
+    AUTO = "auto"
+    PAUSE = "pause"
+    FREEZE = "freeze"
+    NONE = "none"
+
+
 class SizeKind(StrEnum):
     BYTES = "bytes"
     ORIGIN = "ORIGIN"
@@ -115,6 +124,8 @@ class Disk:
     # Inside the filesystem, the directory (or file) to back up in files mode.
     path: str = "."
     mount_options: tuple[str, ...] = ()
+    # Where the disk came from: "config", or the domain's device and its path when discovered.
+    source: str = "config"
 
     @property
     def slug(self) -> str:
@@ -152,6 +163,15 @@ class VM:
     overflow_threshold: int = 80
     extend_step: SnapshotSize = SnapshotSize(10, SizeKind.ORIGIN)
     pool_threshold: int = 95
+    consistency: Consistency = Consistency.AUTO
+    max_pause: int = 10
+    exclude: tuple[str, ...] = ()
+    mount_options: tuple[str, ...] = ()
+
+    @property
+    def discovers_disks(self) -> bool:
+        """No `disks` in the config: they come from the domain's definition at run time."""
+        return not self.disks
 
     @property
     def unit(self) -> str:
@@ -182,6 +202,19 @@ class SnapshotRecord:
     @property
     def lv(self) -> LvRef:
         return LvRef(self.origin.vg, self.name)
+
+
+@dataclass(frozen=True)
+class DomainDisk:
+    """One disk as the hypervisor's own definition of the domain names it."""
+
+    target: str
+    """The guest's device name: xvda, vdb, hdc."""
+    source: str
+    """A block device or image file path; "" for an empty CD-ROM drive."""
+    cdrom: bool = False
+    network: str = ""
+    """A disk served over the network (rbd, iscsi, nbd): its protocol; it cannot be snapshotted here."""
 
 
 @dataclass(frozen=True)

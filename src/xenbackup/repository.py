@@ -195,11 +195,20 @@ class Restic:
         self.ensure_password()
         error = self._open_error()
         if error is None:
+            if self.cfg.is_local:
+                self._check_key()
             return
         if not self.cfg.is_local:
             raise RepositoryError(f"repository {self.cfg.url} cannot be opened: {error} (if it was never "
                                   "initialised, run `xenbackup init` once)")
         self.init()
+
+    def _check_key(self) -> None:
+        """Decrypt the repository's config as any backup would: a wrong password fails here, before LVM."""
+        probe = self._run(["cat", "config"], check=False)
+        if probe.returncode != 0:
+            why = next((line.strip() for line in probe.stderr.splitlines() if line.strip()), "no answer")
+            raise RepositoryError(f"repository {self.cfg.url} cannot be opened: {why}")
 
     def init(self) -> None:
         self.ensure_password()

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .model import LvRef, SnapshotRecord
+from .model import Disk, DiskMode, LvRef, SnapshotRecord
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,19 @@ class RunState:
     overflowed: bool = False
     phase: str = "snapshot"
     summary: dict[str, Any] = field(default_factory=dict)
+    disks: tuple[Disk, ...] = ()
+    """The disks this run backs up (configured or discovered), fixed at the snapshot step."""
+    paused: str = ""
+    """"pause" or "freeze" while xenbackup holds the guest still; cleanup resumes what this says."""
+    pause_seconds: float | None = None
+    consistency: str = ""
 
     def to_json(self) -> str:
         data = asdict(self)
         data["snapshots"] = [
             {**asdict(s), "origin": str(s.origin)} for s in self.snapshots
         ]
+        data["disks"] = [{**asdict(d), "lv": str(d.lv), "mode": d.mode.value} for d in self.disks]
         return json.dumps(data, indent=1, sort_keys=True)
 
     @classmethod
@@ -108,6 +115,12 @@ class RunState:
             overflowed=bool(d.get("overflowed", False)),
             phase=d.get("phase", "snapshot"),
             summary=d.get("summary", {}),
+            disks=tuple(Disk(lv=LvRef.parse(x["lv"]), mode=DiskMode(x["mode"]), path=x.get("path", "."),
+                             mount_options=tuple(x.get("mount_options", ())), source=x.get("source", "config"))
+                        for x in d.get("disks", [])),
+            paused=d.get("paused", ""),
+            pause_seconds=d.get("pause_seconds"),
+            consistency=d.get("consistency", ""),
         )
 
     def with_snapshot(self, rec: SnapshotRecord) -> RunState:

@@ -4,7 +4,7 @@ import pytest
 
 from xenbackup import config
 from xenbackup.config import ConfigError
-from xenbackup.model import DiskMode, HypervisorKind, LvRef, SizeKind, SnapshotSize
+from xenbackup.model import Consistency, DiskMode, HypervisorKind, LvRef, SizeKind, SnapshotSize
 
 GOOD = """
 [repository]
@@ -156,3 +156,51 @@ def test_the_readme_example_config_is_valid(tmp_path) -> None:
     path.write_text(block.group(1))
     cfg = config.load(str(path))
     assert cfg.vms and all(vm.pool_threshold == 95 for vm in cfg.vms.values())
+    assert cfg.vm("db1").discovers_disks, "the README's two-disk VM example is not just [vm.db1]"
+
+
+def test_a_vm_without_disks_discovers_them_with_its_consistency_settings(write_config) -> None:
+    cfg = config.load(str(write_config("""
+[defaults]
+max_pause = 20
+
+[vm.db1]
+
+[vm.kvm1]
+hypervisor = "kvm"
+consistency = "freeze"
+max_pause = 5
+exclude = ["vdb"]
+""")))
+    db1, kvm1 = cfg.vm("db1"), cfg.vm("kvm1")
+    assert db1.discovers_disks and db1.disks == ()
+    assert db1.consistency is Consistency.AUTO and db1.max_pause == 20 and db1.domain_config == "/etc/xen/db1.cfg"
+    assert kvm1.consistency is Consistency.FREEZE and kvm1.max_pause == 5 and kvm1.exclude == ("vdb",)
+
+
+def test_consistency_and_discovery_mistakes_are_reported_together(write_config) -> None:
+    path = write_config("""
+[vm.plain]
+hypervisor = "none"
+consistency = "pause"
+
+[vm.xen1]
+consistency = "freeze"
+
+[vm.slow]
+max_pause = 0
+
+[vm.listed]
+exclude = ["xvdb"]
+disks = [{ lv = "system/listed" }]
+
+[vm.bad]
+consistency = "sometimes"
+exclude = "xvdb"
+""")
+    with pytest.raises(ConfigError) as err:
+        config.load(str(path))
+    keys = [e.split(": ")[1] for e in err.value.errors]
+    assert keys == ["vm.slow.max_pause", "vm.bad.consistency", "vm.bad.exclude", "vm.plain.disks",
+                    "vm.plain.consistency", "vm.xen1.consistency", "vm.listed.exclude"]
+    assert all(e.startswith(f"{path}: ") for e in err.value.errors)

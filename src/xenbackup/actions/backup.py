@@ -13,11 +13,14 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .. import hypervisor as hv_mod
 from .. import journal
 from ..config import Config
+from ..discovery import DiscoveryError, SystemProbe, discover
+from ..hypervisor import Hypervisor, HypervisorError
 from ..journal import MessageId
 from ..lvm import LogicalVolume, Lvm, LvmError, VolumeGroup
-from ..model import VM, Disk, DiskMode, PlannedCommand, SnapshotRecord, snapshot_name
+from ..model import VM, Consistency, Disk, DiskMode, HypervisorKind, PlannedCommand, SnapshotRecord, snapshot_name
 from ..mount import Mounter, mount_options, mounts_below
 from ..progress import Reporter
 from ..repository import BackupSummary, RepositoryError, Restic, tags_for
@@ -25,6 +28,7 @@ from ..run import CommandError
 from ..state import Busy, Owner, RunState, Slots, StateStore, new_run_id
 from .status import write_metrics
 from .watch import OverflowWatch, SnapshotOverflowed
+from .window import PauseTooLong, ResumeFailed, choose, quiesced, resume_left
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,27 @@ class Context:
             slots=Slots(cfg.settings.runtime_dir, cfg.settings.max_parallel),
             host=cfg.repository.host or socket.gethostname(),
         )
+
+    def hypervisor(self, vm: VM) -> Hypervisor:
+        return hv_mod.for_vm(vm, self.cfg.commands)
+
+    def disks(self, vm: VM) -> tuple[Disk, ...]:
+        """The VM's disks: as configured, else read from its domain definition and mapped to LVs."""
+        if not vm.discovers_disks:
+            return vm.disks
+        try:
+            disks = discover(vm, self.hypervisor(vm), self.lvm, SystemProbe(self.cfg.command("losetup")))
+        except (DiscoveryError, HypervisorError, LvmError) as exc:
+            raise StepError(str(exc)) from None
+        except CommandError as exc:
+            raise StepError(f"cannot read the disks of {vm.name}: {exc}") from None
+        for other in self.cfg.vms.values():
+            claimed = {str(d.lv) for d in other.disks}
+            for disk in disks:
+                if other.name != vm.name and str(disk.lv) in claimed:
+                    raise StepError(f"{disk.lv} ({disk.source}) of {vm.name} is configured as a disk of "
+                                    f"vm.{other.name} too; one LV belongs to one VM")
+        return disks
 
 
 def _event(level: int, msg: str, message_id: MessageId, *args: object, **fields: object) -> None:
@@ -86,11 +111,13 @@ def sweep_all(ctx: Context) -> list[str]:
                     state = ctx.store.load(vm.name)
                     if state is not None and state.owner.alive():
                         continue
+                    paused = state is not None and not _resume_left(ctx, vm, state)
                     left = sweep_stale(ctx, vm)
                     if left:
                         record_interrupted(ctx, vm, left)
                     removed += left
-                    ctx.store.clear(vm.name)
+                    if not paused:
+                        ctx.store.clear(vm.name)
             except Busy:
                 log.info("a run of %s is in progress; not sweeping it", vm.name)
     known = {vm.lv_tag for vm in ctx.cfg.vms.values()}
@@ -105,6 +132,23 @@ def sweep_all(ctx: Context) -> list[str]:
     if removed and ctx.cfg.repository.is_local:
         _clear_stale_locks(ctx)
     return removed
+
+
+def _resume_left(ctx: Context, vm: VM, state: RunState) -> bool:
+    """A run killed inside its snapshot window leaves the guest paused; it must never stay that way.
+
+    False if the guest could not be resumed: the record of the pause is then kept, so the next cleanup,
+    run or boot sweep tries again."""
+    if not state.paused:
+        return True
+    try:
+        resume_left(ctx.hypervisor(vm), vm.name, state.paused)
+    except Exception as exc:
+        log.critical("%s is still %s by an interrupted run and could not be resumed: %s; resume it by hand",
+                     vm.name, "frozen" if state.paused == "freeze" else "paused", exc)
+        return False
+    ctx.store.save(replace(state, paused=""))
+    return True
 
 
 def _clear_stale_locks(ctx: Context) -> None:
@@ -140,19 +184,21 @@ def claim(ctx: Context, vm: VM) -> RunState:
     me = Owner.current()
     if old is not None and old.owner != me and old.owner.alive():
         raise Busy(f"a backup of {vm.name} is already running ({old.owner.describe()}, run {old.run_id})")
+    if old is not None:
+        _resume_left(ctx, vm, old)
     sweep_stale(ctx, vm)
     state = RunState(vm=vm.name, run_id=new_run_id(), owner=me, started=time.time())
     ctx.store.save(state)
     return state
 
 
-def preflight(ctx: Context, vm: VM) -> dict[str, bool]:
+def preflight(ctx: Context, vm: VM, disks: tuple[Disk, ...]) -> dict[str, bool]:
     """Check every origin and the free space before creating anything. Returns thin-ness per disk."""
     problems: list[str] = []
     thin: dict[str, bool] = {}
     need: dict[str, int] = {}
     vgs: dict[str, VolumeGroup] = {}
-    for disk in vm.disks:
+    for disk in disks:
         lv = ctx.lvm.lv(disk.lv)
         if lv is None:
             problems.append(f"logical volume {disk.lv} does not exist")
@@ -183,20 +229,50 @@ def step_snapshot(ctx: Context, vm: VM) -> RunState:
         _event(logging.INFO, "backup of %s started (run %s)", MessageId.STARTED, vm.name, state.run_id,
                run=state.run_id)
         ctx.slots.acquire(vm.name, state.owner)
-        thin = preflight(ctx, vm)
+        # Everything that can fail or take time happens before the guest is paused.
+        disks = ctx.disks(vm)
+        for disk in disks:
+            if disk.source != "config":
+                log.info("disk %s (%s mode) found in the domain definition: %s", disk.lv, disk.mode, disk.source)
+        thin = preflight(ctx, vm, disks)
+        # A run that cannot store anything (wrong password, repository gone) must never touch LVM.
+        open_repository(ctx)
+        hv = ctx.hypervisor(vm)
+        method = choose(vm.consistency, vm.hypervisor, len(disks), lambda: hv.agent_answers(vm.name))
+        if method is Consistency.FREEZE and not hv.agent_answers(vm.name):
+            raise StepError(f"consistency = \"freeze\" but the qemu guest agent of {vm.name} does not answer")
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
         tags = ["xenbackup", vm.lv_tag, f"xenbackup-run:{state.run_id}"]
+        planned = [(disk, snapshot_name(vm.name, disk, stamp), thin[str(disk.lv)]) for disk in disks]
+        state = replace(state, disks=disks, consistency=method.value)
+        ctx.store.save(state)
+
+        def record_pause(paused: str) -> None:
+            nonlocal state
+            state = replace(state, paused=paused)
+            ctx.store.save(state)
+
         with ExitStack() as stack:
-            for disk in vm.disks:
-                is_thin = thin[str(disk.lv)]
-                name = snapshot_name(vm.name, disk, stamp)
-                ref = ctx.lvm.create_snapshot(disk.lv, name, None if is_thin else vm.snapshot_size, tags)
-                stack.callback(ctx.lvm.remove, ref, ctx.cfg.settings.lvremove_retries)
-                state = state.with_snapshot(SnapshotRecord(disk.lv, name, disk.slug, thin=is_thin))
-                ctx.store.save(state)
-                log.info("created %s snapshot %s of %s", "thin" if is_thin else f"{vm.snapshot_size}",
-                         ref, disk.lv)
+            try:
+                with quiesced(hv, vm.name, method, vm.max_pause, record_pause) as window:
+                    for disk, name, is_thin in planned:
+                        ref = ctx.lvm.create_snapshot(disk.lv, name, None if is_thin else vm.snapshot_size, tags)
+                        stack.callback(ctx.lvm.remove, ref, ctx.cfg.settings.lvremove_retries)
+                        state = state.with_snapshot(SnapshotRecord(disk.lv, name, disk.slug, thin=is_thin))
+                        ctx.store.save(state)
+                        window.check()
+                # The timer may have fired between the last check and the resume.
+                window.check()
+            except (PauseTooLong, ResumeFailed) as exc:
+                if isinstance(exc, ResumeFailed):
+                    stack.pop_all()  # the snapshots stay for cleanup, which retries the resume first
+                raise StepError(str(exc)) from None
             stack.pop_all()
+        if window.started:
+            state = replace(state, pause_seconds=round(window.seconds, 3))
+        for disk, name, is_thin in planned:
+            log.info("created %s snapshot %s/%s of %s", "thin" if is_thin else f"{vm.snapshot_size}",
+                     disk.lv.vg, name, disk.lv)
         state = replace(state, phase="mount")
         ctx.store.save(state)
         return state
@@ -204,8 +280,8 @@ def step_snapshot(ctx: Context, vm: VM) -> RunState:
 
 # --- mount ------------------------------------------------------------------------------------
 
-def _disk(vm: VM, slug: str) -> Disk:
-    for d in vm.disks:
+def _disk(vm: VM, state: RunState, slug: str) -> Disk:
+    for d in state.disks or vm.disks:
         if d.slug == slug:
             return d
     raise StepError(f"run state names disk {slug}, which is no longer in the config of {vm.name}")
@@ -226,7 +302,7 @@ def step_mount(ctx: Context, vm: VM) -> RunState:
         ctx.lvm.settle()
         try:
             for rec in state.snapshots:
-                disk = _disk(vm, rec.disk_slug)
+                disk = _disk(vm, state, rec.disk_slug)
                 if disk.mode is not DiskMode.FILES:
                     continue
                 target = ctx.store.mountpoint(vm.name, rec.disk_slug)
@@ -268,7 +344,7 @@ class _Current:
 
 
 def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord, current: _Current) -> BackupSummary:
-    disk = _disk(vm, rec.disk_slug)
+    disk = _disk(vm, state, rec.disk_slug)
     tags = tags_for(ctx.host, vm.name, str(disk.lv), disk.mode.value, state.run_id)
     reporter = Reporter(f"{vm.name} {disk.lv}", ctx.cfg.settings.progress_interval)
     try:
@@ -307,7 +383,6 @@ def step_backup(ctx: Context, vm: VM) -> RunState:
     with journal.context(phase="backup"):
         with ctx.store.lock(vm.name):
             state = _own_state(ctx, vm)
-        open_repository(ctx)
         current = _Current()
         watch = OverflowWatch(ctx.lvm, vm, state.snapshots, ctx.cfg.settings.watch_interval,
                               on_abort=current.stop)
@@ -354,6 +429,8 @@ def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunS
 def release(ctx: Context, vm: VM, state: RunState | None) -> list[str]:
     """Unmount and remove this run's snapshots, and anything else tagged for the VM. Idempotent."""
     removed: list[str] = []
+    if state is not None and state.paused and _resume_left(ctx, vm, state):
+        state = replace(state, paused="")
     for entry in mounts_below(ctx.store.mount_root(vm.name)):
         ctx.mounter.umount(entry.target)
         log.info("unmounted %s", entry.target)
@@ -449,18 +526,25 @@ def _finish(ctx: Context, vm: VM, state: RunState | None, result: str, cleanup_c
         "run_id": state.run_id if state else "", "started": state.started if state else None,
         "duration": (now - state.started) if state else None,
         "peak_fill": state.peak_fill if state else None,
+        "pause_seconds": state.pause_seconds if state else None,
         "restic_snapshots": list(state.restic_snapshots) if state and ok else [],
         **(state.summary if state else {}),
     }
     if state is not None:
         _save_record(ctx, vm, record)
-    fields = {"result": record["result"], "peak_fill": record["peak_fill"] or 0}
+    fields: dict[str, object] = {"result": record["result"], "peak_fill": record["peak_fill"] or 0}
+    if state is not None and state.pause_seconds is not None:
+        fields.update(consistency=state.consistency, pause_seconds=f"{state.pause_seconds:.2f}")
     if ok:
         _event(logging.INFO, "backup of %s succeeded in %.0f s (snapshot peak fill %.1f%%)",
                MessageId.SUCCEEDED, vm.name, record["duration"] or 0, record["peak_fill"] or 0, **fields)
     elif state is not None:
         _event(logging.ERROR, "backup of %s failed (result=%s)", MessageId.FAILED, vm.name,
                record["result"], **fields)
+    if state is not None and (ctx.store.load(vm.name) or state).paused:
+        log.error("keeping the run state of %s: it records a guest still paused, for the next run or the sweep",
+                  vm.name)
+        return
     ctx.store.clear(vm.name)
 
 
@@ -484,6 +568,19 @@ def backup_foreground(ctx: Context, vm: VM) -> None:
 
 # --- dry run ----------------------------------------------------------------------------------
 
+def _window_argv(ctx: Context, vm: VM, disk_count: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The pause and resume commands a run would use ("auto" as it would be decided without an agent)."""
+    method = choose(vm.consistency, vm.hypervisor, disk_count, lambda: False)
+    xl, virsh = ctx.cfg.command("xl"), ctx.cfg.command("virsh")
+    if method is Consistency.FREEZE:
+        return (virsh, "domfsfreeze", vm.name), (virsh, "domfsthaw", vm.name)
+    if method is Consistency.PAUSE:
+        if vm.hypervisor is HypervisorKind.KVM:
+            return (virsh, "suspend", vm.name), (virsh, "resume", vm.name)
+        return (xl, "pause", vm.name), (xl, "unpause", vm.name)
+    return (), ()
+
+
 def plan(ctx: Context, vm: VM) -> list[PlannedCommand]:
     """Every command a run would execute, computed without touching anything."""
     out: list[PlannedCommand] = []
@@ -492,12 +589,23 @@ def plan(ctx: Context, vm: VM) -> list[PlannedCommand]:
     tags = ["xenbackup", vm.lv_tag, f"xenbackup-run:{run_id}"]
     out.append(PlannedCommand("snapshot", tuple(ctx.lvm.lvs_argv([f"@{vm.lv_tag}"])),
                               "find leftovers of a crashed run (removed if found)"))
-    for disk in vm.disks:
+    disks = ctx.disks(vm)
+    for disk in disks:
+        where = "configured" if disk.source == "config" else f"found in the domain definition: {disk.source}"
+        out.append(PlannedCommand("disks", (str(disk.lv), disk.mode.value, disk.path), where))
+    for disk in disks:
         out.append(PlannedCommand("snapshot", tuple(ctx.lvm.lvs_argv([str(disk.lv)])), "check the origin"))
+    pause, resume = _window_argv(ctx, vm, len(disks))
+    if pause:
+        out.append(PlannedCommand("snapshot", pause, f"{vm.consistency}: hold the guest still; at most "
+                                  f"{vm.max_pause} s, only if it is running"))
+    for disk in disks:
         name = snapshot_name(vm.name, disk, stamp)
         out.append(PlannedCommand("snapshot", tuple(ctx.lvm.create_snapshot_argv(
             disk.lv, name, vm.snapshot_size, tags)), "a thin origin gets a thin snapshot without --size"))
-    for disk in vm.disks:
+    if resume:
+        out.append(PlannedCommand("snapshot", resume, "at once after the last snapshot"))
+    for disk in disks:
         if disk.mode is DiskMode.FILES:
             name = snapshot_name(vm.name, disk, stamp)
             target = ctx.store.mountpoint(vm.name, disk.slug)
@@ -505,7 +613,7 @@ def plan(ctx: Context, vm: VM) -> list[PlannedCommand]:
             out.append(PlannedCommand("mount", tuple(ctx.mounter.mount_argv(
                 f"/dev/{disk.lv.vg}/{name}", target, "<fstype>", opts)),
                 "xfs adds nouuid,norecovery; ext4 adds noload only when its journal is dirty"))
-    for disk in vm.disks:
+    for disk in disks:
         tags_r = tags_for(ctx.host, vm.name, str(disk.lv), disk.mode.value, run_id)
         if disk.mode is DiskMode.FILES:
             argv = ctx.restic.backup_argv([disk.path], tags_r, ctx.host)
@@ -518,7 +626,7 @@ def plan(ctx: Context, vm: VM) -> list[PlannedCommand]:
         argv = ctx.restic.backup_argv([vm.domain_config], tags_for(ctx.host, vm.name, "config", "config",
                                                                     run_id), ctx.host)
         out.append(PlannedCommand("backup", tuple(argv), "if the domain config exists"))
-    for disk in vm.disks:
+    for disk in disks:
         name = snapshot_name(vm.name, disk, stamp)
         if disk.mode is DiskMode.FILES:
             out.append(PlannedCommand("cleanup", (ctx.cfg.command("umount"),

@@ -7,12 +7,13 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .. import journal
 from ..model import VM, DiskMode, Retention
 from .backup import Context
-from .restore import relative_tree, select_run
+from .restore import relative_tree, run_disks, select_run
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,12 @@ def policy_for(vm: VM, default: Retention) -> Retention:
     return vm.retention if vm.retention.forget_args() else default
 
 
-def prune_groups(vm: VM) -> list[str]:
-    """One retention group per disk (and one for the domain config), so each keeps whole runs alike."""
-    return [str(d.lv) for d in vm.disks] + (["config"] if vm.domain_config else [])
+def prune_groups(vm: VM, stored: Iterable[str] = ()) -> list[str]:
+    """One retention group per disk (and one for the domain config), so each keeps whole runs alike.
+
+    A VM whose disks are discovered groups by the disks its backups hold (`stored`, from their tags)."""
+    disks = [str(d.lv) for d in vm.disks] or sorted({d for d in stored if d != "config"})
+    return disks + (["config"] if vm.domain_config else [])
 
 
 def prune(ctx: Context, vm: VM) -> int:
@@ -39,7 +43,11 @@ def prune(ctx: Context, vm: VM) -> int:
                         vm.name, vm.name)
             return -1
         ctx.restic.unlock_stale()
-        for group in prune_groups(vm):
+        stored: set[str] = set()
+        if vm.discovers_disks:
+            stored = {d for s in ctx.restic.snapshots(["xenbackup", f"vm:{vm.name}"], host=ctx.host)
+                      if (d := s.tag_value("disk"))}
+        for group in prune_groups(vm, stored):
             tags = ["xenbackup", f"host:{ctx.host}", f"vm:{vm.name}", f"disk:{group}"]
             argv = ctx.restic.forget_policy_argv(tags, ctx.host, policy)
             log.info("applying %s to %s %s", " ".join(policy.forget_args()), vm.name, group)
@@ -65,7 +73,7 @@ def restore_test(ctx: Context, vm: VM, scratch_root: str = "/var/tmp") -> Restor
         total = 0
         scratch = tempfile.mkdtemp(prefix="xenbackup-verify-", dir=scratch_root)
         try:
-            for disk in vm.disks:
+            for disk in run_disks(ctx, vm, sel):
                 snap = sel.disks.get(str(disk.lv))
                 if snap is None:
                     raise VerifyFailed(f"latest run {sel.run_id} of {vm.name} has no backup of {disk.lv}")

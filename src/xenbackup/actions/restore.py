@@ -20,7 +20,7 @@ from ..mount import mounts
 from ..repository import Snapshot
 from ..run import run
 from ..state import Busy, StateStore
-from .backup import Context
+from .backup import Context, StepError
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,25 @@ def select_run(snaps: Sequence[Snapshot], wanted: str) -> RunSelection:
     disks = {d: s for s in members if (d := s.tag_value("disk")) and d != "config"}
     config = next((s for s in members if s.tag_value("mode") == "config"), None)
     return RunSelection(run_id=run_id, disks=disks, config=config)
+
+
+def run_disks(ctx: Context, vm: VM, sel: RunSelection) -> list[Disk]:
+    """The disks a restore of this run writes: the configured or discovered ones the run holds.
+
+    A VM whose definition cannot be read here (its LVs are gone: disaster recovery on a new host) still has
+    its block-mode disks, named by the run's own tags.
+    """
+    try:
+        return list(ctx.disks(vm))
+    except StepError as exc:
+        if not vm.discovers_disks or not sel.disks:
+            raise
+        modes = {d: s.tag_value("mode") for d, s in sel.disks.items()}
+        if any(m != DiskMode.BLOCK.value for m in modes.values()):
+            raise RestoreError(f"{exc}; the run's files-mode disks need the VM's definition to find "
+                               "their place") from None
+        log.warning("%s; restoring the disks run %s recorded", exc, sel.run_id)
+        return [Disk(lv=LvRef.parse(d), mode=DiskMode.BLOCK, source=f"run {sel.run_id}") for d in sel.disks]
 
 
 # --- filesystem moves -------------------------------------------------------------------------
@@ -190,8 +209,8 @@ class Restorer:
 
     # --- checks before anything changes ---
 
-    def disks(self) -> list[Disk]:
-        disks = list(self.vm.disks)
+    def disks(self, sel: RunSelection) -> list[Disk]:
+        disks = run_disks(self.ctx, self.vm, sel)
         if self.req.disk:
             disks = [d for d in disks if str(d.lv) == self.req.disk or d.slug == self.req.disk]
             if not disks:
@@ -254,7 +273,7 @@ class Restorer:
     def run(self) -> Outcome:
         snaps = self.ctx.restic.snapshots(["xenbackup", f"vm:{self.vm.name}"])
         sel = select_run(snaps, self.req.snapshot)
-        disks = self.disks()
+        disks = self.disks(sel)
         self.validate(sel, disks)
         targets = {str(d.lv): (self.files_target(d) if d.mode is DiskMode.FILES
                                else self.block_target(d, sel.disks[str(d.lv)])) for d in disks}

@@ -111,6 +111,8 @@ METRICS = (
     ("xenbackup_last_run_bytes_processed", "gauge", "Bytes the last run read.", "total_bytes"),
     ("xenbackup_last_run_files", "gauge", "Files the last run processed.", "files"),
     ("xenbackup_snapshot_peak_fill_percent", "gauge", "Peak fill of the last run's snapshots.", "peak_fill"),
+    ("xenbackup_last_pause_seconds", "gauge", "How long the last run kept the guest paused or frozen.",
+     "pause_seconds"),
 )
 
 

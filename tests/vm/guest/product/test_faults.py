@@ -116,10 +116,34 @@ REPO_DISK = Path("/mnt/xb-repodisk")
 
 def test_remote_repository_down(seed_layout, xb: Xb, journal: Journal, baseline) -> None:
     xb.write_config('[repository]\nurl = "rest:http://127.0.0.1:9/"\n' + config())
+    archived = lvm_archives()
     assert xb.start().returncode != 0
     one_line(journal, "xenbackup@vm1", "connection refused")
     errors = [e for e in journal.entries("-u", "xenbackup@vm1.service") if "connection refused" in str(e["MESSAGE"])]
-    assert errors and errors[0].get("XENBACKUP_PHASE") == "backup", "the error does not name its phase"
+    # The repository is opened before any snapshot exists: a run that cannot store never touches LVM.
+    assert errors and errors[0].get("XENBACKUP_PHASE") == "snapshot", "the error does not name its phase"
+    assert lvm_archives() == archived, "the doomed run changed LVM metadata (made a snapshot)"
+    xb.write_config(config())
+    sh("systemctl", "reset-failed", "xenbackup@vm1.service", check=False)
+    assert_recovered(xb, journal, seed_layout, baseline)
+
+
+def lvm_archives() -> list[str]:
+    """LVM archives the VG's metadata before every change (lvcreate, lvremove): a witness that none ran."""
+    return sorted(p.name for p in Path("/etc/lvm/archive").glob("system_*"))
+
+
+def test_wrong_repository_password_never_touches_lvm(seed_layout, xb: Xb, journal: Journal, baseline,
+                                                     tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not the repository's password\n")
+    wrong.chmod(0o600)
+    xb.write_config(f'[repository]\npassword_file = "{wrong}"\n' + config())
+    archived = lvm_archives()
+    assert archived, "LVM keeps no metadata archives here, so this test could not see an lvcreate"
+    assert xb.start().returncode != 0
+    one_line(journal, "xenbackup@vm1", "wrong password")
+    assert lvm_archives() == archived, "a run with the wrong password made a snapshot"
     xb.write_config(config())
     sh("systemctl", "reset-failed", "xenbackup@vm1.service", check=False)
     assert_recovered(xb, journal, seed_layout, baseline)

@@ -1,0 +1,140 @@
+"""The snapshot step against fake xl and LVM tools at the process boundary, with a real restic repository:
+the order of what touches the guest, and that a failure inside the window leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from xenbackup import config
+from xenbackup.actions import backup
+from xenbackup.repository import RepositoryError
+
+LVS = {"report": [{"lv": [
+    {"lv_name": n, "vg_name": "system", "lv_attr": "-wi-ao----", "lv_size": str(1 << 30), "origin": "",
+     "origin_size": "", "snap_percent": "", "data_percent": "", "metadata_percent": "", "lv_tags": "",
+     "pool_lv": "", "lv_path": f"/dev/system/{n}", "lv_kernel_major": "254", "lv_kernel_minor": str(i)}
+    for i, n in enumerate(("db1-root", "db1-data"))]}]}
+VGS = {"report": [{"vg": [{"vg_name": "system", "vg_size": str(8 << 30), "vg_free": str(6 << 30),
+                           "vg_extent_size": str(4 << 20)}]}]}
+
+
+@pytest.fixture
+def tools(tmp_path: Path) -> Path:
+    """xl and the LVM tools as shell scripts that append to one journal of calls, in order."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "calls"
+    (tmp_path / "lvs.json").write_text(json.dumps(LVS))
+    (tmp_path / "vgs.json").write_text(json.dumps(VGS))
+    scripts = {
+        # db1 is running; `xl list` shows it paused once `xl pause` ran.
+        "xl": f"""case "$1" in
+  domid) echo 3 ;;
+  list) printf 'Name ID Mem VCPUs State Time(s)\\ndb1 3 256 1 %s 1.0\\n' \
+        "$( [ -e {tmp_path}/paused ] && echo --p--- || echo -b----)" ;;
+  pause) touch {tmp_path}/paused ;;
+  unpause) rm -f {tmp_path}/paused ;;
+esac""",
+        # No LV carries our tag: `lvs @tag` finds nothing to sweep.
+        "lvs": f'case "$*" in *@*) echo \'{{"report": [{{"lv": []}}]}}\' ;; *) cat {tmp_path}/lvs.json ;; esac',
+        "vgs": f'cat {tmp_path}/vgs.json',
+        # The second lvcreate fails, as on a VG that ran out of room between preflight and the window.
+        "lvcreate": f"""n=$(cat {tmp_path}/lvcreate.n 2>/dev/null || echo 0); n=$((n+1))
+echo $n > {tmp_path}/lvcreate.n
+[ -e {tmp_path}/paused ] && echo "guest paused" >> {calls}
+[ $n -lt "$(cat {tmp_path}/fail-at 2>/dev/null || echo 99)" ] || {{ echo "  Insufficient free space" >&2; exit 5; }}""",
+        "lvremove": "",
+        "udevadm": "",
+    }
+    for name, body in scripts.items():
+        p = bindir / name
+        p.write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\n{body}\n')
+        p.chmod(0o755)
+    return tmp_path
+
+
+def write_cfg(tmp_path: Path, extra: str = "", password: str = "") -> config.Config:
+    bindir = tmp_path / "bin"
+    pw = tmp_path / "password"
+    if password:
+        pw.write_text(password)
+    text = f"""
+[repository]
+url = "{tmp_path / 'repo'}"
+password_file = "{pw}"
+cache_dir = "{tmp_path / 'cache'}"
+[settings]
+runtime_dir = "{tmp_path / 'run'}"
+state_dir = "{tmp_path / 'state'}"
+metrics_file = ""
+[commands]
+xl = "{bindir / 'xl'}"
+lvs = "{bindir / 'lvs'}"
+vgs = "{bindir / 'vgs'}"
+lvcreate = "{bindir / 'lvcreate'}"
+lvremove = "{bindir / 'lvremove'}"
+udevadm = "{bindir / 'udevadm'}"
+[vm.db1]
+snapshot_size = "256M"
+domain_config = "{tmp_path / 'db1.cfg'}"
+disks = [{{ lv = "system/db1-root", mode = "block" }}, {{ lv = "system/db1-data", mode = "block" }}]
+{extra}
+"""
+    path = tmp_path / "xenbackup.toml"
+    path.write_text(text)
+    return config.load(str(path))
+
+
+def calls(tmp_path: Path) -> list[str]:
+    return [line.split()[0] + " " + line.split()[1] if len(line.split()) > 1 else line
+            for line in (tmp_path / "calls").read_text().splitlines()]
+
+
+def test_both_snapshots_are_made_inside_one_pause(tools: Path) -> None:
+    cfg = write_cfg(tools)
+    ctx = backup.Context.from_config(cfg)
+    state = backup.step_snapshot(ctx, cfg.vm("db1"))
+    seen = calls(tools)
+    window = seen[seen.index("xl pause"):seen.index("xl unpause") + 1]
+    assert [c for c in window if not c.startswith("xl list")] == [
+        "xl pause", "lvcreate --snapshot", "guest paused", "lvcreate --snapshot", "guest paused", "xl unpause"]
+    # Nothing but snapshot creation inside the window: lvs/vgs ran before it.
+    assert all(c.split()[0] not in ("lvs", "vgs") for c in window)
+    assert state.consistency == "pause" and state.paused == "" and state.pause_seconds is not None
+    assert [d.source for d in state.disks] == ["config", "config"]
+    assert not (tools / "paused").exists()
+
+
+def test_lvcreate_failing_on_the_second_disk_unpauses_and_removes_the_first(tools: Path) -> None:
+    (tools / "fail-at").write_text("2")
+    cfg = write_cfg(tools)
+    ctx = backup.Context.from_config(cfg)
+    with pytest.raises(Exception, match="Insufficient free space"):
+        backup.step_snapshot(ctx, cfg.vm("db1"))
+    seen = calls(tools)
+    tail = seen[seen.index("xl pause"):]
+    # The guest runs again first; removing the snapshot can take its time after that.
+    assert [c for c in tail if not c.startswith("xl list") and c != "guest paused"] == [
+        "xl pause", "lvcreate --snapshot", "lvcreate --snapshot", "xl unpause", "lvremove --yes"]
+    assert not (tools / "paused").exists(), "the guest was left paused"
+    assert "system/db1-root.xb-db1" in (tools / "calls").read_text().split("lvremove --yes ")[1]
+
+
+def test_consistency_none_never_touches_the_guest(tools: Path) -> None:
+    cfg = write_cfg(tools, 'consistency = "none"')
+    backup.step_snapshot(backup.Context.from_config(cfg), cfg.vm("db1"))
+    assert not any(c.startswith(("xl pause", "xl unpause")) for c in calls(tools))
+
+
+def test_a_wrong_repository_password_fails_before_lvm(tools: Path) -> None:
+    cfg = write_cfg(tools, password="right\n")
+    ctx = backup.Context.from_config(cfg)
+    ctx.restic.init()
+    (tools / "password").write_text("wrong\n")
+    (tools / "calls").write_text("")
+    with pytest.raises(RepositoryError, match="wrong password"):
+        backup.step_snapshot(ctx, cfg.vm("db1"))
+    assert not any(c.startswith(("lvcreate", "xl pause")) for c in calls(tools))
