@@ -153,9 +153,13 @@ def test_the_counter_guest_holds_the_relation_only_at_one_instant(db1: CounterGu
 
 def test_discovered_disks_are_snapshotted_at_one_instant(db1: CounterGuest, product: Xb, journal: Journal) -> None:
     product.write_config(f"[vm.{db1.name}]\n")
-    plan = sh("xenbackup", "plan", db1.name, check=False)
-    assert plan.returncode == 0, plan.stdout + plan.stderr
-    assert all(disk in plan.stdout for disk in db1.disks), plan.stdout
+    check = sh("xenbackup", "check-config", check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    found = [line.strip() for line in check.stdout.splitlines() if line.startswith(f"  {db1.name}: ")]
+    assert found == [
+        f"{db1.name}: {db1.disks[0]} block (found: xvda: {db1.root})",
+        f"{db1.name}: {db1.disks[1]} block (found: xvdb: {db1.data})",
+    ], check.stdout
 
     runs: set[str] = set()
     seen = []
@@ -281,10 +285,11 @@ def test_restore_stop_brings_back_both_disks_of_one_run_before_the_guest_starts(
     start_from = next(line for line in console.splitlines() if "XBDOMU-COUNTER-FROM:" in line)
     print(f"restored db1 booted with {boot_hashes(console)}, {start_from.strip()}")
 
-    messages = [(str(e.get("XENBACKUP_PHASE")), str(e["MESSAGE"]))
-                for e in journal.entries("SYSLOG_IDENTIFIER=xenbackup")]
-    verified = [i for i, (_, message) in enumerate(messages) if "verified" in message]
-    started = [i for i, (phase, _) in enumerate(messages) if phase == "restore-start"]
-    assert len(verified) == 2 and started and max(verified) < min(started), messages
+    entries = journal.entries("SYSLOG_IDENTIFIER=xenbackup")
+    verified = {str(e["MESSAGE"]).split()[0]: (i, e.get("XENBACKUP_SHA256")) for i, e in enumerate(entries)
+                if "verified: sha256" in str(e["MESSAGE"])}
+    started = [i for i, e in enumerate(entries) if e.get("XENBACKUP_PHASE") == "restore-start"]
+    assert {disk: sha for disk, (_, sha) in verified.items()} == {root: expected["xvda"], data: expected["xvdb"]}
+    assert started and max(i for i, _ in verified.values()) < min(started), [e["MESSAGE"] for e in entries]
     assert_left_clean(db1)
 
