@@ -28,7 +28,7 @@ from vmlib.counterguest import (
     holds_together,
     is_paused,
 )
-from vmlib.product import PASSWORD, REPO, Journal, Xb, our_mounts, our_snapshots, sh
+from vmlib.product import CONFIG, PASSWORD, REPO, Journal, Xb, our_mounts, our_snapshots, sh
 from vmlib.storage import BLANK_DISKS
 
 UNIT = "xenbackup@db1.service"
@@ -42,15 +42,20 @@ def db1(xen_dom0: None, domu_initramfs: Path) -> Iterator[CounterGuest]:
         yield guest
 
 
+def reset_product() -> None:
+    """No repository, config or run records. Unlike the `xb` fixture no daemon-reload (20 s under TCG):
+    these configs have no schedule, so the generator has nothing to change."""
+    for action in ("stop", "reset-failed"):
+        sh("systemctl", action, UNIT, check=False)
+    sh("rm", "-rf", str(REPO), "/var/lib/xenbackup/state", str(CONFIG), str(PASSWORD))
+
+
 @pytest.fixture
-def product(db1: CounterGuest, xb: Xb) -> Iterator[Xb]:
+def product(db1: CounterGuest) -> Iterator[Xb]:
     """A clean product state for db1; the guest left running and unpaused for the next test."""
-    for action in ("stop", "reset-failed"):
-        sh("systemctl", action, UNIT, check=False)
-    xb.vm = db1.name
-    yield xb
-    for action in ("stop", "reset-failed"):
-        sh("systemctl", action, UNIT, check=False)
+    reset_product()
+    yield Xb(vm=db1.name)
+    reset_product()
     if xen.domain_exists(db1.name) and is_paused(db1.name):
         run("xl", "unpause", db1.name)
 
