@@ -11,6 +11,7 @@ key=value syntax as /dev/mapper/xb--db-db1--data; the product's config has no
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -32,6 +33,7 @@ from vmlib.product import CONFIG, PASSWORD, REPO, Journal, Xb, our_mounts, our_s
 from vmlib.storage import BLANK_DISKS
 
 UNIT = "xenbackup@db1.service"
+METRICS = Path("/var/lib/prometheus/node-exporter/xenbackup.prom")  # the default metrics_file
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +189,8 @@ def test_discovered_disks_are_snapshotted_at_one_instant(db1: CounterGuest, prod
                   if "was paused for" in str(e["MESSAGE"])]
     print(f"pause windows: {paused_for} s")
     assert len(paused_for) == 3 and all(0 < s < 60 for s in paused_for), windows
+    metric = re.search(r'^xenbackup_last_pause_seconds\{vm="db1"\} (\S+)$', METRICS.read_text(), re.MULTILINE)
+    assert metric is not None and abs(float(metric.group(1)) - paused_for[-1]) < 0.01, METRICS.read_text()
     assert_left_clean(db1)
 
 
