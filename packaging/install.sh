@@ -29,6 +29,8 @@ chmod 0700 /etc/xenbackup
 if [ -d /run/systemd/system ]; then
     journalctl --update-catalog || true
     systemctl daemon-reload
-    systemctl enable xenbackup-cleanup.service xenbackup-prune.timer xenbackup-verify.timer >/dev/null 2>&1 || true
+    systemctl enable xenbackup-cleanup.service >/dev/null 2>&1 || true
+    # Without --now the timers would wait for the next boot, and Xen hosts run for months.
+    systemctl enable --now xenbackup-prune.timer xenbackup-verify.timer >/dev/null 2>&1 || true
 fi
 echo "xenbackup installed: $bin"

@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from . import config as config_mod
-from . import journal, systemd
+from . import journal, names, systemd
 from .actions import backup as backup_mod
+from .actions.context import Context, StepError
 from .actions.restore import RestoreError
 from .actions.watch import SnapshotOverflowed
 from .config import Config, ConfigError
@@ -23,7 +24,7 @@ from .lvm import LvmError
 from .model import DiskMode, LvRef, format_bytes
 from .mount import MountError
 from .repository import RepositoryError
-from .run import CommandError
+from .run import CommandError, mask_url
 from .state import Busy
 
 log = logging.getLogger("xenbackup")
@@ -46,7 +47,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 def _vm_name(text: str) -> str:
     # The units pass %i; accept systemd-escape'd instance names as well as plain ones.
-    return systemd.unescape_instance(text)
+    return names.unescape_instance(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,14 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     no.add_argument("unit")
 
     sub.add_parser("sweep", help="remove snapshots and mounts left by interrupted runs (runs at boot)")
-    sub.add_parser("check-config", help="validate the config and report every problem")
+    cc = sub.add_parser("check-config", help="validate the config and report every problem, including VGs, "
+                                             "LVs and domain configs missing on this host")
+    cc.add_argument("--offline", action="store_true",
+                    help="check the file only, not this host (for a config written for another host)")
+    sub.add_parser("reload", help="after a config change: reload systemd and start or stop the VMs' timers to "
+                                  "match each `schedule` (no reboot needed)")
     sub.add_parser("init", help="initialise the restic repository (local ones are created on first use)")
     return p
 
 
 def _cmd_backup(cfg: Config, args: argparse.Namespace) -> int:
     vm = cfg.vm(args.vm)
-    ctx = backup_mod.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     with journal.context(vm=vm.name):
         backup_mod.backup_foreground(ctx, vm)
     return EXIT_OK
@@ -117,7 +123,7 @@ def _cmd_backup(cfg: Config, args: argparse.Namespace) -> int:
 
 def _cmd_step(cfg: Config, args: argparse.Namespace) -> int:
     vm = cfg.vm(args.vm)
-    ctx = backup_mod.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     with journal.context(vm=vm.name):
         if args.step == "snapshot":
             backup_mod.step_snapshot(ctx, vm)
@@ -133,10 +139,10 @@ def _cmd_step(cfg: Config, args: argparse.Namespace) -> int:
 def _cmd_list(cfg: Config, args: argparse.Namespace) -> int:
     from .actions.listing import group_runs
 
-    ctx = backup_mod.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     if args.vm:
         cfg.vm(args.vm)
-    tags = ["xenbackup"] + ([f"vm:{args.vm}"] if args.vm else [])
+    tags = names.restic_filter(args.vm)
     snaps = ctx.restic.snapshots(tags) if ctx.restic.is_initialized() else []
     records: dict[str, dict[str, object]] = {}
     for name in cfg.vms:
@@ -158,10 +164,12 @@ def _cmd_list(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
+    from .actions import plan as plan_mod
+
     vm = cfg.vm(args.vm)
-    ctx = backup_mod.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     print(f"# dry run for {vm.name}: nothing is executed")
-    for cmd in backup_mod.plan(ctx, vm):
+    for cmd in plan_mod.plan(ctx, vm):
         note = f"    # {cmd.note}" if cmd.note else ""
         print(f"[{cmd.phase}] {shlex.join(cmd.argv)}{note}")
     return EXIT_OK
@@ -179,7 +187,7 @@ def _cmd_restore(cfg: Config, args: argparse.Namespace) -> int:
                          flatten=args.flatten, includes=tuple(args.include), stop=args.stop,
                          start=not args.no_start, with_config=args.with_config, delete=args.delete,
                          dry_run=args.dry_run, shutdown_timeout=cfg.settings.shutdown_timeout)
-    ctx = backup_mod.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     with journal.context(vm=vm.name, phase="restore"):
         if args.dry_run:
             print(f"# dry run: restore of {vm.name}; nothing is changed")
@@ -190,23 +198,29 @@ def _cmd_restore(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(cfg: Config, args: argparse.Namespace) -> int:
-    removed = backup_mod.sweep_all(backup_mod.Context.from_config(cfg))
+    from .actions.sweep import sweep_all
+
+    removed = sweep_all(Context.from_config(cfg))
     log.info("sweep done: %s", f"removed {', '.join(removed)}" if removed else "nothing left behind")
     return EXIT_OK
 
 
 def _cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
-    errors = []
-    for vm in cfg.vms.values():
-        if vm.schedule is not None:
-            problem = systemd.calendar_error(vm.schedule, cfg.command("systemd-analyze"))
-            if problem is not None:
-                errors.append(f"{cfg.path}: vm.{vm.name}.schedule: invalid calendar expression "
-                              f"{vm.schedule!r}: {problem}")
+    from .actions.hostcheck import host_problems
+    from .lvm import Lvm
+
+    if args.offline:
+        print(f"{cfg.path}: OK (file only, host not checked), {len(cfg.vms)} VM(s): "
+              f"{', '.join(sorted(cfg.vms)) or 'none'}")
+        return EXIT_OK
     lines, problems = _discovered_disks(cfg)
-    errors += problems
-    if errors:
-        raise ConfigError(errors)
+    try:
+        problems += host_problems(cfg, Lvm(cfg.commands))
+    except (CommandError, LvmError) as exc:
+        problems.append(f"{cfg.path}: cannot check this host's LVs: {exc}; "
+                        "use --offline for a config written for another host")
+    if problems:
+        raise ConfigError(problems)
     print(f"{cfg.path}: OK, {len(cfg.vms)} VM(s): {', '.join(sorted(cfg.vms)) or 'none'}")
     for line in lines:
         print(line)
@@ -215,14 +229,14 @@ def _cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
 
 def _discovered_disks(cfg: Config) -> tuple[list[str], list[str]]:
     """Each VM's disks and where they came from; a disk two VMs claim, or a definition that fails, is an error."""
-    ctx = backup_mod.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     lines: list[str] = []
     errors: list[str] = []
     owner: dict[str, str] = {}
     for vm in cfg.vms.values():
         try:
             disks = ctx.disks(vm)
-        except backup_mod.StepError as exc:
+        except StepError as exc:
             errors.append(f"{cfg.path}: vm.{vm.name}.disks: {exc} (a run would fail before any snapshot)")
             continue
         for disk in disks:
@@ -238,7 +252,7 @@ def _discovered_disks(cfg: Config) -> tuple[list[str], list[str]]:
 def _cmd_prune(cfg: Config, args: argparse.Namespace) -> int:
     from .actions import ops
 
-    ctx = backup_mod.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     names = [cfg.vm(args.vm).name] if args.vm else sorted(cfg.vms)
     for name in names:
         with ctx.store.lock(name):
@@ -249,7 +263,7 @@ def _cmd_prune(cfg: Config, args: argparse.Namespace) -> int:
 def _cmd_verify(cfg: Config, args: argparse.Namespace) -> int:
     from .actions import ops
 
-    ctx = backup_mod.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     if not args.no_check:
         ops.check_repository(ctx, args.read_data_subset or cfg.settings.verify_read_data_subset)
     if args.restore_test is None:
@@ -271,8 +285,7 @@ def _cmd_verify(cfg: Config, args: argparse.Namespace) -> int:
 def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     from .actions import status as status_mod
 
-    units = {f"xenbackup@{systemd.escape_instance(n)}.service": systemd.unit_state(
-        f"xenbackup@{systemd.escape_instance(n)}.service") for n in cfg.vms}
+    units = {names.service(n): systemd.unit_state(names.service(n)) for n in cfg.vms}
     rows = status_mod.collect(cfg, units, systemd.timer_states())
     if args.json:
         print(json.dumps([r.as_json() for r in rows], indent=1))
@@ -290,10 +303,17 @@ def _cmd_notify(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _cmd_reload(cfg: Config, args: argparse.Namespace) -> int:
+    from .actions.reload import reload
+
+    reload(cfg, say=print)
+    return EXIT_OK
+
+
 def _cmd_init(cfg: Config, args: argparse.Namespace) -> int:
-    ctx = backup_mod.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     if ctx.restic.is_initialized():
-        print(f"{cfg.repository.url}: already initialised")
+        print(f"{mask_url(cfg.repository.url)}: already initialised")
     else:
         ctx.restic.init()
     ctx.store.remember_repository(cfg.repository.url)
@@ -312,8 +332,13 @@ VERBS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "status": _cmd_status,
     "notify": _cmd_notify,
     "check-config": _cmd_check_config,
+    "reload": _cmd_reload,
     "init": _cmd_init,
 }
+
+
+# Verbs that act on schedules get systemd's verdict on every calendar expression and time span up front.
+SYSTEMD_CHECKED_VERBS = ("check-config", "reload")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -322,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
     try:
-        cfg = config_mod.load(args.config)
+        cfg = config_mod.load(args.config, ask_systemd=args.verb in SYSTEMD_CHECKED_VERBS)
         return VERBS[args.verb](cfg, args)
     except ConfigError as exc:
         for line in exc.errors:
@@ -336,8 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with journal.context(**journal.context_of(exc)):
             log.error("%s", exc)
         return EXIT_OVERFLOW
-    except (backup_mod.StepError, RestoreError, CommandError, LvmError, MountError, RepositoryError, HypervisorError,
-            OSError) as exc:
+    except (StepError, RestoreError, CommandError, LvmError, MountError, RepositoryError, HypervisorError,
+            systemd.SystemdUnavailable, OSError) as exc:
         with journal.context(**journal.context_of(exc)):
             log.error("%s", exc, exc_info=args.debug)
             if isinstance(exc, CommandError) and exc.stderr_tail:

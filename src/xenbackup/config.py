@@ -19,6 +19,7 @@ from .model import (
     Retention,
     SnapshotSize,
 )
+from .run import mask_url
 
 if sys.version_info >= (3, 11):  # noqa: UP036 - tomli keeps older Pythons working
     import tomllib
@@ -122,7 +123,7 @@ def p_cmd_list(v: Any) -> tuple[str, ...]:
 def p_url(v: Any) -> str:
     s = p_str(v)
     if s and not s.startswith(("http://", "https://")):
-        raise ValueError(f"expected an http:// or https:// URL, got {s!r}")
+        raise ValueError(f"expected an http:// or https:// URL, got {mask_url(s)!r}")
     return s
 
 
@@ -299,6 +300,9 @@ class _Collector:
     def __init__(self, path: str) -> None:
         self.path = path
         self.errors: list[str] = []
+        # (key, value) of every calendar expression and time span, for systemd to judge in one go.
+        self.calendars: list[tuple[str, str]] = []
+        self.timespans: list[tuple[str, str]] = []
 
     def error(self, key: str, what: str) -> None:
         self.errors.append(f"{self.path}: {key}: {what}")
@@ -324,6 +328,11 @@ class _Collector:
                     out[key] = opt.parse(raw[key])
                 except ValueError as exc:
                     self.error(f"{prefix}{key}", str(exc))
+                    continue
+                if opt.parse is p_calendar:
+                    self.calendars.append((f"{prefix}{key}", out[key]))
+                elif opt.parse is p_timespan:
+                    self.timespans.append((f"{prefix}{key}", out[key]))
             elif inherited is not None and key in inherited:
                 out[key] = inherited[key]
             else:
@@ -331,18 +340,22 @@ class _Collector:
         return out
 
 
-def load(path: str | None = None) -> Config:
-    """Read and validate the config file; raises ConfigError listing every problem."""
+def load(path: str | None = None, ask_systemd: bool = False) -> Config:
+    """Read and validate the config file; raises ConfigError listing every problem.
+
+    With ask_systemd, systemd-analyze also judges every calendar expression and time span, and its
+    complaints join the same list.
+    """
     path = path or os.environ.get("XENBACKUP_CONFIG") or DEFAULT_CONFIG
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    return parse(data, path)
+    return parse(data, path, ask_systemd)
 
 
-def parse(data: bytes | str, path: str = "<config>") -> Config:
+def parse(data: bytes | str, path: str = "<config>", ask_systemd: bool = False) -> Config:
     c = _Collector(path)
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
@@ -371,6 +384,8 @@ def parse(data: bytes | str, path: str = "<config>") -> Config:
         if vm is not None:
             vms[name] = vm
     _cross_checks(c, vms)
+    if ask_systemd:
+        _systemd_checks(c, str(commands.get("systemd-analyze") or "systemd-analyze"))
 
     if c.errors:
         raise ConfigError(c.errors)
@@ -437,6 +452,7 @@ def _parse_disks(c: _Collector, raw: Any, prefix: str, vm_mount_options: tuple[s
         c.error(f"{prefix}disks", "expected a non-empty list of tables")
         return ()
     disks: list[Disk] = []
+    at: list[int] = []  # each disk's index in the file, which skipped entries make differ from its own
     for i, item in enumerate(raw):
         key = f"{prefix}disks[{i}]"
         table = c.section(item, key)
@@ -461,8 +477,9 @@ def _parse_disks(c: _Collector, raw: Any, prefix: str, vm_mount_options: tuple[s
             continue
         disks.append(Disk(lv=values["lv"], mode=values["mode"], path=path,
                           mount_options=vm_mount_options + tuple(values.get("mount_options", ()))))
+        at.append(i)
     seen: set[str] = set()
-    for i, d in enumerate(disks):
+    for i, d in zip(at, disks, strict=True):
         if str(d.lv) in seen:
             c.error(f"{prefix}disks[{i}].lv", f"{d.lv} is listed twice")
         seen.add(str(d.lv))
@@ -490,3 +507,22 @@ def _cross_checks(c: _Collector, vms: Mapping[str, VM]) -> None:
                     'Xen guests use "pause"')
         if vm.exclude and not vm.discovers_disks:
             c.error(f"{prefix}exclude", "applies to discovered disks only; drop it or the disks key")
+
+
+def _systemd_checks(c: _Collector, analyze: str) -> None:
+    """systemd's own verdict on the calendar expressions and time spans, added to the same error list."""
+    from .run import CommandError
+    from .systemd import calendar_errors, timespan_errors
+
+    for judge, values, what in ((calendar_errors, c.calendars, "calendar expression"),
+                                (timespan_errors, c.timespans, "time span")):
+        if not values:
+            continue
+        try:
+            bad = judge([v for _, v in values], analyze)
+        except CommandError as exc:
+            c.error("commands.systemd-analyze", f"cannot check the {what}s: {exc}")
+            continue
+        for key, value in values:
+            if value in bad:
+                c.error(key, f"invalid {what} {value!r}: {bad[value]}")

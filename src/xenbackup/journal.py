@@ -12,6 +12,8 @@ from collections.abc import Iterator, Mapping
 from enum import StrEnum
 from typing import Any
 
+from . import names
+
 IDENTIFIER = "xenbackup"
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 VM: contextvars.ContextVar[str] = contextvars.ContextVar("xenbackup_vm", default="")
@@ -28,6 +30,12 @@ class MessageId(StrEnum):
     OVERFLOW = "082d819371eb498e80e6253e19c6058c"
     RESTORED = "f73bc453af5d47fcbc1595ee61f2644c"
     EXTENDED = "728c0e799eb9423badef1d4434a899eb"
+
+
+def event(logger: logging.Logger, level: int, msg: str, message_id: MessageId, *args: object,
+          **fields: object) -> None:
+    """Log an event an operator cares about, with its MESSAGE_ID and XENBACKUP_* fields."""
+    logger.log(level, msg, *args, extra={"message_id": message_id.value, "fields": fields})
 
 
 SYSLOG_PRIORITY = {
@@ -78,7 +86,8 @@ def context_of(exc: BaseException) -> dict[str, str | None]:
 
 
 def unit_for(vm: str) -> str:
-    return f"xenbackup@{vm}.service"
+    """The service a VM's runs belong to, escaped as the timer names it (web-01 → xenbackup@web\\x2d01)."""
+    return names.service(vm)
 
 
 def journal_fields(record: logging.LogRecord) -> dict[str, str]:

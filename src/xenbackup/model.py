@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-TAG = "xenbackup"
+from . import names
+
 VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}$")
 LV_NAME_RE = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
@@ -175,18 +176,16 @@ class VM:
 
     @property
     def unit(self) -> str:
-        return f"xenbackup@{self.name}.service"
+        return names.service(self.name)
 
     @property
     def lv_tag(self) -> str:
         """The LVM tag every snapshot of this VM carries; cleanup deletes only what has it."""
-        return f"{TAG}-vm:{self.name}"
+        return names.lv_vm_tag(self.name)
 
 
 def snapshot_name(vm: str, disk: Disk, stamp: str) -> str:
-    """A unique, recognisable snapshot LV name, within LVM's 127-character limit."""
-    base = f"{disk.lv.name}.xb-{vm}"
-    return f"{base[:100]}-{stamp}"
+    return names.snapshot_lv(vm, disk.lv.name, stamp)
 
 
 @dataclass(frozen=True)

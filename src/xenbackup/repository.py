@@ -13,7 +13,7 @@ from typing import IO, Any
 
 from .config import RepositoryConfig
 from .model import Retention
-from .run import Completed, run, stream, stream_bytes
+from .run import Completed, mask_url, run, stream, stream_bytes, url_secrets
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class Restic:
     def secrets(self) -> list[str]:
         self.env()
         return [v for k, v in (self._extra_env or {}).items() if "KEY" in k or "SECRET" in k or "PASS" in k
-                or "TOKEN" in k]
+                or "TOKEN" in k] + url_secrets(self.cfg.url)
 
     def _run(self, args: Sequence[str], **kw: Any) -> Completed:
         return run([self.bin, *args], env=self.env(), secrets=self.secrets(), **kw)
@@ -199,7 +199,7 @@ class Restic:
                 self._check_key()
             return
         if not self.cfg.is_local:
-            raise RepositoryError(f"repository {self.cfg.url} cannot be opened: {error} (if it was never "
+            raise RepositoryError(f"repository {mask_url(self.cfg.url)} cannot be opened: {error} (if it was never "
                                   "initialised, run `xenbackup init` once)")
         self.init()
 
@@ -208,11 +208,11 @@ class Restic:
         probe = self._run(["cat", "config"], check=False)
         if probe.returncode != 0:
             why = next((line.strip() for line in probe.stderr.splitlines() if line.strip()), "no answer")
-            raise RepositoryError(f"repository {self.cfg.url} cannot be opened: {why}")
+            raise RepositoryError(f"repository {mask_url(self.cfg.url)} cannot be opened: {why}")
 
     def init(self) -> None:
         self.ensure_password()
-        log.info("initialising restic repository %s", self.cfg.url)
+        log.info("initialising restic repository %s", mask_url(self.cfg.url))
         self._run(["init"])
 
     def backup_argv(self, paths: Sequence[str], tags: Iterable[str], host: str,
@@ -300,7 +300,3 @@ class Restic:
     def dump(self, snapshot: str, filename: str, sink: Callable[[bytes], None]) -> None:
         """Stream one stored file's bytes (a block-mode image) to sink."""
         stream_bytes([self.bin, "dump", snapshot, filename], sink, env=self.env(), secrets=self.secrets())
-
-
-def tags_for(host: str, vm: str, disk: str, mode: str, run_id: str) -> list[str]:
-    return ["xenbackup", f"host:{host}", f"vm:{vm}", f"disk:{disk}", f"mode:{mode}", f"run:{run_id}"]

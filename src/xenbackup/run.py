@@ -116,11 +116,56 @@ def describe_returncode(returncode: int | None) -> str:
 
 def mask(argv: Iterable[str], secrets: Iterable[str] = ()) -> str:
     """Render argv for a log line with every secret replaced."""
-    text = shlex.join(argv)
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, MASK)
+    return mask_text(shlex.join(argv), secrets)
+
+
+def mask_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """text with every secret replaced, longest first so that a secret containing another goes whole."""
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, MASK)
     return text
+
+
+_URL_REST = re.compile(r"(?P<authority>[^/?#]*)(?P<path>[^?#]*)(?:\?(?P<query>[^#]*))?(?P<fragment>#.*)?", re.S)
+
+
+def _split_url(url: str) -> tuple[str, re.Match[str]] | None:
+    start = url.find("://")
+    if start < 0:
+        return None
+    match = _URL_REST.fullmatch(url, start + 3)
+    return (url[:start + 3], match) if match else None
+
+
+def url_secrets(url: str) -> list[str]:
+    """The parts of a URL that must never reach a log: the password of its user:password@, and its query."""
+    split = _split_url(url)
+    if split is None:
+        return []
+    _, m = split
+    found = []
+    if "@" in m["authority"]:
+        user, colon, password = m["authority"].rsplit("@", 1)[0].partition(":")
+        # A user without a password is often a token ("https://TOKEN@host"), so it goes too.
+        found.append(password if colon else user)
+    if m["query"]:
+        found.append(m["query"])
+    return [f for f in found if f]
+
+
+def mask_url(url: str) -> str:
+    """The URL as it may be logged: "rest:https://user:***@host/", "https://hooks.example/x?***"."""
+    split = _split_url(url)
+    if split is None:
+        return url
+    head, m = split
+    authority = m["authority"]
+    if "@" in authority:
+        userinfo, host = authority.rsplit("@", 1)
+        user, colon, _ = userinfo.partition(":")
+        authority = f"{user}:{MASK}@{host}" if colon else f"{MASK}@{host}"
+    query = f"?{MASK}" if m["query"] else ("?" if m["query"] == "" else "")
+    return f"{head}{authority}{m['path']}{query}{m['fragment'] or ''}"
 
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -172,26 +217,29 @@ def run(
 ) -> Completed:
     """Run a command to completion, capturing text output (or sending stdout to a file)."""
     args = _argv(argv)
+    secrets = list(secrets)
     proc = _spawn(args, secrets, env, stdin, stdout if stdout is not None else subprocess.PIPE, cwd)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         _stop(proc)
         out, err = proc.communicate()
-        raise CommandError(args, proc.returncode, (err or b"").decode(errors="replace"),
+        raise CommandError(args, proc.returncode, mask_text((err or b"").decode(errors="replace"), secrets),
                            reason=f"timed out after {timeout:g} s") from exc
     except BaseException:
         # SIGTERM arrives as an exception; the child must not outlive us.
         _stop(proc)
         raise
+    # stderr ends up in error messages and the journal; a tool may echo what it was given (a URL, a key).
     result = Completed(tuple(args), proc.returncode, (out or b"").decode(errors="replace"),
-                       (err or b"").decode(errors="replace"))
+                       mask_text((err or b"").decode(errors="replace"), secrets))
     if check and proc.returncode != 0:
         raise CommandError(args, proc.returncode, result.stderr)
     return result
 
 
-def _pump(args: list[str], proc: subprocess.Popen[bytes], consume: Callable[[IO[bytes]], None]) -> str:
+def _pump(args: list[str], proc: subprocess.Popen[bytes], consume: Callable[[IO[bytes]], None],
+          secrets: Sequence[str]) -> str:
     """Hand stdout to consume while a thread drains stderr; returns stderr, raises on failure."""
     assert proc.stdout is not None and proc.stderr is not None
     err_chunks: list[bytes] = []
@@ -208,7 +256,7 @@ def _pump(args: list[str], proc: subprocess.Popen[bytes], consume: Callable[[IO[
         raise
     finally:
         reader.join(timeout=5)
-    stderr = b"".join(err_chunks).decode(errors="replace")
+    stderr = mask_text(b"".join(err_chunks).decode(errors="replace"), secrets)
     if proc.returncode != 0:
         raise CommandError(args, proc.returncode, stderr)
     return stderr
@@ -226,6 +274,7 @@ def stream(
 ) -> Completed:
     """Run a long command, handing each stdout line to on_line as it arrives."""
     args = _argv(argv)
+    secrets = list(secrets)
     proc = _spawn(args, secrets, env, stdin, subprocess.PIPE, cwd)
     if on_start is not None:
         on_start(proc)
@@ -237,7 +286,7 @@ def stream(
             lines.append(line)
             on_line(line)
 
-    stderr = _pump(args, proc, consume)
+    stderr = _pump(args, proc, consume, secrets)
     return Completed(tuple(args), proc.returncode, "\n".join(lines[-50:]), stderr)
 
 
@@ -265,10 +314,11 @@ def stream_bytes(
 ) -> None:
     """Run a command and hand its binary stdout to sink in chunks (for restic dump into a device)."""
     args = _argv(argv)
+    secrets = list(secrets)
     proc = _spawn(args, secrets, env, None, subprocess.PIPE, None)
 
     def consume(out: IO[bytes]) -> None:
         while data := out.read(chunk):
             sink(data)
 
-    _pump(args, proc, consume)
+    _pump(args, proc, consume, secrets)

@@ -13,13 +13,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from . import names
 from .model import Disk, DiskMode, LvRef, SnapshotRecord
+from .run import mask_url
 
 log = logging.getLogger(__name__)
 
 
 class Busy(Exception):
     """Another run of the same VM holds it."""
+
+
+class OwnerUnknown(Busy):
+    """Whether the run holding a VM is alive cannot be told; it is treated as alive."""
 
 
 @dataclass(frozen=True)
@@ -39,11 +45,18 @@ class Owner:
         if self.invocation_id:
             if self.invocation_id == os.environ.get("INVOCATION_ID", ""):
                 return True
+            if not self.unit:
+                return False
             # A unit has one invocation at a time; the recorded one lives only while PID 1 says so.
-            from .systemd import unit_state
+            from .systemd import SystemdUnavailable, query_unit
 
-            st = unit_state(self.unit) if self.unit else None
-            return (st is not None and st.invocation_id == self.invocation_id
+            try:
+                st = query_unit(self.unit)
+            except SystemdUnavailable as exc:
+                # "Cannot ask" must never read as "dead": a live run's snapshots would be swept under it.
+                raise OwnerUnknown(f"cannot ask systemd whether {self.describe()} is alive: {exc}; "
+                                   "not touching its snapshots") from exc
+            return (st.invocation_id == self.invocation_id
                     and st.active_state in ("activating", "active", "deactivating", "reloading"))
         if self.pid:
             try:
@@ -226,6 +239,9 @@ class StateStore:
         return [str(url) for url in data] if isinstance(data, list) else []
 
     def remember_repository(self, url: str) -> None:
+        # The file is world-readable and only local paths are ever compared with it; a remote URL's
+        # password stays out.
+        url = mask_url(url)
         known = self.known_repositories()
         if url not in known:
             os.makedirs(self.state_dir, exist_ok=True)
@@ -303,7 +319,7 @@ class Slots:
         while holders := self.try_acquire(vm, owner):
             if holders != last_said:
                 log.info("waiting for a snapshot slot: max_parallel=%d is held by %s", self.max_parallel,
-                         ", ".join(f"{h} (xenbackup@{h}.service)" for h in holders))
+                         ", ".join(f"{h} ({names.service(h)})" for h in holders))
                 last_said = holders
             sleep(poll)
 

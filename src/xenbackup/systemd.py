@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from . import names
 
 log = logging.getLogger(__name__)
 
@@ -21,24 +23,6 @@ def notify_status(text: str) -> None:
         daemon.notify(False, f"STATUS={text}")
     except Exception as exc:  # progress reporting must never break a backup
         log.debug("sd_notify failed: %s", exc)
-
-
-def unescape_instance(text: str) -> str:
-    r"""Undo systemd-escape's \xNN escapes; VM names never contain '/', so '-' stays '-'."""
-    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
-
-
-def escape_instance(name: str) -> str:
-    """The instance name as `systemd-escape` writes it."""
-    out = []
-    for i, ch in enumerate(name):
-        if ch.isascii() and (ch.isalnum() or ch in "_:" or (ch == "." and i > 0)):
-            out.append(ch)
-        elif ch == "/":
-            out.append("-")
-        else:
-            out.extend(f"\\x{b:02x}" for b in ch.encode())
-    return "".join(out)
 
 
 @dataclass(frozen=True)
@@ -57,8 +41,12 @@ def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def unit_state(name: str) -> UnitState | None:
-    """The unit's properties from PID 1 over D-Bus, or None where no system bus is reachable."""
+class SystemdUnavailable(Exception):
+    """PID 1 could not be asked (no system bus, D-Bus error): the unit's state is unknown, not "dead"."""
+
+
+def query_unit(name: str) -> UnitState:
+    """The unit's properties from PID 1 over D-Bus; raises SystemdUnavailable when it cannot be asked."""
     try:
         from pystemd.systemd1 import Unit
 
@@ -76,22 +64,79 @@ def unit_state(name: str) -> UnitState | None:
             inactive_enter_usec=int(unit.Unit.InactiveEnterTimestamp),
         )
     except Exception as exc:
-        log.debug("cannot read %s over D-Bus: %s", name, exc)
+        raise SystemdUnavailable(f"cannot read {name} over D-Bus: {exc}") from exc
+
+
+def unit_state(name: str) -> UnitState | None:
+    """Like query_unit, or None where PID 1 cannot be asked; only for reports that may show "unknown"."""
+    try:
+        return query_unit(name)
+    except SystemdUnavailable as exc:
+        log.debug("%s", exc)
         return None
 
 
 def calendar_error(expr: str, analyze: str = "systemd-analyze") -> str | None:
     """None if systemd accepts the calendar expression, else its complaint."""
-    from .run import CommandError, run
+    from .run import CommandError
 
     try:
-        out = run([analyze, "calendar", expr], check=False)
+        return calendar_errors([expr], analyze).get(expr)
     except CommandError as exc:
         return str(exc)
+
+
+def _complaint(stderr: str, returncode: int) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"systemd-analyze exited {returncode}"
+
+
+def calendar_errors(exprs: Sequence[str], analyze: str = "systemd-analyze") -> dict[str, str]:
+    """systemd's complaint about each bad calendar expression, from one `systemd-analyze calendar A B C`.
+
+    Raises CommandError when systemd-analyze cannot be run at all.
+    """
+    from .run import run
+
+    exprs = list(dict.fromkeys(exprs))
+    if not exprs:
+        return {}
+    out = run([analyze, "calendar", *exprs], check=False)
     if out.returncode == 0:
-        return None
-    lines = [line.strip() for line in (out.stderr or out.stdout).splitlines() if line.strip()]
-    return lines[-1] if lines else f"systemd-analyze calendar exited {out.returncode}"
+        return {}
+    # systemd-analyze checks every argument and names each bad one: "... specification 'X': reason".
+    bad = {}
+    for line in out.stderr.splitlines():
+        for expr in exprs:
+            if f"'{expr}'" in line:
+                bad[expr] = line.strip()
+    if bad:
+        return bad
+    if len(exprs) == 1:
+        return {exprs[0]: _complaint(out.stderr or out.stdout, out.returncode)}
+    # An older systemd that words it differently: ask about each one alone.
+    return {e: why for e in exprs for why in calendar_errors([e], analyze).values()}
+
+
+def timespan_errors(spans: Sequence[str], analyze: str = "systemd-analyze") -> dict[str, str]:
+    """systemd's complaint about each bad time span; raises CommandError if systemd-analyze cannot run."""
+    from .run import run
+
+    todo = list(dict.fromkeys(spans))
+    bad: dict[str, str] = {}
+    # `systemd-analyze timespan` stops at the first bad argument, so the rest is asked again after it.
+    while todo:
+        out = run([analyze, "timespan", *todo], check=False)
+        if out.returncode == 0:
+            break
+        judged = [line.split(":", 1)[1].strip() for line in out.stdout.splitlines()
+                  if line.startswith("Original:")]
+        first_bad = len(judged)
+        if first_bad >= len(todo):
+            break
+        bad[todo[first_bad]] = _complaint(out.stderr, out.returncode)
+        todo = todo[first_bad + 1:]
+    return bad
 
 
 @dataclass(frozen=True)
@@ -101,7 +146,7 @@ class TimerState:
     last_trigger_usec: int
 
 
-def timer_states(pattern: str = "xenbackup@*.timer") -> dict[str, TimerState]:
+def timer_states(pattern: str = names.TIMER_PATTERN) -> dict[str, TimerState]:
     """Loaded timers matching pattern with their next elapse (realtime µs), over D-Bus."""
     try:
         from pystemd.systemd1 import Manager, Unit
@@ -119,3 +164,62 @@ def timer_states(pattern: str = "xenbackup@*.timer") -> dict[str, TimerState]:
     except Exception as exc:
         log.debug("cannot list timers over D-Bus: %s", exc)
         return {}
+
+
+@dataclass(frozen=True)
+class UnitFileState:
+    """What `systemctl is-active` and `is-enabled` would say about one unit."""
+
+    name: str
+    load_state: str
+    active_state: str
+    unit_file_state: str
+
+
+def unit_file_state(name: str) -> UnitFileState:
+    """A unit's load, active and enablement state; raises SystemdUnavailable when PID 1 cannot be asked."""
+    try:
+        from pystemd.systemd1 import Unit
+
+        unit = Unit(name.encode())
+        unit.load()
+        return UnitFileState(name=name, load_state=_text(unit.Unit.LoadState),
+                             active_state=_text(unit.Unit.ActiveState),
+                             unit_file_state=_text(unit.Unit.UnitFileState))
+    except Exception as exc:
+        raise SystemdUnavailable(f"cannot read {name} over D-Bus: {exc}") from exc
+
+
+def _manager_call(what: str, call: Callable[[Any], Any]) -> Any:
+    try:
+        from pystemd.systemd1 import Manager
+
+        manager = Manager()
+        manager.load()
+        return call(manager.Manager)
+    except Exception as exc:
+        raise SystemdUnavailable(f"cannot {what} over D-Bus: {exc}") from exc
+
+
+def daemon_reload() -> None:
+    """`systemctl daemon-reload`: PID 1 answers once the generators have run and the units are reloaded."""
+    _manager_call("reload systemd", lambda m: m.Reload())
+
+
+def unit_names(pattern: str) -> list[str]:
+    """Units in PID 1's memory (loaded, active or with a job) whose name matches the glob pattern."""
+    rows = _manager_call(f"list {pattern}", lambda m: m.ListUnitsByPatterns([], [pattern.encode()]))
+    return sorted(_text(row[0]) for row in rows)
+
+
+def start_unit(name: str) -> None:
+    _manager_call(f"start {name}", lambda m: m.StartUnit(name.encode(), b"replace"))
+
+
+def stop_unit(name: str) -> None:
+    _manager_call(f"stop {name}", lambda m: m.StopUnit(name.encode(), b"replace"))
+
+
+def disable_unit(name: str) -> None:
+    """`systemctl disable`: remove the admin's enablement links of the unit."""
+    _manager_call(f"disable {name}", lambda m: m.DisableUnitFiles([name.encode()], False))

@@ -46,9 +46,75 @@ def test_config_error_exits_2_lists_all_and_touches_no_lvm(write_config, no_path
     assert not no_path_lvm.exists(), "a config error must never reach LVM"
 
 
-def test_check_config_ok(cfg_path, capsys) -> None:
-    assert cli.main(["--config", str(cfg_path), "check-config"]) == 0
-    assert "OK, 1 VM(s): vm1" in capsys.readouterr().out
+def test_check_config_offline_checks_the_file_only(cfg_path, no_path_lvm, capsys) -> None:
+    assert cli.main(["--config", str(cfg_path), "check-config", "--offline"]) == 0
+    assert "OK (file only, host not checked), 1 VM(s): vm1" in capsys.readouterr().out
+    assert not no_path_lvm.exists()
+
+
+# lvs and vgs of a host with VG "system" holding only the LV "xenvm", answering as LVM does when a name is missing.
+FAKE_LVS = """#!/usr/bin/env python3
+import json, sys
+want = sys.argv[-1]
+if want != "system/xenvm":
+    sys.stderr.write(f'  Failed to find logical volume "{want}"\\n' if want.startswith("system/")
+                     else f'  Volume group "{want.split("/")[0]}" not found\\n')
+    sys.exit(5)
+print(json.dumps({"report": [{"lv": [{"lv_name": "xenvm", "vg_name": "system", "lv_attr": "-wi-ao----",
+    "lv_size": "1073741824", "origin": "", "origin_size": "", "snap_percent": "", "data_percent": "",
+    "metadata_percent": "", "lv_tags": "", "pool_lv": "", "lv_path": "/dev/system/xenvm"}]}]}))
+"""
+FAKE_VGS = """#!/usr/bin/env python3
+import json, sys
+if sys.argv[-1] != "system":
+    sys.stderr.write(f'  Volume group "{sys.argv[-1]}" not found\\n  Cannot process volume group {sys.argv[-1]}\\n')
+    sys.exit(5)
+print(json.dumps({"report": [{"vg": [{"vg_name": "system", "vg_size": "4290772992", "vg_free": "2143289344",
+    "vg_extent_size": "4194304"}]}]}))
+"""
+
+
+@pytest.fixture
+def host_lvm(tmp_path):
+    bindir = tmp_path / "hostbin"
+    bindir.mkdir()
+    for name, text in (("lvs", FAKE_LVS), ("vgs", FAKE_VGS)):
+        (bindir / name).write_text(text)
+        (bindir / name).chmod(0o755)
+    return f'[commands]\nlvs = "{bindir / "lvs"}"\nvgs = "{bindir / "vgs"}"\n'
+
+
+def test_check_config_on_the_host_passes_when_everything_exists(write_config, tmp_path, host_lvm, capsys) -> None:
+    domain = tmp_path / "vm1.cfg"
+    domain.write_text("name = 'vm1'\n")
+    path = write_config(host_lvm + f'[vm.vm1]\ndomain_config = "{domain}"\ndisks = [{{ lv = "system/xenvm" }}]\n')
+    assert cli.main(["--config", str(path), "check-config"]) == 0
+    assert f"{path}: OK, 1 VM(s): vm1" in capsys.readouterr().out
+
+
+def test_check_config_on_the_host_reports_missing_vg_lv_and_domain_config(write_config, tmp_path, host_lvm,
+                                                                          capsys) -> None:
+    domain = tmp_path / "vm1.cfg"
+    domain.write_text("name = 'vm1'\n")
+    path = write_config(host_lvm + f"""
+        [vm.vm1]
+        domain_config = "{domain}"
+        disks = [{{ lv = "system/xenvm" }}, {{ lv = "system/vm1-data", mode = "block" }}]
+        [vm.vm2]
+        domain_config = "{tmp_path / "gone.cfg"}"
+        disks = [{{ lv = "vg9/vm2" }}]
+        """.replace("\n        ", "\n"))
+    assert cli.main(["--config", str(path), "check-config"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"error: {path}: vm.vm1.disks[1].lv: logical volume system/vm1-data does not exist on this host; "
+        "a backup of vm1 would fail",
+        f"error: {path}: vm.vm2.disks[0].lv: volume group vg9 does not exist on this host; "
+        "a backup of vm2 would fail",
+        f"error: {path}: vm.vm2.domain_config: {tmp_path / 'gone.cfg'} does not exist on this host; "
+        "a backup of vm2 would not save it and a restore could not start the VM",
+    ]
+    assert cli.main(["--config", str(path), "check-config", "--offline"]) == 0
 
 
 def test_unknown_vm_exits_2(cfg_path, no_path_lvm) -> None:
@@ -90,3 +156,36 @@ def test_a_step_error_is_journalled_with_its_vm_and_phase(cfg_path, no_path_lvm,
     (error,) = [f for f in fields if f["PRIORITY"] == "3"]
     assert error["XENBACKUP_VM"] == "vm1" and error["XENBACKUP_PHASE"] == "backup"
     assert error["OBJECT_SYSTEMD_UNIT"] == "xenbackup@vm1.service"
+
+
+def test_a_run_whose_liveness_systemd_cannot_tell_is_left_alone(cfg_path, tmp_path, no_path_lvm, monkeypatch,
+                                                                 capsys) -> None:
+    import json
+
+    import pystemd.systemd1
+
+    class NoBus:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def load(self) -> None:
+            raise ConnectionError("Connection refused by the system bus")
+
+    monkeypatch.setattr(pystemd.systemd1, "Unit", NoBus)
+    state = tmp_path / "run" / "vm1" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"vm": "vm1", "run_id": "20261129T100000-42", "started": 1.0,
+                                 "owner": {"invocation_id": "0123abcd", "pid": 0, "unit": "xenbackup@vm1.service"}}))
+    assert cli.main(["--config", str(cfg_path), "backup", "vm1"]) == cli.EXIT_BUSY
+    assert not no_path_lvm.exists(), "a run that may be alive must keep its snapshots"
+    assert ("cannot ask systemd whether xenbackup@vm1.service (invocation 0123abcd) is alive: "
+            "cannot read xenbackup@vm1.service over D-Bus: Connection refused by the system bus; "
+            "not touching its snapshots") in capsys.readouterr().err
+    assert json.loads(state.read_text())["run_id"] == "20261129T100000-42"
+
+
+def test_check_config_reports_a_bad_schedule_with_the_other_errors(write_config, capsys) -> None:
+    path = write_config('[vm.a]\nschedule = "bogus"\nsnapshot_size = "lots"\ndisks = [{ lv = "system/a" }]\n')
+    assert cli.main(["--config", str(path), "check-config", "--offline"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "vm.a.snapshot_size: expected a size" in err and "vm.a.schedule: invalid calendar expression" in err

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from xenbackup import config
@@ -204,3 +206,69 @@ exclude = "xvdb"
     assert keys == ["vm.slow.max_pause", "vm.bad.consistency", "vm.bad.exclude", "vm.plain.disks",
                     "vm.plain.consistency", "vm.xen1.consistency", "vm.listed.exclude"]
     assert all(e.startswith(f"{path}: ") for e in err.value.errors)
+
+
+def test_a_duplicate_disk_is_reported_at_its_own_index(write_config) -> None:
+    path = write_config("""
+        [vm.a]
+        disks = [{ lv = "system/a" }, { mode = "files" }, { lv = "system/a" }]
+    """)
+    with pytest.raises(ConfigError) as exc:
+        config.load(str(path))
+    assert f"{path}: vm.a.disks[2].lv: system/a is listed twice" in exc.value.errors
+    assert not any("disks[1].lv: system/a" in e for e in exc.value.errors)
+
+
+SCHEDULES = """
+    [defaults]
+    randomized_delay = "5 parsecs"
+    [vm.a]
+    schedule = "*-*-* 20:00"
+    snapshot_size = "lots"
+    disks = [{ lv = "system/a" }]
+    [vm.b]
+    schedule = "bogus o'clock"
+    randomized_delay = "10min"
+    disks = [{ lv = "system/b" }]
+    [vm.c]
+    schedule = "*-*-* 25:00"
+    disks = [{ lv = "system/c" }]
+"""
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_calendar_and_timespan_errors_come_with_every_other_error(write_config) -> None:
+    path = write_config(SCHEDULES)
+    with pytest.raises(ConfigError) as exc:
+        config.load(str(path), ask_systemd=True)
+    assert exc.value.errors == [
+        f"{path}: vm.a.snapshot_size: expected a size like \"10G\" or \"20%ORIGIN\", got 'lots'",
+        f"{path}: vm.b.schedule: invalid calendar expression \"bogus o'clock\": "
+        "Failed to parse calendar specification 'bogus o'clock': Invalid argument",
+        f"{path}: vm.c.schedule: invalid calendar expression '*-*-* 25:00': "
+        "Failed to parse calendar specification '*-*-* 25:00': Invalid argument",
+        f"{path}: defaults.randomized_delay: invalid time span '5 parsecs': "
+        "Failed to parse time span '5 parsecs': Invalid argument",
+    ]
+
+
+def test_every_calendar_expression_is_judged_by_one_systemd_analyze(write_config, fake_bin) -> None:
+    analyze = fake_bin("systemd-analyze", code=1,
+                       stderr="Failed to parse calendar specification 'bogus o'clock': Invalid argument\n")
+    path = write_config(f'[commands]\n"systemd-analyze" = "{analyze}"\n' + SCHEDULES.replace("5 parsecs", "5min"))
+    with pytest.raises(ConfigError) as exc:
+        config.load(str(path), ask_systemd=True)
+    calls = fake_bin.calls.read_text().splitlines()
+    assert calls[0] == "systemd-analyze calendar *-*-* 20:00 bogus o'clock *-*-* 25:00"
+    assert [c.split()[1] for c in calls].count("calendar") == 1
+    assert sum("schedule: invalid calendar" in e for e in exc.value.errors) == 1
+
+
+def test_without_systemd_analyze_the_schedules_are_reported_unchecked(write_config, tmp_path) -> None:
+    path = write_config(f'[commands]\n"systemd-analyze" = "{tmp_path / "nope"}"\n[vm.a]\nschedule = "daily"\n'
+                        'disks = [{ lv = "system/a" }]\n')
+    with pytest.raises(ConfigError) as exc:
+        config.load(str(path), ask_systemd=True)
+    assert exc.value.errors == [f"{path}: commands.systemd-analyze: cannot check the calendar expressions: "
+                                "nope not found"]
+    assert config.load(str(path)).vm("a").schedule == "daily"

@@ -11,8 +11,9 @@ from xenbackup.actions.ops import policy_for, prune_groups
 from xenbackup.actions.status import render_metrics, vm_status
 from xenbackup.config import RepositoryConfig
 from xenbackup.model import Retention
+from xenbackup.names import escape_instance
 from xenbackup.repository import Restic
-from xenbackup.systemd import TimerState, UnitState, escape_instance
+from xenbackup.systemd import TimerState, UnitFileState, UnitState
 
 CFG = """
 [defaults]
@@ -138,3 +139,104 @@ def test_alert_names_the_run_systemd_says_failed(write_config, fake_bin, monkeyp
     msg = build_message(cfg, "xenbackup@vm1", env)
     assert (msg.vm, msg.result, msg.phase, msg.invocation_id) == ("vm1", "exit-code", "backup", "0123abcd")
     assert "_SYSTEMD_INVOCATION_ID=0123abcd" in fake_bin.calls.read_text()
+
+
+def test_a_failing_webhook_is_logged_without_its_token(write_config, caplog) -> None:
+    from xenbackup.actions.notify import FailureMessage, send
+
+    cfg = config.load(str(write_config("""
+        [notify]
+        webhook = "http://127.0.0.1:9/hook?token=hook-s3cr3t"
+        timeout = 5
+        [vm.vm1]
+        disks = [{ lv = "system/xenvm", path = "vm1" }]
+    """)))
+    msg = FailureMessage(vm="vm1", unit="xenbackup@vm1.service", host="h", result="exit-code", phase="backup",
+                         invocation_id="", time=0.0, lines=[])
+    caplog.set_level("INFO")
+    assert send(cfg, msg) == ["webhook"]
+    assert "webhook http://127.0.0.1:9/hook?*** failed: " in caplog.text
+    assert "hook-s3cr3t" not in caplog.text
+
+
+RELOAD_CFG = """
+[vm.vm1]
+schedule = "*-*-* 20:00"
+disks = [{ lv = "system/xenvm", path = "vm1" }]
+[vm."web-01"]
+schedule = "*-*-* 21:00"
+disks = [{ lv = "system/web" }]
+[vm.quiet]
+disks = [{ lv = "system/quiet" }]
+[vm.mine]
+disks = [{ lv = "system/mine" }]
+"""
+
+
+def unit(name: str, active: str = "inactive", enabled: str = "static") -> UnitFileState:
+    return UnitFileState(name=name, load_state="loaded", active_state=active, unit_file_state=enabled)
+
+
+def test_reload_starts_new_schedules_and_stops_lost_ones(write_config) -> None:
+    from xenbackup.actions.reload import TimerAction, TimerChange, plan_timers
+
+    cfg = config.load(str(write_config(RELOAD_CFG)))
+    states = {u.name: u for u in [
+        unit("xenbackup@vm1.timer", "active"),                  # scheduled and running: left alone
+        unit("xenbackup@web\\x2d01.timer"),                      # a new schedule: started
+        unit("xenbackup@quiet.timer", "active"),                # its schedule was removed: stopped
+        unit("xenbackup@mine.timer", "active", "enabled"),      # enabled by the admin by hand: kept
+        unit("xenbackup@gone.timer", "active", "enabled"),      # its VM left the config: stopped and disabled
+        unit("xenbackup-prune.timer", "inactive", "enabled"),   # enabled without --now: started
+        unit("xenbackup-verify.timer", "inactive", "disabled"),  # the admin turned it off: left alone
+    ]}
+    assert plan_timers(cfg, states) == [
+        TimerAction("xenbackup@web\\x2d01.timer", TimerChange.START, "vm.web-01.schedule"),
+        TimerAction("xenbackup@gone.timer", TimerChange.STOP_AND_DISABLE, f"no vm.gone in {cfg.path}"),
+        TimerAction("xenbackup@quiet.timer", TimerChange.STOP, "vm.quiet has no schedule"),
+        TimerAction("xenbackup-prune.timer", TimerChange.START, "enabled but not running"),
+    ]
+    assert plan_timers(cfg, {**states, **{a: unit(a, "active", "enabled") for a in
+                                          ("xenbackup@web\\x2d01.timer", "xenbackup-prune.timer")},
+                             "xenbackup@gone.timer": unit("xenbackup@gone.timer"),
+                             "xenbackup@quiet.timer": unit("xenbackup@quiet.timer")}) == []
+
+
+def test_reload_without_systemd_fails_with_one_line(write_config, monkeypatch, capsys) -> None:
+    import pystemd.systemd1
+
+    from xenbackup import cli
+
+    class NoBus:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def load(self) -> None:
+            raise ConnectionError("Connection refused by the system bus")
+
+    monkeypatch.setattr(pystemd.systemd1, "Manager", NoBus)
+    path = write_config(RELOAD_CFG)
+    assert cli.main(["--config", str(path), "reload"]) == cli.EXIT_FAILED
+    assert capsys.readouterr().err.splitlines() == [
+        "error: cannot reload systemd over D-Bus: Connection refused by the system bus"]
+
+
+def test_generator_checks_every_schedule_with_one_systemd_analyze(write_config, tmp_path: Path) -> None:
+    analyze = tmp_path / "systemd-analyze"
+    calls = tmp_path / "analyze-calls"
+    # Judges like systemd: one bad expression named on stderr, exit 1.
+    analyze.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n'
+                       'for a in "$@"; do [ "$a" = "never-ever" ] && '
+                       '{ echo "Failed to parse calendar specification \'never-ever\': Invalid argument" >&2; '
+                       'exit 1; }; done\nexit 0\n')
+    analyze.chmod(0o755)
+    vms = "".join(f'[vm.vm{i}]\nschedule = "*-*-* 0{i % 10}:00"\ndisks = [{{ lv = "system/lv{i}" }}]\n'
+                  for i in range(100))
+    cfg = config.load(str(write_config(f'[commands]\nsystemd-analyze = "{analyze}"\n' + vms +
+                                       '[vm.bad]\nschedule = "never-ever"\ndisks = [{ lv = "system/bad" }]\n')))
+    logged: list[str] = []
+    enabled = generator.generate_checked(str(tmp_path / "out"), cfg, "/usr/lib/systemd/system/xenbackup@.timer",
+                                         lambda level, text: logged.append(text))
+    assert len(calls.read_text().splitlines()) == 1, "one spawn for all schedules"
+    assert len(enabled) == 100 and "xenbackup@bad.timer" not in enabled
+    assert any("vm.bad.schedule" in line and "never-ever" in line for line in logged)

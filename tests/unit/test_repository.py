@@ -6,6 +6,7 @@ import stat
 
 import pytest
 
+from xenbackup import names
 from xenbackup.config import RepositoryConfig
 from xenbackup.repository import (
     BackupSummary,
@@ -14,7 +15,6 @@ from xenbackup.repository import (
     Restic,
     parse_progress,
     parse_snapshots,
-    tags_for,
 )
 
 
@@ -51,7 +51,7 @@ def test_snapshots_json() -> None:
 
 def test_backup_argv_files_and_stdin(tmp_path) -> None:
     r = Restic(repo(tmp_path), "restic", credentials_dir="")
-    tags = tags_for("h", "vm1", "system/xenvm", "files", "r1")
+    tags = names.restic_tags("h", "vm1", "system/xenvm", "files", "r1")
     argv = r.backup_argv(["vm1"], tags, "h")
     assert argv[:4] == ["restic", "backup", "--json", "--host"]
     assert argv[-3:] == ["--one-file-system", "--", "vm1"]
@@ -90,7 +90,64 @@ def test_environment_file_reaches_restic_but_is_masked(tmp_path) -> None:
     env_file.write_text("# s3\nAWS_ACCESS_KEY_ID=AKIA123\nAWS_SECRET_ACCESS_KEY=\"topsecret\"\n")
     r = Restic(repo(tmp_path, url="s3:host/bucket", env_file=str(env_file)), credentials_dir="")
     assert r.env()["AWS_SECRET_ACCESS_KEY"] == "topsecret"
-    assert "topsecret" in r.secrets()
+
+
+# A restic that cannot open the repository and, like some backends' errors, repeats what it was given.
+ECHOING_RESTIC = """#!/bin/sh
+echo "+ restic was called as: $*" >&2
+echo "Fatal: unable to open config file: key $AWS_SECRET_ACCESS_KEY rejected by $RESTIC_REPOSITORY" >&2
+exit 1
+"""
+
+
+def test_secrets_never_reach_the_log_lines_written(write_config, tmp_path, capsys) -> None:
+    from xenbackup import cli
+
+    restic = tmp_path / "restic"
+    restic.write_text(ECHOING_RESTIC)
+    restic.chmod(0o755)
+    env_file = tmp_path / "restic.env"
+    env_file.write_text("AWS_SECRET_ACCESS_KEY=topsecret\n")
+    (tmp_path / "pw").write_text("pw\n")
+    path = write_config(f"""
+        [repository]
+        url = "rest:https://backup:hunter2@backup.example:8000/host1/"
+        password_file = "{tmp_path / 'pw'}"
+        environment_file = "{env_file}"
+        [settings]
+        state_dir = "{tmp_path / 'state'}"
+        runtime_dir = "{tmp_path / 'run'}"
+        [commands]
+        restic = "{restic}"
+        [vm.vm1]
+        disks = [{{ lv = "system/xenvm", path = "vm1" }}]
+    """)
+    assert cli.main(["--config", str(path), "--debug", "init"]) == cli.EXIT_FAILED
+    lines = capsys.readouterr().err.splitlines()
+    assert f"+ {restic} cat config" in lines
+    assert "initialising restic repository rest:https://backup:***@backup.example:8000/host1/" in lines
+    assert ("error: restic failed with exit code 1: Fatal: unable to open config file: key *** rejected by "
+            "rest:https://backup:***@backup.example:8000/host1/") in lines
+    assert not [line for line in lines if "hunter2" in line or "topsecret" in line]
+
+
+def test_restic_s_complaint_is_masked_where_it_is_kept(tmp_path) -> None:
+    from xenbackup.run import CommandError
+
+    restic = tmp_path / "restic"
+    restic.write_text(ECHOING_RESTIC)
+    restic.chmod(0o755)
+    env_file = tmp_path / "restic.env"
+    env_file.write_text("AWS_SECRET_ACCESS_KEY=topsecret\n")
+    r = Restic(repo(tmp_path, url="rest:https://backup:hunter2@backup.example/", env_file=str(env_file)), str(restic),
+               credentials_dir="")
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "pw").write_text("pw\n")
+    with pytest.raises(CommandError) as exc:
+        r.init()
+    assert exc.value.stderr_tail.splitlines()[-1] == ("Fatal: unable to open config file: key *** rejected by "
+                                                      "rest:https://backup:***@backup.example/")
+    assert "hunter2" not in str(exc.value) and "topsecret" not in str(exc.value)
 
 
 def test_end_to_end_with_real_restic(tmp_path) -> None:
@@ -103,7 +160,7 @@ def test_end_to_end_with_real_restic(tmp_path) -> None:
     r = Restic(repo(tmp_path), credentials_dir="")
     r.ensure_initialized()
     seen: list[Progress] = []
-    summary = r.backup(["vm1"], tags_for("h", "vm1", "system/xenvm", "files", "r1"), "h", seen.append,
+    summary = r.backup(["vm1"], names.restic_tags("h", "vm1", "system/xenvm", "files", "r1"), "h", seen.append,
                        cwd=str(tmp_path / "mnt"))
     assert summary.files == 1 and summary.total_bytes == 4096
     (snap,) = r.snapshots(["xenbackup", "vm:vm1"])
@@ -113,7 +170,8 @@ def test_end_to_end_with_real_restic(tmp_path) -> None:
 
 def test_a_vanished_local_repository_is_never_recreated(write_config, tmp_path) -> None:
     from xenbackup import config
-    from xenbackup.actions.backup import Context, open_repository
+    from xenbackup.actions.backup import open_repository
+    from xenbackup.actions.context import Context
 
     url = tmp_path / "backupdisk" / "repo"
     cfg = config.load(str(write_config(f"""
@@ -145,3 +203,14 @@ def test_an_unreachable_remote_repository_names_restic_s_reason(tmp_path) -> Non
     (tmp_path / "etc" / "pw").write_text("secret\n")
     with pytest.raises(RepositoryError, match=r"cannot be opened: .*connection refused"):
         r.ensure_initialized()
+
+
+def test_the_world_readable_list_of_repositories_holds_no_password(tmp_path) -> None:
+    from xenbackup.state import StateStore
+
+    store = StateStore(str(tmp_path / "run"), str(tmp_path / "state"))
+    store.remember_repository("rest:https://backup:hunter2@backup.example/")
+    store.remember_repository(str(tmp_path / "repo"))
+    text = (tmp_path / "state" / "repositories.json").read_text()
+    assert "hunter2" not in text
+    assert store.known_repositories() == ["rest:https://backup:***@backup.example/", str(tmp_path / "repo")]

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from xenbackup import config
-from xenbackup.actions.backup import Context
+from xenbackup import config, names
+from xenbackup.actions.context import Context
 from xenbackup.actions.restore import (
     RestoreError,
     Restorer,
@@ -16,7 +16,7 @@ from xenbackup.actions.restore import (
     normalize_include,
     select_run,
 )
-from xenbackup.repository import Snapshot, tags_for
+from xenbackup.repository import Snapshot
 
 
 def snap(id_: str, time: str, run: str, disk: str, mode: str = "files") -> Snapshot:
@@ -40,6 +40,18 @@ def test_snapshot_id_or_run_id_selects_the_whole_run() -> None:
     for wanted in ("aaaa", "r1", "bbbb"):
         sel = select_run(SNAPS, wanted)
         assert sel.run_id == "r1" and sel.config is not None and sel.disks["system/xenvm"].id.startswith("a")
+
+
+def test_an_ambiguous_snapshot_prefix_lists_the_candidates() -> None:
+    snaps = [*SNAPS, Snapshot(id="ab" + "0" * 62, short_id="ab000000", time="2026-11-22T20:00:00Z", hostname="h",
+                              paths=("/x",), tags=("xenbackup", "vm:vm1", "run:r3", "disk:system/xenvm"))]
+    with pytest.raises(RestoreError) as err:
+        select_run(snaps, "a")
+    assert str(err.value) == ("snapshot ID prefix 'a' is ambiguous, it matches: "
+                              "aa (run r1, 2026-11-20T20:00:00Z, system/xenvm); "
+                              "ab000000 (run r3, 2026-11-22T20:00:00Z, system/xenvm); "
+                              "give more characters or the run ID")
+    assert select_run(snaps, "ab").run_id == "r3"
 
 
 def test_unknown_snapshot_is_a_clear_error() -> None:
@@ -119,7 +131,7 @@ def backed_up(tmp_path: Path, write_config):
     (mnt / "vm1" / "vm1.cfg").write_text("memory = 256\n")
     (mnt / "vm1" / "name with space\nand newline").write_text("odd")
     ctx.restic.ensure_initialized()
-    ctx.restic.backup(["vm1"], tags_for(ctx.host, "vm1", "system/xenvm", "files", "r1"), ctx.host,
+    ctx.restic.backup(["vm1"], names.restic_tags(ctx.host, "vm1", "system/xenvm", "files", "r1"), ctx.host,
                       lambda p: None, cwd=str(mnt))
     return ctx, cfg, mnt / "vm1"
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from xenbackup.run import CommandError, CommandNotFound, mask, run, stream
+from xenbackup.run import CommandError, CommandNotFound, mask, mask_url, run, stream, url_secrets
 
 
 def test_not_found_is_a_readable_error() -> None:
@@ -68,3 +68,23 @@ def test_a_go_stack_trace_becomes_one_error_chain(data) -> None:
     assert cause.endswith(": read-only file system")
     assert ".go:" not in err.stderr_tail and "main.runBackup" not in err.stderr_tail
     assert "read-only file system" in err.stderr_tail.splitlines()[-2]
+
+
+@pytest.mark.parametrize(("url", "logged", "secrets"), [
+    ("rest:https://backup:hunter2@host:8000/repo/", "rest:https://backup:***@host:8000/repo/", ["hunter2"]),
+    ("https://hooks.example/alert?token=s3cr3t&x=1", "https://hooks.example/alert?***", ["token=s3cr3t&x=1"]),
+    ("https://TOKEN123@hooks.example/a?k=v#top", "https://***@hooks.example/a?***#top", ["TOKEN123", "k=v"]),
+    ("sftp:backup@host:/srv/restic", "sftp:backup@host:/srv/restic", []),
+    ("/srv/restic", "/srv/restic", []),
+    ("s3:https://s3.example/bucket", "s3:https://s3.example/bucket", []),
+])
+def test_urls_are_logged_without_passwords_or_queries(url: str, logged: str, secrets: list[str]) -> None:
+    assert mask_url(url) == logged
+    assert url_secrets(url) == secrets
+
+
+def test_a_secret_echoed_on_stderr_is_masked() -> None:
+    with pytest.raises(CommandError) as exc:
+        run(["sh", "-c", "echo 'auth failed for token s3cr3t' >&2; exit 1"], secrets=["s3cr3t"])
+    assert str(exc.value) == "sh failed with exit code 1: auth failed for token ***"
+    assert run(["sh", "-c", "echo s3cr3t >&2"], secrets=["s3cr3t"]).stderr == "***\n"

@@ -157,7 +157,8 @@ def test_pool_threshold_is_the_vm_s_own(fake_lvm, write_config) -> None:
 
 def test_the_boot_sweep_records_an_interrupted_run(tmp_path: Path, write_config) -> None:
     from xenbackup import config
-    from xenbackup.actions.backup import Context, sweep_all
+    from xenbackup.actions.context import Context
+    from xenbackup.actions.sweep import sweep_all
 
     rows = [lv_row("xenvm.xb-vm1-20261126152142", "swi-a-s---", snap="3.0")]
     rows[0]["lv_tags"] = "xenbackup,xenbackup-vm:vm1"

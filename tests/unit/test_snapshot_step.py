@@ -10,6 +10,7 @@ import pytest
 
 from xenbackup import config
 from xenbackup.actions import backup
+from xenbackup.actions.context import Context
 from xenbackup.repository import RepositoryError
 
 LVS = {"report": [{"lv": [
@@ -95,7 +96,7 @@ def calls(tmp_path: Path) -> list[str]:
 
 def test_both_snapshots_are_made_inside_one_pause(tools: Path) -> None:
     cfg = write_cfg(tools)
-    ctx = backup.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     state = backup.step_snapshot(ctx, cfg.vm("db1"))
     seen = calls(tools)
     window = seen[seen.index("xl pause"):seen.index("xl unpause") + 1]
@@ -111,7 +112,7 @@ def test_both_snapshots_are_made_inside_one_pause(tools: Path) -> None:
 def test_lvcreate_failing_on_the_second_disk_unpauses_and_removes_the_first(tools: Path) -> None:
     (tools / "fail-at").write_text("2")
     cfg = write_cfg(tools)
-    ctx = backup.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     with pytest.raises(Exception, match="Insufficient free space"):
         backup.step_snapshot(ctx, cfg.vm("db1"))
     seen = calls(tools)
@@ -125,13 +126,13 @@ def test_lvcreate_failing_on_the_second_disk_unpauses_and_removes_the_first(tool
 
 def test_consistency_none_never_touches_the_guest(tools: Path) -> None:
     cfg = write_cfg(tools, 'consistency = "none"')
-    backup.step_snapshot(backup.Context.from_config(cfg), cfg.vm("db1"))
+    backup.step_snapshot(Context.from_config(cfg), cfg.vm("db1"))
     assert not any(c.startswith(("xl pause", "xl unpause")) for c in calls(tools))
 
 
 def test_a_wrong_repository_password_fails_before_lvm(tools: Path) -> None:
     cfg = write_cfg(tools, password="right\n")
-    ctx = backup.Context.from_config(cfg)
+    ctx = Context.from_config(cfg)
     ctx.restic.init()
     (tools / "password").write_text("wrong\n")
     (tools / "calls").write_text("")

@@ -5,178 +5,31 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
 
-from .. import hypervisor as hv_mod
-from .. import journal
-from ..config import Config
-from ..discovery import DiscoveryError, SystemProbe, discover
-from ..hypervisor import Hypervisor, HypervisorError
+from .. import journal, names
 from ..journal import MessageId
-from ..lvm import LogicalVolume, Lvm, LvmError, VolumeGroup
-from ..model import VM, Consistency, Disk, DiskMode, HypervisorKind, PlannedCommand, SnapshotRecord, snapshot_name
-from ..mount import Mounter, mount_options, mounts_below
+from ..lvm import LogicalVolume, LvmError, VolumeGroup
+from ..model import VM, Consistency, Disk, DiskMode, SnapshotRecord, snapshot_name
+from ..mount import mounts_below
 from ..progress import Reporter
-from ..repository import BackupSummary, RepositoryError, Restic, tags_for
+from ..repository import BackupSummary, RepositoryError
 from ..run import CommandError
-from ..state import Busy, Owner, RunState, Slots, StateStore, new_run_id
-from .status import write_metrics
+from ..state import Busy, Owner, RunState, new_run_id
+from .context import Context, StepError
+from .record import RunRecord, RunResult, save_record
+from .sweep import clear_stale_locks, resume_paused, sweep_stale
 from .watch import OverflowWatch, SnapshotOverflowed
-from .window import PauseTooLong, ResumeFailed, choose, quiesced, resume_left
+from .window import PauseTooLong, ResumeFailed, choose, quiesced
 
 log = logging.getLogger(__name__)
 
 
-class StepError(Exception):
-    """A step failed for a reason worth one clear line in the journal."""
-
-
-@dataclass
-class Context:
-    cfg: Config
-    lvm: Lvm
-    mounter: Mounter
-    restic: Restic
-    store: StateStore
-    slots: Slots
-    host: str
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> Context:
-        return cls(
-            cfg=cfg,
-            lvm=Lvm(cfg.commands),
-            mounter=Mounter(cfg.commands),
-            restic=Restic(cfg.repository, cfg.command("restic")),
-            store=StateStore(cfg.settings.runtime_dir, cfg.settings.state_dir),
-            slots=Slots(cfg.settings.runtime_dir, cfg.settings.max_parallel),
-            host=cfg.repository.host or socket.gethostname(),
-        )
-
-    def hypervisor(self, vm: VM) -> Hypervisor:
-        return hv_mod.for_vm(vm, self.cfg.commands)
-
-    def disks(self, vm: VM) -> tuple[Disk, ...]:
-        """The VM's disks: as configured, else read from its domain definition and mapped to LVs."""
-        if not vm.discovers_disks:
-            return vm.disks
-        try:
-            disks = discover(vm, self.hypervisor(vm), self.lvm, SystemProbe(self.cfg.command("losetup")))
-        except (DiscoveryError, HypervisorError, LvmError) as exc:
-            raise StepError(str(exc)) from None
-        except CommandError as exc:
-            raise StepError(f"cannot read the disks of {vm.name}: {exc}") from None
-        for other in self.cfg.vms.values():
-            claimed = {str(d.lv) for d in other.disks}
-            for disk in disks:
-                if other.name != vm.name and str(disk.lv) in claimed:
-                    raise StepError(f"{disk.lv} ({disk.source}) of {vm.name} is configured as a disk of "
-                                    f"vm.{other.name} too; one LV belongs to one VM")
-        return disks
-
-
-def _event(level: int, msg: str, message_id: MessageId, *args: object, **fields: object) -> None:
-    log.log(level, msg, *args, extra={"message_id": message_id.value, "fields": fields})
-
-
 # --- snapshot ---------------------------------------------------------------------------------
-
-def sweep_stale(ctx: Context, vm: VM) -> list[str]:
-    """Unmount and remove what an earlier crashed run of this VM left. Only tagged LVs are touched."""
-    removed: list[str] = []
-    for entry in mounts_below(ctx.store.mount_root(vm.name)):
-        log.warning("unmounting leftover mount %s", entry.target)
-        ctx.mounter.umount(entry.target)
-    for lv in ctx.lvm.tagged(vm.lv_tag):
-        ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries)
-        removed.append(str(lv.ref))
-        _event(logging.WARNING, "removed stale snapshot %s left by an earlier run", MessageId.STALE_REMOVED,
-               lv.ref, snapshot=lv.ref)
-    return removed
-
-
-def sweep_all(ctx: Context) -> list[str]:
-    """Boot-time sweep: every VM's leftovers, and tagged snapshots of VMs no longer configured."""
-    removed: list[str] = []
-    for vm in ctx.cfg.vms.values():
-        with journal.context(vm=vm.name, phase="sweep"):
-            try:
-                with ctx.store.lock(vm.name, wait=False):
-                    state = ctx.store.load(vm.name)
-                    if state is not None and state.owner.alive():
-                        continue
-                    paused = state is not None and not _resume_left(ctx, vm, state)
-                    left = sweep_stale(ctx, vm)
-                    if left:
-                        record_interrupted(ctx, vm, left)
-                    removed += left
-                    if not paused:
-                        ctx.store.clear(vm.name)
-            except Busy:
-                log.info("a run of %s is in progress; not sweeping it", vm.name)
-    known = {vm.lv_tag for vm in ctx.cfg.vms.values()}
-    for lv in ctx.lvm.tagged("xenbackup"):
-        vm_tags = [t for t in lv.tags if t.startswith("xenbackup-vm:")]
-        if vm_tags and not known.intersection(vm_tags):
-            ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries)
-            removed.append(str(lv.ref))
-            _event(logging.WARNING, "removed stale snapshot %s of an unconfigured VM", MessageId.STALE_REMOVED,
-                   lv.ref, snapshot=lv.ref)
-    # At boot the network may not be up; the next run clears a remote repository's locks anyway.
-    if removed and ctx.cfg.repository.is_local:
-        _clear_stale_locks(ctx)
-    return removed
-
-
-def _resume_left(ctx: Context, vm: VM, state: RunState) -> bool:
-    """A run killed inside its snapshot window leaves the guest paused; it must never stay that way.
-
-    False if the guest could not be resumed: the record of the pause is then kept, so the next cleanup,
-    run or boot sweep tries again."""
-    if not state.paused:
-        return True
-    try:
-        resume_left(ctx.hypervisor(vm), vm.name, state.paused)
-    except Exception as exc:
-        log.critical("%s is still %s by an interrupted run and could not be resumed: %s; resume it by hand",
-                     vm.name, "frozen" if state.paused == "freeze" else "paused", exc)
-        return False
-    ctx.store.save(replace(state, paused=""))
-    return True
-
-
-def _clear_stale_locks(ctx: Context) -> None:
-    """A killed restic leaves its lock behind, which would block prune, check and restore."""
-    try:
-        ctx.restic.unlock_stale()
-    except Exception as exc:
-        log.warning("could not clear stale repository locks: %s", exc)
-
-
-def record_interrupted(ctx: Context, vm: VM, left: list[str]) -> None:
-    """A run that left its snapshots behind never finished: its VM's record (status, metrics) says so."""
-    _save_record(ctx, vm, {
-        "vm": vm.name, "result": "interrupted", "finished": time.time(), "run_id": "", "started": None,
-        "duration": None, "peak_fill": None, "restic_snapshots": [], "stale_snapshots": left,
-    })
-
-
-def _save_record(ctx: Context, vm: VM, record: dict[str, Any]) -> None:
-    """Write the VM's last-run record (keeping the time of the last success) and refresh the metrics."""
-    previous = ctx.store.read_record(vm.name) or {}
-    record["last_success"] = record["finished"] if record["result"] == "success" else previous.get("last_success")
-    ctx.store.write_record(vm.name, record)
-    try:
-        write_metrics(ctx.cfg)
-    except OSError as exc:
-        log.warning("cannot write metrics file %s: %s", ctx.cfg.settings.metrics_file, exc)
-
 
 def claim(ctx: Context, vm: VM) -> RunState:
     """Take ownership of the VM for a new run, clearing a dead run's leftovers first."""
@@ -185,7 +38,7 @@ def claim(ctx: Context, vm: VM) -> RunState:
     if old is not None and old.owner != me and old.owner.alive():
         raise Busy(f"a backup of {vm.name} is already running ({old.owner.describe()}, run {old.run_id})")
     if old is not None:
-        _resume_left(ctx, vm, old)
+        resume_paused(ctx, vm, old)
     sweep_stale(ctx, vm)
     state = RunState(vm=vm.name, run_id=new_run_id(), owner=me, started=time.time())
     ctx.store.save(state)
@@ -226,8 +79,8 @@ def preflight(ctx: Context, vm: VM, disks: tuple[Disk, ...]) -> dict[str, bool]:
 def step_snapshot(ctx: Context, vm: VM) -> RunState:
     with journal.context(phase="snapshot"), ctx.store.lock(vm.name):
         state = claim(ctx, vm)
-        _event(logging.INFO, "backup of %s started (run %s)", MessageId.STARTED, vm.name, state.run_id,
-               run=state.run_id)
+        journal.event(log, logging.INFO, "backup of %s started (run %s)", MessageId.STARTED, vm.name,
+                      state.run_id, run=state.run_id)
         ctx.slots.acquire(vm.name, state.owner)
         # Everything that can fail or take time happens before the guest is paused.
         disks = ctx.disks(vm)
@@ -242,7 +95,7 @@ def step_snapshot(ctx: Context, vm: VM) -> RunState:
         if method is Consistency.FREEZE and not hv.agent_answers(vm.name):
             raise StepError(f"consistency = \"freeze\" but the qemu guest agent of {vm.name} does not answer")
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
-        tags = ["xenbackup", vm.lv_tag, f"xenbackup-run:{state.run_id}"]
+        tags = names.lv_tags(vm.name, state.run_id)
         planned = [(disk, snapshot_name(vm.name, disk, stamp), thin[str(disk.lv)]) for disk in disks]
         state = replace(state, disks=disks, consistency=method.value)
         ctx.store.save(state)
@@ -345,7 +198,7 @@ class _Current:
 
 def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord, current: _Current) -> BackupSummary:
     disk = _disk(vm, state, rec.disk_slug)
-    tags = tags_for(ctx.host, vm.name, str(disk.lv), disk.mode.value, state.run_id)
+    tags = names.restic_tags(ctx.host, vm.name, str(disk.lv), disk.mode.value, state.run_id)
     reporter = Reporter(f"{vm.name} {disk.lv}", ctx.cfg.settings.progress_interval)
     try:
         if disk.mode is DiskMode.FILES:
@@ -414,7 +267,8 @@ def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunS
         for key in totals:
             totals[key] += getattr(summary, key)
     if vm.domain_config and os.path.isfile(vm.domain_config):
-        tags = tags_for(ctx.host, vm.name, "config", "config", state.run_id)
+        tags = names.restic_tags(ctx.host, vm.name, names.CONFIG_DISK, names.CONFIG_DISK,
+                                 state.run_id)
         summary = ctx.restic.backup([vm.domain_config], tags, ctx.host, lambda p: None)
         state = replace(state, restic_snapshots=(*state.restic_snapshots, summary.snapshot_id))
         ctx.store.save(state)
@@ -429,7 +283,7 @@ def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunS
 def release(ctx: Context, vm: VM, state: RunState | None) -> list[str]:
     """Unmount and remove this run's snapshots, and anything else tagged for the VM. Idempotent."""
     removed: list[str] = []
-    if state is not None and state.paused and _resume_left(ctx, vm, state):
+    if state is not None and state.paused and resume_paused(ctx, vm, state):
         state = replace(state, paused="")
     for entry in mounts_below(ctx.store.mount_root(vm.name)):
         ctx.mounter.umount(entry.target)
@@ -465,14 +319,14 @@ def forget_run(ctx: Context, state: RunState, why: str) -> None:
     """An untrustworthy run must not leave a restic snapshot that could be restored as good."""
     ids = set(state.restic_snapshots)
     # restic can store a snapshot and still fail (exit 3: some files unreadable), so ask it by run tag too.
-    ids |= {s.id for s in ctx.restic.snapshots(["xenbackup", f"vm:{state.vm}", f"run:{state.run_id}"])}
+    ids |= {s.id for s in ctx.restic.snapshots(names.restic_filter(state.vm, run_id=state.run_id))}
     if ids:
         log.warning("forgetting restic snapshots %s of run %s: %s", ", ".join(sorted(i[:8] for i in ids)),
                     state.run_id, why)
         ctx.restic.forget(sorted(ids))
 
 
-def step_cleanup(ctx: Context, vm: VM, result: str | None = None) -> int:
+def step_cleanup(ctx: Context, vm: VM, result: RunResult | None = None) -> int:
     """Release everything; log the run's outcome. Returns the exit code for this step."""
     # Cleanup must finish even if the unit is being stopped; systemd's timeout is the backstop.
     old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
@@ -483,9 +337,9 @@ def step_cleanup(ctx: Context, vm: VM, result: str | None = None) -> int:
             signal.signal(s, h)
 
 
-def _cleanup(ctx: Context, vm: VM, result: str | None) -> int:
+def _cleanup(ctx: Context, vm: VM, result: RunResult | None) -> int:
     with journal.context(phase="cleanup"), ctx.store.lock(vm.name):
-        result = result or os.environ.get("SERVICE_RESULT", "unknown")
+        result = result or RunResult.parse(os.environ.get("SERVICE_RESULT"))
         detail = " ".join(f"{k}={os.environ[k]}" for k in ("EXIT_CODE", "EXIT_STATUS") if k in os.environ)
         log.info("cleanup after result=%s%s", result, f" ({detail})" if detail else "")
         state = ctx.store.load(vm.name)
@@ -502,46 +356,37 @@ def _cleanup(ctx: Context, vm: VM, result: str | None) -> int:
             log.error("cleanup failed, a snapshot may be left: %s", exc)
             code = 1
         state = ctx.store.load(vm.name) or state
-        if result != "success":
-            _clear_stale_locks(ctx)
+        if result is not RunResult.SUCCESS:
+            clear_stale_locks(ctx)
         if state is not None and state.overflowed:
             try:
                 forget_run(ctx, state, "a snapshot overflowed, so what was read from it is inconsistent")
             except Exception as exc:
                 log.error("could not forget the overflowed run's restic snapshots: %s", exc)
                 code = 1
-            result = "overflow"
+            result = RunResult.OVERFLOW
             code = 1
         _finish(ctx, vm, state, result, code)
         return code
 
 
-def _finish(ctx: Context, vm: VM, state: RunState | None, result: str, cleanup_code: int) -> None:
-    if result == "success" and cleanup_code != 0:
-        result = "cleanup-failed"
-    ok = result == "success"
-    now = time.time()
-    record: dict[str, Any] = {
-        "vm": vm.name, "result": result, "finished": now,
-        "run_id": state.run_id if state else "", "started": state.started if state else None,
-        "duration": (now - state.started) if state else None,
-        "peak_fill": state.peak_fill if state else None,
-        "pause_seconds": state.pause_seconds if state else None,
-        "restic_snapshots": list(state.restic_snapshots) if state and ok else [],
-        **(state.summary if state else {}),
-    }
-    if state is not None:
-        _save_record(ctx, vm, record)
-    fields: dict[str, object] = {"result": record["result"], "peak_fill": record["peak_fill"] or 0}
-    if state is not None and state.pause_seconds is not None:
+def _finish(ctx: Context, vm: VM, state: RunState | None, result: RunResult, cleanup_code: int) -> None:
+    if result is RunResult.SUCCESS and cleanup_code != 0:
+        result = RunResult.CLEANUP_FAILED
+    if state is None:
+        ctx.store.clear(vm.name)
+        return
+    record = save_record(ctx, RunRecord.of_run(vm, state, result, time.time()))
+    fields: dict[str, object] = {"result": record.result.value, "peak_fill": record.peak_fill or 0}
+    if state.pause_seconds is not None:
         fields.update(consistency=state.consistency, pause_seconds=f"{state.pause_seconds:.2f}")
-    if ok:
-        _event(logging.INFO, "backup of %s succeeded in %.0f s (snapshot peak fill %.1f%%)",
-               MessageId.SUCCEEDED, vm.name, record["duration"] or 0, record["peak_fill"] or 0, **fields)
-    elif state is not None:
-        _event(logging.ERROR, "backup of %s failed (result=%s)", MessageId.FAILED, vm.name,
-               record["result"], **fields)
-    if state is not None and (ctx.store.load(vm.name) or state).paused:
+    if record.result is RunResult.SUCCESS:
+        journal.event(log, logging.INFO, "backup of %s succeeded in %.0f s (snapshot peak fill %.1f%%)",
+                      MessageId.SUCCEEDED, vm.name, record.duration or 0, record.peak_fill or 0, **fields)
+    else:
+        journal.event(log, logging.ERROR, "backup of %s failed (result=%s)", MessageId.FAILED, vm.name,
+                      record.result.value, **fields)
+    if (ctx.store.load(vm.name) or state).paused:
         log.error("keeping the run state of %s: it records a guest still paused, for the next run or the sweep",
                   vm.name)
         return
@@ -552,88 +397,19 @@ def _finish(ctx: Context, vm: VM, state: RunState | None, result: str, cleanup_c
 
 def backup_foreground(ctx: Context, vm: VM) -> None:
     """`xenbackup backup VM`: the unit's steps in sequence, with cleanup on every outcome."""
-    result = "exit-code"
+    result = RunResult.EXIT_CODE
     try:
         step_snapshot(ctx, vm)
         step_mount(ctx, vm)
         step_backup(ctx, vm)
-        result = "success"
+        result = RunResult.SUCCESS
     except KeyboardInterrupt:
-        result = "signal"
+        result = RunResult.SIGNAL
         raise
     finally:
-        if step_cleanup(ctx, vm, result) != 0 and result == "success":
+        if step_cleanup(ctx, vm, result) != 0 and result is RunResult.SUCCESS:
             raise StepError("the backup succeeded but its snapshot could not be removed")
 
 
-# --- dry run ----------------------------------------------------------------------------------
-
-def _window_argv(ctx: Context, vm: VM, disk_count: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The pause and resume commands a run would use ("auto" as it would be decided without an agent)."""
-    method = choose(vm.consistency, vm.hypervisor, disk_count, lambda: False)
-    xl, virsh = ctx.cfg.command("xl"), ctx.cfg.command("virsh")
-    if method is Consistency.FREEZE:
-        return (virsh, "domfsfreeze", vm.name), (virsh, "domfsthaw", vm.name)
-    if method is Consistency.PAUSE:
-        if vm.hypervisor is HypervisorKind.KVM:
-            return (virsh, "suspend", vm.name), (virsh, "resume", vm.name)
-        return (xl, "pause", vm.name), (xl, "unpause", vm.name)
-    return (), ()
-
-
-def plan(ctx: Context, vm: VM) -> list[PlannedCommand]:
-    """Every command a run would execute, computed without touching anything."""
-    out: list[PlannedCommand] = []
-    stamp = "<YYYYmmddHHMMSS>"
-    run_id = "<run-id>"
-    tags = ["xenbackup", vm.lv_tag, f"xenbackup-run:{run_id}"]
-    out.append(PlannedCommand("snapshot", tuple(ctx.lvm.lvs_argv([f"@{vm.lv_tag}"])),
-                              "find leftovers of a crashed run (removed if found)"))
-    disks = ctx.disks(vm)
-    for disk in disks:
-        where = "configured" if disk.source == "config" else f"found in the domain definition: {disk.source}"
-        out.append(PlannedCommand("disks", (str(disk.lv), disk.mode.value, disk.path), where))
-    for disk in disks:
-        out.append(PlannedCommand("snapshot", tuple(ctx.lvm.lvs_argv([str(disk.lv)])), "check the origin"))
-    pause, resume = _window_argv(ctx, vm, len(disks))
-    if pause:
-        out.append(PlannedCommand("snapshot", pause, f"{vm.consistency}: hold the guest still; at most "
-                                  f"{vm.max_pause} s, only if it is running"))
-    for disk in disks:
-        name = snapshot_name(vm.name, disk, stamp)
-        out.append(PlannedCommand("snapshot", tuple(ctx.lvm.create_snapshot_argv(
-            disk.lv, name, vm.snapshot_size, tags)), "a thin origin gets a thin snapshot without --size"))
-    if resume:
-        out.append(PlannedCommand("snapshot", resume, "at once after the last snapshot"))
-    for disk in disks:
-        if disk.mode is DiskMode.FILES:
-            name = snapshot_name(vm.name, disk, stamp)
-            target = ctx.store.mountpoint(vm.name, disk.slug)
-            opts = mount_options("<fstype>", True, disk.mount_options)
-            out.append(PlannedCommand("mount", tuple(ctx.mounter.mount_argv(
-                f"/dev/{disk.lv.vg}/{name}", target, "<fstype>", opts)),
-                "xfs adds nouuid,norecovery; ext4 adds noload only when its journal is dirty"))
-    for disk in disks:
-        tags_r = tags_for(ctx.host, vm.name, str(disk.lv), disk.mode.value, run_id)
-        if disk.mode is DiskMode.FILES:
-            argv = ctx.restic.backup_argv([disk.path], tags_r, ctx.host)
-            note = f"in {ctx.store.mountpoint(vm.name, disk.slug)}"
-        else:
-            argv = ctx.restic.backup_argv([], tags_r, ctx.host, stdin_filename=f"{disk.slug}.img")
-            note = f"stdin from /dev/{disk.lv.vg}/{snapshot_name(vm.name, disk, stamp)}"
-        out.append(PlannedCommand("backup", tuple(argv), note))
-    if vm.domain_config:
-        argv = ctx.restic.backup_argv([vm.domain_config], tags_for(ctx.host, vm.name, "config", "config",
-                                                                    run_id), ctx.host)
-        out.append(PlannedCommand("backup", tuple(argv), "if the domain config exists"))
-    for disk in disks:
-        name = snapshot_name(vm.name, disk, stamp)
-        if disk.mode is DiskMode.FILES:
-            out.append(PlannedCommand("cleanup", (ctx.cfg.command("umount"),
-                                                  ctx.store.mountpoint(vm.name, disk.slug))))
-        out.append(PlannedCommand("cleanup", tuple(ctx.lvm.remove_argv(type(disk.lv)(disk.lv.vg, name)))))
-    return out
-
-
-__all__ = ["Busy", "Context", "LvmError", "SnapshotOverflowed", "StepError", "backup_foreground", "plan",
-           "step_backup", "step_cleanup", "step_mount", "step_snapshot", "sweep_stale"]
+__all__ = ["Busy", "LvmError", "SnapshotOverflowed", "backup_foreground", "step_backup", "step_cleanup",
+           "step_mount", "step_snapshot"]

@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .. import journal
+from .. import journal, names
 from ..config import Config
-from ..run import CommandError, run
-from ..systemd import unescape_instance, unit_state
+from ..run import CommandError, mask_url, run
+from ..systemd import unit_state
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def failing_phase(entries: list[dict[str, Any]]) -> str:
 
 def build_message(cfg: Config, instance: str, environ: Mapping[str, str] = os.environ) -> FailureMessage:
     unit = instance if instance.endswith(".service") else f"{instance}.service"
-    vm = unescape_instance(unit.removesuffix(".service").split("@", 1)[-1])
+    vm = names.vm_of_unit(unit) or unit
     # systemd (251+) tells an OnFailure= unit which run failed. The unit's current state may already
     # belong to a newer run, started right after the failure.
     if environ.get("MONITOR_INVOCATION_ID") and environ.get("MONITOR_UNIT") == unit:
@@ -103,7 +103,7 @@ def send(cfg: Config, msg: FailureMessage) -> list[str]:
             with urllib.request.urlopen(req, timeout=n.timeout) as resp:
                 log.info("webhook answered %s", resp.status)
         except (urllib.error.URLError, OSError) as exc:
-            log.error("webhook %s failed: %s", n.webhook, exc)
+            log.error("webhook %s failed: %s", mask_url(n.webhook), exc)
             failed.append("webhook")
     return failed
 

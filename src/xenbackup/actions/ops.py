@@ -10,9 +10,10 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .. import journal
+from .. import journal, names
 from ..model import VM, DiskMode, Retention
-from .backup import Context
+from ..run import mask_url
+from .context import Context
 from .restore import relative_tree, run_disks, select_run
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,8 @@ def prune_groups(vm: VM, stored: Iterable[str] = ()) -> list[str]:
     """One retention group per disk (and one for the domain config), so each keeps whole runs alike.
 
     A VM whose disks are discovered groups by the disks its backups hold (`stored`, from their tags)."""
-    disks = [str(d.lv) for d in vm.disks] or sorted({d for d in stored if d != "config"})
-    return disks + (["config"] if vm.domain_config else [])
+    disks = [str(d.lv) for d in vm.disks] or sorted({d for d in stored if d != names.CONFIG_DISK})
+    return disks + ([names.CONFIG_DISK] if vm.domain_config else [])
 
 
 def prune(ctx: Context, vm: VM) -> int:
@@ -45,14 +46,14 @@ def prune(ctx: Context, vm: VM) -> int:
         ctx.restic.unlock_stale()
         stored: set[str] = set()
         if vm.discovers_disks:
-            stored = {d for s in ctx.restic.snapshots(["xenbackup", f"vm:{vm.name}"], host=ctx.host)
+            stored = {d for s in ctx.restic.snapshots(names.restic_filter(vm.name), host=ctx.host)
                       if (d := s.tag_value("disk"))}
         for group in prune_groups(vm, stored):
-            tags = ["xenbackup", f"host:{ctx.host}", f"vm:{vm.name}", f"disk:{group}"]
+            tags = names.restic_filter(vm.name, disk=group, host=ctx.host)
             argv = ctx.restic.forget_policy_argv(tags, ctx.host, policy)
             log.info("applying %s to %s %s", " ".join(policy.forget_args()), vm.name, group)
             ctx.restic.run_argv(argv)
-        kept = {s.tag_value("run") for s in ctx.restic.snapshots(["xenbackup", f"vm:{vm.name}"], host=ctx.host)}
+        kept = {s.tag_value("run") for s in ctx.restic.snapshots(names.restic_filter(vm.name), host=ctx.host)}
         log.info("%s now has %d backups", vm.name, len(kept))
         return len(kept)
 
@@ -68,7 +69,7 @@ class RestoreTestResult:
 def restore_test(ctx: Context, vm: VM, scratch_root: str = "/var/tmp") -> RestoreTestResult:
     """Restore the latest backup to scratch space and compare it with what restic recorded."""
     with journal.context(vm=vm.name, phase="verify"):
-        sel = select_run(ctx.restic.snapshots(["xenbackup", f"vm:{vm.name}"]), "latest")
+        sel = select_run(ctx.restic.snapshots(names.restic_filter(vm.name)), "latest")
         entries = 0
         total = 0
         scratch = tempfile.mkdtemp(prefix="xenbackup-verify-", dir=scratch_root)
@@ -122,4 +123,4 @@ def check_repository(ctx: Context, subset: str | None) -> None:
         log.info("restic check%s", f" --read-data-subset {subset}" if subset else "")
         ctx.restic.unlock_stale()
         ctx.restic.check(subset)
-        log.info("repository %s is consistent", ctx.cfg.repository.url)
+        log.info("repository %s is consistent", mask_url(ctx.cfg.repository.url))

@@ -13,14 +13,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .. import hypervisor as hv_mod
-from .. import journal
+from .. import journal, names
 from ..journal import MessageId
 from ..model import VM, Disk, DiskMode, LvRef
 from ..mount import mounts
 from ..repository import Snapshot
 from ..run import run
 from ..state import Busy, StateStore
-from .backup import Context, StepError
+from .context import Context, StepError
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,20 @@ def select_run(snaps: Sequence[Snapshot], wanted: str) -> RunSelection:
     if wanted == "latest":
         run_id = max(snaps, key=lambda s: s.time).tag_value("run") or ""
     else:
-        hits = [s for s in snaps if s.id.startswith(wanted) or s.tag_value("run") == wanted]
+        hits = [s for s in snaps if s.tag_value("run") == wanted] or [s for s in snaps if s.id.startswith(wanted)]
         if not hits:
             raise RestoreError(f"no backup of this VM has snapshot or run ID {wanted!r}")
-        run_id = hits[0].tag_value("run") or ""
+        runs = {s.tag_value("run") or "" for s in hits}
+        if len(runs) > 1:
+            # Snapshots of one run share it; a prefix reaching into two runs could restore the wrong day.
+            candidates = "; ".join(f"{s.short_id or s.id[:8]} (run {s.tag_value('run') or '?'}, {s.time}, "
+                                   f"{s.tag_value('disk') or '?'})" for s in sorted(hits, key=lambda s: s.time))
+            raise RestoreError(f"snapshot ID prefix {wanted!r} is ambiguous, it matches: {candidates}; "
+                               "give more characters or the run ID")
+        run_id = runs.pop()
     members = [s for s in snaps if (s.tag_value("run") or "") == run_id] if run_id else []
-    disks = {d: s for s in members if (d := s.tag_value("disk")) and d != "config"}
-    config = next((s for s in members if s.tag_value("mode") == "config"), None)
+    disks = {d: s for s in members if (d := s.tag_value("disk")) and d != names.CONFIG_DISK}
+    config = next((s for s in members if s.tag_value("mode") == names.CONFIG_DISK), None)
     return RunSelection(run_id=run_id, disks=disks, config=config)
 
 
@@ -271,7 +278,7 @@ class Restorer:
     # --- the run ---
 
     def run(self) -> Outcome:
-        snaps = self.ctx.restic.snapshots(["xenbackup", f"vm:{self.vm.name}"])
+        snaps = self.ctx.restic.snapshots(names.restic_filter(self.vm.name))
         sel = select_run(snaps, self.req.snapshot)
         disks = self.disks(sel)
         self.validate(sel, disks)

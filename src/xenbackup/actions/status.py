@@ -8,9 +8,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .. import names
 from ..config import Config
 from ..state import StateStore, write_atomic
-from ..systemd import TimerState, UnitState, escape_instance
+from ..systemd import TimerState, UnitState
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,8 @@ def collect(cfg: Config, units: Mapping[str, UnitState | None], timers: Mapping[
     store = StateStore(cfg.settings.runtime_dir, cfg.settings.state_dir)
     out = []
     for name in sorted(cfg.vms):
-        esc = escape_instance(name)
-        out.append(vm_status(name, store.read_record(name), units.get(f"xenbackup@{esc}.service"),
-                             timers.get(f"xenbackup@{esc}.timer"), cfg.settings.max_age_hours, now))
+        out.append(vm_status(name, store.read_record(name), units.get(names.service(name)),
+                             timers.get(names.timer(name)), cfg.settings.max_age_hours, now))
     return out
 
 

@@ -185,12 +185,13 @@ def test_failure_alert_reaches_the_webhook(seed_layout, xb: Xb, journal: Journal
     finally:
         server.shutdown()
     # A notifier that fails is logged once and not retried.
-    xb.write_config('[notify]\nwebhook = "http://127.0.0.1:9/unreachable"\n' + ONE_VM.replace(
+    xb.write_config('[notify]\nwebhook = "http://127.0.0.1:9/unreachable?token=hook-s3cr3t"\n' + ONE_VM.replace(
         'path = "vm1"', 'path = "nope"'))
     sh("systemctl", "reset-failed", "xenbackup@vm1.service", check=False)
     assert xb.start().returncode != 0
     time.sleep(10)
     notify_units = "xenbackup-notify@xenbackup@vm1.service"
     text = journal.text("-u", notify_units)
-    assert text.count("webhook http://127.0.0.1:9/unreachable failed") == 1, text
+    assert text.count("webhook http://127.0.0.1:9/unreachable?*** failed") == 1, text
+    assert "hook-s3cr3t" not in journal.text("-t", "xenbackup"), "the webhook's token reached the journal"
     subprocess.run(["systemctl", "reset-failed", notify_units], check=False)

@@ -1,0 +1,76 @@
+"""`xenbackup plan VM`: every command a run would execute, computed without changing anything."""
+
+from __future__ import annotations
+
+from .. import names
+from ..model import VM, Consistency, DiskMode, HypervisorKind, PlannedCommand, snapshot_name
+from ..mount import mount_options
+from .context import Context
+from .window import choose
+
+
+def _window_argv(ctx: Context, vm: VM, disk_count: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The pause and resume commands a run would use ("auto" as it would be decided without an agent)."""
+    method = choose(vm.consistency, vm.hypervisor, disk_count, lambda: False)
+    xl, virsh = ctx.cfg.command("xl"), ctx.cfg.command("virsh")
+    if method is Consistency.FREEZE:
+        return (virsh, "domfsfreeze", vm.name), (virsh, "domfsthaw", vm.name)
+    if method is Consistency.PAUSE:
+        if vm.hypervisor is HypervisorKind.KVM:
+            return (virsh, "suspend", vm.name), (virsh, "resume", vm.name)
+        return (xl, "pause", vm.name), (xl, "unpause", vm.name)
+    return (), ()
+
+
+def plan(ctx: Context, vm: VM) -> list[PlannedCommand]:
+    """Every command a run would execute, computed without touching anything."""
+    out: list[PlannedCommand] = []
+    stamp = "<YYYYmmddHHMMSS>"
+    run_id = "<run-id>"
+    tags = names.lv_tags(vm.name, run_id)
+    out.append(PlannedCommand("snapshot", tuple(ctx.lvm.lvs_argv([f"@{vm.lv_tag}"])),
+                              "find leftovers of a crashed run (removed if found)"))
+    disks = ctx.disks(vm)
+    for disk in disks:
+        where = "configured" if disk.source == "config" else f"found in the domain definition: {disk.source}"
+        out.append(PlannedCommand("disks", (str(disk.lv), disk.mode.value, disk.path), where))
+    for disk in disks:
+        out.append(PlannedCommand("snapshot", tuple(ctx.lvm.lvs_argv([str(disk.lv)])), "check the origin"))
+    pause, resume = _window_argv(ctx, vm, len(disks))
+    if pause:
+        out.append(PlannedCommand("snapshot", pause, f"{vm.consistency}: hold the guest still; at most "
+                                  f"{vm.max_pause} s, only if it is running"))
+    for disk in disks:
+        name = snapshot_name(vm.name, disk, stamp)
+        out.append(PlannedCommand("snapshot", tuple(ctx.lvm.create_snapshot_argv(
+            disk.lv, name, vm.snapshot_size, tags)), "a thin origin gets a thin snapshot without --size"))
+    if resume:
+        out.append(PlannedCommand("snapshot", resume, "at once after the last snapshot"))
+    for disk in disks:
+        if disk.mode is DiskMode.FILES:
+            name = snapshot_name(vm.name, disk, stamp)
+            target = ctx.store.mountpoint(vm.name, disk.slug)
+            opts = mount_options("<fstype>", True, disk.mount_options)
+            out.append(PlannedCommand("mount", tuple(ctx.mounter.mount_argv(
+                f"/dev/{disk.lv.vg}/{name}", target, "<fstype>", opts)),
+                "xfs adds nouuid,norecovery; ext4 adds noload only when its journal is dirty"))
+    for disk in disks:
+        tags_r = names.restic_tags(ctx.host, vm.name, str(disk.lv), disk.mode.value, run_id)
+        if disk.mode is DiskMode.FILES:
+            argv = ctx.restic.backup_argv([disk.path], tags_r, ctx.host)
+            note = f"in {ctx.store.mountpoint(vm.name, disk.slug)}"
+        else:
+            argv = ctx.restic.backup_argv([], tags_r, ctx.host, stdin_filename=f"{disk.slug}.img")
+            note = f"stdin from /dev/{disk.lv.vg}/{snapshot_name(vm.name, disk, stamp)}"
+        out.append(PlannedCommand("backup", tuple(argv), note))
+    if vm.domain_config:
+        config_tags = names.restic_tags(ctx.host, vm.name, names.CONFIG_DISK, names.CONFIG_DISK, run_id)
+        argv = ctx.restic.backup_argv([vm.domain_config], config_tags, ctx.host)
+        out.append(PlannedCommand("backup", tuple(argv), "if the domain config exists"))
+    for disk in disks:
+        name = snapshot_name(vm.name, disk, stamp)
+        if disk.mode is DiskMode.FILES:
+            out.append(PlannedCommand("cleanup", (ctx.cfg.command("umount"),
+                                                  ctx.store.mountpoint(vm.name, disk.slug))))
+        out.append(PlannedCommand("cleanup", tuple(ctx.lvm.remove_argv(type(disk.lv)(disk.lv.vg, name)))))
+    return out

@@ -1,0 +1,91 @@
+"""Leftovers of interrupted runs: swept before each run, after each, and at boot (`xenbackup sweep`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from .. import journal, names
+from ..journal import MessageId
+from ..model import VM
+from ..mount import mounts_below
+from ..state import Busy, RunState
+from .context import Context
+from .record import record_interrupted
+from .window import resume_left
+
+log = logging.getLogger(__name__)
+
+
+def sweep_stale(ctx: Context, vm: VM) -> list[str]:
+    """Unmount and remove what an earlier crashed run of this VM left. Only tagged LVs are touched."""
+    removed: list[str] = []
+    for entry in mounts_below(ctx.store.mount_root(vm.name)):
+        log.warning("unmounting leftover mount %s", entry.target)
+        ctx.mounter.umount(entry.target)
+    for lv in ctx.lvm.tagged(vm.lv_tag):
+        ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries)
+        removed.append(str(lv.ref))
+        journal.event(log, logging.WARNING, "removed stale snapshot %s left by an earlier run",
+                      MessageId.STALE_REMOVED,
+                             lv.ref, snapshot=lv.ref)
+    return removed
+
+
+def sweep_all(ctx: Context) -> list[str]:
+    """Boot-time sweep: every VM's leftovers, and tagged snapshots of VMs no longer configured."""
+    removed: list[str] = []
+    for vm in ctx.cfg.vms.values():
+        with journal.context(vm=vm.name, phase="sweep"):
+            try:
+                with ctx.store.lock(vm.name, wait=False):
+                    state = ctx.store.load(vm.name)
+                    if state is not None and state.owner.alive():
+                        continue
+                    paused = state is not None and not resume_paused(ctx, vm, state)
+                    left = sweep_stale(ctx, vm)
+                    if left:
+                        record_interrupted(ctx, vm, left)
+                    removed += left
+                    if not paused:
+                        ctx.store.clear(vm.name)
+            except Busy:
+                log.info("a run of %s is in progress; not sweeping it", vm.name)
+    known = {vm.lv_tag for vm in ctx.cfg.vms.values()}
+    for lv in ctx.lvm.tagged(names.TAG):
+        vm_tags = [t for t in lv.tags if t.startswith(names.LV_VM_TAG_PREFIX)]
+        if vm_tags and not known.intersection(vm_tags):
+            ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries)
+            removed.append(str(lv.ref))
+            journal.event(log, logging.WARNING, "removed stale snapshot %s of an unconfigured VM",
+                          MessageId.STALE_REMOVED,
+                                 lv.ref, snapshot=lv.ref)
+    # At boot the network may not be up; the next run clears a remote repository's locks anyway.
+    if removed and ctx.cfg.repository.is_local:
+        clear_stale_locks(ctx)
+    return removed
+
+
+def resume_paused(ctx: Context, vm: VM, state: RunState) -> bool:
+    """A run killed inside its snapshot window leaves the guest paused; it must never stay that way.
+
+    False if the guest could not be resumed: the record of the pause is then kept, so the next cleanup,
+    run or boot sweep tries again."""
+    if not state.paused:
+        return True
+    try:
+        resume_left(ctx.hypervisor(vm), vm.name, state.paused)
+    except Exception as exc:
+        log.critical("%s is still %s by an interrupted run and could not be resumed: %s; resume it by hand",
+                     vm.name, "frozen" if state.paused == "freeze" else "paused", exc)
+        return False
+    ctx.store.save(replace(state, paused=""))
+    return True
+
+
+def clear_stale_locks(ctx: Context) -> None:
+    """A killed restic leaves its lock behind, which would block prune, check and restore."""
+    try:
+        ctx.restic.unlock_stale()
+    except Exception as exc:
+        log.warning("could not clear stale repository locks: %s", exc)

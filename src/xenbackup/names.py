@@ -1,0 +1,93 @@
+"""Every name xenbackup gives to things, built here and nowhere else: LVM tags and snapshot names, restic
+tags, and systemd unit names. Cleanup deletes only what carries these tags, so they must never drift."""
+
+from __future__ import annotations
+
+import re
+
+TAG = "xenbackup"
+"""On every snapshot LV and every restic snapshot xenbackup makes."""
+
+# --- LVM ---
+
+LV_VM_TAG_PREFIX = f"{TAG}-vm:"
+
+
+def lv_vm_tag(vm: str) -> str:
+    """The LVM tag every snapshot of this VM carries; cleanup removes only LVs with it."""
+    return f"{LV_VM_TAG_PREFIX}{vm}"
+
+
+def lv_tags(vm: str, run_id: str) -> list[str]:
+    return [TAG, lv_vm_tag(vm), f"{TAG}-run:{run_id}"]
+
+
+def snapshot_lv(vm: str, origin_lv: str, stamp: str) -> str:
+    """A unique, recognisable snapshot LV name, within LVM's 127-character limit."""
+    base = f"{origin_lv}.xb-{vm}"
+    return f"{base[:100]}-{stamp}"
+
+
+# --- restic ---
+
+CONFIG_DISK = "config"
+"""The `disk:` and `mode:` tag value of the snapshot holding a run's domain config."""
+
+
+def restic_tags(host: str, vm: str, disk: str, mode: str, run_id: str) -> list[str]:
+    """The tags of one restic snapshot: one disk (or the domain config) of one run."""
+    return [TAG, f"host:{host}", f"vm:{vm}", f"disk:{disk}", f"mode:{mode}", f"run:{run_id}"]
+
+
+def restic_filter(vm: str | None = None, *, run_id: str | None = None, disk: str | None = None,
+                  host: str | None = None) -> list[str]:
+    """Tags that select snapshots (restic ANDs the tags of one --tag option)."""
+    tags = [TAG]
+    for key, value in (("host", host), ("vm", vm), ("disk", disk), ("run", run_id)):
+        if value is not None:
+            tags.append(f"{key}:{value}")
+    return tags
+
+
+# --- systemd ---
+
+SERVICE_TIMERS = ("xenbackup-prune.timer", "xenbackup-verify.timer")
+TIMER_PATTERN = "xenbackup@*.timer"
+
+
+def escape_instance(name: str) -> str:
+    """The instance name as `systemd-escape` writes it."""
+    out = []
+    for i, ch in enumerate(name):
+        if ch.isascii() and (ch.isalnum() or ch in "_:" or (ch == "." and i > 0)):
+            out.append(ch)
+        elif ch == "/":
+            out.append("-")
+        else:
+            out.extend(f"\\x{b:02x}" for b in ch.encode())
+    return "".join(out)
+
+
+def unescape_instance(text: str) -> str:
+    r"""Undo systemd-escape's \xNN escapes; VM names never contain '/', so '-' stays '-'."""
+    # A run of escapes is one UTF-8 sequence: systemd-escape writes "ü" as \xc3\xbc.
+    return re.sub(r"(?:\\x[0-9a-fA-F]{2})+",
+                  lambda m: bytes.fromhex(m.group(0).replace("\\x", "")).decode(errors="replace"), text)
+
+
+def service(vm: str) -> str:
+    """The unit a VM's backups run in, escaped as its timer starts it (web-01 → xenbackup@web\\x2d01.service)."""
+    return f"{TAG}@{escape_instance(vm)}.service"
+
+
+def timer(vm: str) -> str:
+    return f"{TAG}@{escape_instance(vm)}.timer"
+
+
+def vm_of_unit(unit: str) -> str | None:
+    """The VM of xenbackup@VM.service or .timer, unescaped; None for any other unit."""
+    prefix = f"{TAG}@"
+    if not unit.startswith(prefix):
+        return None
+    instance = unit.removeprefix(prefix).rsplit(".", 1)[0]
+    return unescape_instance(instance) if instance else None
