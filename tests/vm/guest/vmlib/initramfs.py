@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .cmd import output
 
-APPLETS = ("sh", "mount", "insmod", "head", "sleep", "cat", "echo", "sync", "ls", "dd")
+APPLETS = ("sh", "mount", "insmod", "head", "sleep", "cat", "echo", "sync", "ls", "dd", "sha256sum", "printf")
 
 # The kernel runs /sbin/poweroff on a shutdown request (Xen's `xl shutdown`).
 # busybox's own poweroff would signal PID 1, which is a shell here, so power

@@ -50,9 +50,37 @@ if [ -b /dev/xvda ]; then
 else
     echo "XBDOMU-ERROR: no /dev/xvda"
 fi
+case " $(cat /proc/cmdline) " in
+*" xbcounter "*)
+    # The two-disk guest (vmlib.counterguest): report what its disks hold at boot, then write a strictly
+    # increasing counter to xvda and then the same value to xvdb, each write O_DIRECT, so at any instant
+    # xvdb holds xvda's value or one less. It goes on from the value xvda holds, across restarts.
+    n=0
+    while [ ! -b /dev/xvdb ] && [ "$n" -lt 300 ]; do
+        sleep 0.1
+        n=$((n + 1))
+    done
+    for disk in xvda xvdb; do
+        set -- $(sha256sum "/dev/$disk")
+        echo "XBDOMU-SHA256: $disk $1"
+    done
+    set -- $(dd if=/dev/xvda bs=512 count=1 2>/dev/null | head -n 1)
+    i=0
+    [ "${1:-}" = XBCOUNT ] && i=$2
+    echo "XBDOMU-COUNTER-FROM: $i"
+    while :; do
+        i=$((i + 1))
+        for disk in xvda xvdb; do
+            printf 'XBCOUNT %20d\n' "$i" | dd of="/dev/$disk" bs=512 conv=sync,notrunc oflag=direct 2>/dev/null ||
+                echo "XBDOMU-WRITE-FAILED: $disk $i"
+        done
+    done &
+    ;;
+esac
 echo "XBDOMU-READY"
 while :; do sleep 3600; done
 """
+
 
 def in_dom0() -> bool:
     try:
