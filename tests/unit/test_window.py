@@ -90,7 +90,8 @@ def test_freeze_uses_the_guest_agent() -> None:
     assert hv.calls == ["freeze", "thaw"]
 
 
-def test_past_max_pause_the_guest_is_resumed_at_once_and_the_run_fails() -> None:
+def test_past_max_pause_the_guest_is_resumed_at_once_and_the_run_fails(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
     hv = RecordingHypervisor()
     with pytest.raises(PauseTooLong, match="max_pause"), \
             quiesced(hv, "db1", Consistency.PAUSE, 1, lambda m: None) as window:
@@ -101,6 +102,7 @@ def test_past_max_pause_the_guest_is_resumed_at_once_and_the_run_fails() -> None
         assert not hv.paused
         window.check()
     assert hv.calls == ["pause", "unpause"]
+    assert "cut short at max_pause" in caplog.text
 
 
 def test_an_exception_inside_the_window_still_resumes() -> None:

@@ -125,7 +125,8 @@ def quiesced(hv: Hypervisor, vm: str, method: Consistency, max_pause: float,
                          vm, _verb(method), exc)
             raise ResumeFailed(f"could not resume {vm}: {exc}") from exc
         record("")
-        log.info("%s was %s for %.1f s while its snapshots were created", vm, _verb(method), window.seconds,
+        log.info("%s was %s for %.1f s while its snapshots were created%s", vm, _verb(method), window.seconds,
+                 ": cut short at max_pause" if window.expired else "",
                  extra={"fields": {"consistency": method.value, "pause_seconds": f"{window.seconds:.2f}"}})
 
 
