@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import shutil
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .cmd import output
@@ -100,3 +101,23 @@ class _Newc:
     def finish(self) -> bytes:
         self._entry("TRAILER!!!", 0)
         return self._buffer.getvalue()
+
+
+def debian_kernel() -> Path:
+    """Debian's own kernel from the image, which boots as a Xen PV guest and under qemu alike."""
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise AssertionError("no /boot/vmlinuz-* in the image")
+    return kernels[-1]
+
+
+def cached_copy(cache: Path, build: Callable[[], bytes], out: Path) -> Path:
+    """Copy the archive cached at `cache` (built by `build` on first use in this boot) to `out`."""
+    if not cache.is_file():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staging = cache.with_suffix(".tmp")
+        staging.write_bytes(build())
+        staging.rename(cache)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cache, out)
+    return out

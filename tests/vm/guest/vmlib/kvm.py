@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import lzma
 import re
-import shutil
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cmd import CommandFailed, output, run
-from .initramfs import LOAD_MODULES, busybox_initramfs
+from .initramfs import LOAD_MODULES, busybox_initramfs, cached_copy, debian_kernel
 
 BOOT_DIR = Path("/var/lib/libvirt/boot")
 CONSOLE_DIR = Path("/var/log/libvirt/qemu")
@@ -81,23 +80,9 @@ def start_libvirtd(timeout: float = 180) -> float:
     return time.monotonic() - started
 
 
-def guest_kernel() -> Path:
-    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
-    if not kernels:
-        raise AssertionError("no /boot/vmlinuz-* in the image")
-    return kernels[-1]
-
-
 def build_guest_initramfs(out: Path) -> Path:
     """Write the guest's gzip'd newc initramfs to `out` (built once per boot)."""
-    if not INITRAMFS_CACHE.is_file():
-        INITRAMFS_CACHE.parent.mkdir(parents=True, exist_ok=True)
-        staging = INITRAMFS_CACHE.with_suffix(".tmp")
-        staging.write_bytes(busybox_initramfs(GUEST_INIT, GUEST_MODULES))
-        staging.rename(INITRAMFS_CACHE)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(INITRAMFS_CACHE, out)
-    return out
+    return cached_copy(INITRAMFS_CACHE, lambda: busybox_initramfs(GUEST_INIT, GUEST_MODULES), out)
 
 
 @dataclass(frozen=True)
@@ -190,7 +175,7 @@ def prepare_boot_files(name: str) -> tuple[Path, Path]:
     """Kernel and initramfs where libvirt's DAC driver may relabel them (not /boot)."""
     BOOT_DIR.mkdir(parents=True, exist_ok=True)
     kernel = BOOT_DIR / f"{name}-vmlinux"
-    kernel.write_bytes(uncompressed_kernel(guest_kernel()))
+    kernel.write_bytes(uncompressed_kernel(debian_kernel()))
     kernel.chmod(0o644)
     return kernel, build_guest_initramfs(BOOT_DIR / f"{name}-initrd.img")
 

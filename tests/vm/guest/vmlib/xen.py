@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cmd import CommandFailed, run
-from .initramfs import busybox_initramfs
+from .initramfs import busybox_initramfs, cached_copy, debian_kernel
 
 if TYPE_CHECKING:  # storage imports this module
     from .storage import SeedLayout
@@ -103,24 +103,12 @@ def start_xen(timeout: float = 180) -> None:
         time.sleep(1)
 
 
-def domu_kernel() -> Path:
-    """Debian's kernel, which boots as a PV guest too."""
-    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
-    if not kernels:
-        raise AssertionError("no /boot/vmlinuz-* in the image")
-    return kernels[-1]
+domu_kernel = debian_kernel
 
 
 def build_domu_initramfs(out: Path) -> Path:
     """Write the guest's gzip'd newc initramfs to `out` (cached per boot)."""
-    if not INITRAMFS_CACHE.is_file():
-        INITRAMFS_CACHE.parent.mkdir(parents=True, exist_ok=True)
-        staging = INITRAMFS_CACHE.with_suffix(".tmp")
-        staging.write_bytes(_initramfs_bytes())
-        staging.rename(INITRAMFS_CACHE)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(INITRAMFS_CACHE, out)
-    return out
+    return cached_copy(INITRAMFS_CACHE, _initramfs_bytes, out)
 
 
 def _initramfs_bytes() -> bytes:
