@@ -74,10 +74,13 @@ class Xb:
         return json.loads(self.restic(*args).stdout or "[]")
 
     def wait_for_restic(self, journal: Journal, timeout: float = 300) -> None:
-        """Wait until the started unit's restic runs; fail at once if the unit ends before that."""
+        """Wait until the started unit's `restic backup` runs; fail at once if the unit ends before that.
+
+        Only the backup counts: the snapshot step runs restic too (`cat config`, the key check), before
+        any snapshot exists."""
         unit = f"xenbackup@{self.vm}.service"
         deadline = time.monotonic() + timeout
-        while sh("pgrep", "-x", "restic", check=False).returncode != 0:
+        while sh("pgrep", "-f", "(^|/)restic .*backup --json", check=False).returncode != 0:
             assert time.monotonic() < deadline, "restic never started"
             state = sh("systemctl", "is-active", unit, check=False).stdout.strip()
             assert state in ("activating", "active"), journal.text("-u", unit)
