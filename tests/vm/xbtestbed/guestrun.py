@@ -144,7 +144,7 @@ def _boot(request: GuestRequest, settings: Settings, run: GuestRun, say: Report,
     package = None
     if request.install is Install.DEB:
         started = time.monotonic()
-        package = debian_package(settings.artifacts_dir / "package", say)
+        package = debian_package(settings.artifacts_dir / "deb", say)
         run.timings["package build"] = time.monotonic() - started
     check_free_space(settings.work_dir, WORK_SPACE_NEEDED, "boot the test bed guest")
     with tempfile.TemporaryDirectory(prefix="xenbackup-testvm-", dir=settings.work_dir) as work:
