@@ -68,3 +68,13 @@ def tree_hashes(root: Path) -> dict[str, str]:
             if path.is_file() and not path.is_symlink():
                 hashes[path.relative_to(root).as_posix()] = sha256_file(path)
     return hashes
+
+
+def read_from(path: Path, offset: int) -> str:
+    """What a growing log (a guest's console) holds past `offset`; "" while it does not exist."""
+    try:
+        with open(path, "rb") as file:
+            file.seek(offset)
+            return file.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""

@@ -23,7 +23,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cmd import CommandFailed, output, run
+from .cmd import CommandFailed, output, read_from, run
 from .initramfs import LOAD_MODULES, busybox_initramfs, cached_copy, debian_kernel
 
 BOOT_DIR = Path("/var/lib/libvirt/boot")
@@ -223,7 +223,7 @@ def wait_ready(domain: KvmDomain, offset: int, timeout: float, start_seconds: fl
     """Wait for READY on the console after byte `offset`; fail early when the domain stops or panics."""
     started = time.monotonic()
     while True:
-        text = _read_from(domain.console_log, offset)
+        text = read_from(domain.console_log, offset)
         if READY in text:
             return GuestBoot(domain.name, text, start_seconds, start_seconds + time.monotonic() - started)
         if re.search(r"XBKVM-ERROR|Kernel panic", text) or domstate(domain.name) not in ("running", "paused"):
@@ -270,15 +270,6 @@ def defined(domain: KvmDomain) -> Iterator[KvmDomain]:
     finally:
         with suppress(CommandFailed):
             remove(domain.name)
-
-
-def _read_from(path: Path, offset: int) -> str:
-    try:
-        with open(path, "rb") as file:
-            file.seek(offset)
-            return file.read().decode(errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 def virsh_xml(name: str) -> ET.Element:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cmd import CommandFailed, run
+from .cmd import CommandFailed, read_from, run
 from .initramfs import busybox_initramfs, cached_copy, debian_kernel
 
 if TYPE_CHECKING:  # storage imports this module
@@ -221,7 +221,7 @@ def create(config: Path, name: str, timeout: float = 300, ready_timeout: float =
     run("xl", "create", config, timeout=timeout)
     created = time.monotonic()
     while True:
-        text = _read_from(log, offset)
+        text = read_from(log, offset)
         if READY in text:
             return RunningDomain(name, text, created - started, time.monotonic() - created)
         if re.search(r"XBDOMU-ERROR|Kernel panic", text) or not domain_exists(name):
@@ -231,15 +231,6 @@ def create(config: Path, name: str, timeout: float = 300, ready_timeout: float =
                 f"domain {name} not ready {ready_timeout:.0f}s after xl create; its console:\n{text[-3000:]}"
             )
         time.sleep(0.5)
-
-
-def _read_from(path: Path, offset: int) -> str:
-    try:
-        with open(path, "rb") as file:
-            file.seek(offset)
-            return file.read().decode(errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 @contextmanager
