@@ -70,6 +70,11 @@ chroot "$root" systemctl disable --quiet \
     libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket libvirt-guests.service
 rm -f "$root/etc/libvirt/qemu/networks/autostart/default.xml"
 
+# Ceph and sshd only serve the fleet suite, which starts them itself.
+chroot "$root" systemctl disable --quiet ssh.service ssh.socket 2>/dev/null || true
+chroot "$root" systemctl disable --quiet ceph.target ceph-crash.service ceph-mon.target ceph-mgr.target \
+    ceph-osd.target ceph-radosgw.target 2>/dev/null || true
+
 lib="$root/usr/local/lib/xenbackup-testbed"
 install -d "$lib" "$root/mnt/src" "$root/mnt/results"
 install -m 0755 "$here/testbed-boot.sh" "$lib/testbed-boot.sh"
