@@ -71,9 +71,11 @@ chroot "$root" systemctl disable --quiet \
 rm -f "$root/etc/libvirt/qemu/networks/autostart/default.xml"
 
 # Ceph and sshd only serve the fleet suite, which starts them itself.
-chroot "$root" systemctl disable --quiet ssh.service ssh.socket 2>/dev/null || true
-chroot "$root" systemctl disable --quiet ceph.target ceph-crash.service ceph-mon.target ceph-mgr.target \
-    ceph-osd.target ceph-radosgw.target 2>/dev/null || true
+# One unit a call: systemctl refuses the whole list when one name is unknown.
+for unit in ssh.service ssh.socket ceph.target ceph-crash.service ceph-mon.target ceph-mgr.target \
+    ceph-osd.target ceph-radosgw.target; do
+    chroot "$root" systemctl disable --quiet "$unit" 2>/dev/null || true
+done
 
 lib="$root/usr/local/lib/xenbackup-testbed"
 install -d "$lib" "$root/mnt/src" "$root/mnt/results"
