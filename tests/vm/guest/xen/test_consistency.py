@@ -25,9 +25,9 @@ from vmlib.counterguest import (
     CounterGuest,
     boot_hashes,
     counter_guest,
-    device_counter,
     holds_together,
     is_paused,
+    parse_counter,
 )
 from vmlib.product import CONFIG, PASSWORD, REPO, Journal, Xb, our_mounts, our_snapshots, sh
 from vmlib.storage import BLANK_DISKS
@@ -39,8 +39,6 @@ METRICS = Path("/var/lib/prometheus/node-exporter/xenbackup.prom")  # the defaul
 @pytest.fixture(scope="module")
 def db1(xen_dom0: None, domu_initramfs: Path) -> Iterator[CounterGuest]:
     with counter_guest(BLANK_DISKS[1], xen.domu_kernel(), domu_initramfs) as guest:
-        for lv in ("restored-root", "restored-data"):
-            run("lvcreate", "--yes", "-L", "16M", "-n", lv, guest.vg)
         yield guest
 
 
@@ -104,14 +102,19 @@ def dump_sha256(snapshot: dict[str, object]) -> str:
     return out.stdout.split()[0]
 
 
-def restored_counters(guest: CounterGuest, run_id: str) -> tuple[int, int]:
-    """Restore both disks of a run to spare LVs with the product, and read their counters."""
+def stored_counters(guest: CounterGuest, by_disk: dict[str, dict[str, object]]) -> tuple[int, int]:
+    """The counters of both disks as one run stored them, read with `restic dump`.
+
+    A restore to a spare LV per disk would read the same bytes at twice the cost under TCG; restoring a whole
+    run with the product is proven by the `restore --stop` test below."""
     counters = []
-    for disk, target in zip(guest.disks, ("restored-root", "restored-data"), strict=True):
-        restore = sh("xenbackup", "restore", guest.name, "--snapshot", run_id, "--disk", disk,
-                     "--to-lv", f"{guest.vg}/{target}", check=False, timeout=600)
-        assert restore.returncode == 0, restore.stdout + restore.stderr
-        counters.append(device_counter(Path("/dev") / guest.vg / target))
+    for disk in guest.disks:
+        snapshot = by_disk[disk]
+        sector = subprocess.run(
+            ["sh", "-c", 'restic dump "$1" "$2" | head -c 512', "sh", str(snapshot["id"]), dump_path(snapshot)],
+            env=restic_env(), capture_output=True, timeout=300, check=True,
+        ).stdout
+        counters.append(parse_counter(sector, f"{disk} of run {tag(snapshot, 'run')}"))
     return counters[0], counters[1]
 
 
@@ -173,22 +176,22 @@ def test_discovered_disks_are_snapshotted_at_one_instant(db1: CounterGuest, prod
 
     runs: set[str] = set()
     seen = []
-    for _ in range(3):
+    for _ in range(2):
         db1.wait_advancing()
         assert product.start().returncode == 0, journal.text("-u", UNIT)
-        run_id, by_disk = new_run(product, runs)
+        _, by_disk = new_run(product, runs)
         assert sorted(by_disk) == sorted(db1.disks)
-        seen.append(restored_counters(db1, run_id))
-    print(f"consistency auto (pause), restored (xvda, xvdb) = {seen}")
+        seen.append(stored_counters(db1, by_disk))
+    print(f"consistency auto (pause), stored (xvda, xvdb) = {seen}")
     assert all(holds_together(a, b) for a, b in seen), seen
-    assert seen[0][0] < seen[1][0] < seen[2][0], f"the guest was not writing: {seen}"
+    assert seen[0][0] < seen[1][0], f"the guest was not writing: {seen}"
 
     windows = window_entries(journal)
     assert {e.get("XENBACKUP_CONSISTENCY") for e in windows} == {"pause"}, windows
     paused_for = [float(str(e["XENBACKUP_PAUSE_SECONDS"])) for e in windows
                   if "was paused for" in str(e["MESSAGE"])]
     print(f"pause windows: {paused_for} s")
-    assert len(paused_for) == 3 and all(0 < s < 60 for s in paused_for), windows
+    assert len(paused_for) == 2 and all(0 < s < 60 for s in paused_for), windows
     metric = re.search(r'^xenbackup_last_pause_seconds\{vm="db1"\} (\S+)$', METRICS.read_text(), re.MULTILINE)
     assert metric is not None and abs(float(metric.group(1)) - paused_for[-1]) < 0.01, METRICS.read_text()
     assert_left_clean(db1)
@@ -209,11 +212,11 @@ def test_without_a_window_the_disks_come_from_different_instants(
     for _ in range(3):
         db1.wait_advancing()
         assert product.start().returncode == 0, journal.text("-u", UNIT)
-        run_id, _ = new_run(product, runs)
-        seen.append(restored_counters(db1, run_id))
+        _, by_disk = new_run(product, runs)
+        seen.append(stored_counters(db1, by_disk))
         if not holds_together(*seen[-1]):
             break
-    print(f"consistency none, restored (xvda, xvdb) = {seen}")
+    print(f"consistency none, stored (xvda, xvdb) = {seen}")
     assert any(not holds_together(a, b) for a, b in seen), f"no skew without a window: {seen}"
     assert not [e for e in window_entries(journal) if "was paused for" in str(e["MESSAGE"])]
     assert_left_clean(db1)
@@ -266,8 +269,8 @@ def test_a_guest_the_admin_paused_stays_paused(db1: CounterGuest, product: Xb, j
         assert product.start().returncode == 0, journal.text("-u", UNIT)
         assert is_paused(db1.name)
         assert db1.counters() == frozen, "the guest ran during the backup"
-        run_id, _ = new_run(product, set())
-        assert restored_counters(db1, run_id) == frozen
+        _, by_disk = new_run(product, set())
+        assert stored_counters(db1, by_disk) == frozen
     finally:
         run("xl", "unpause", db1.name)
     assert_left_clean(db1)
