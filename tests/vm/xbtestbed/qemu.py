@@ -45,6 +45,10 @@ class Machine:
     source_share: Path
     results_share: Path
     guest_timeout: float
+    cpu: str | None = None
+    """The host flavour's -cpu model; None keeps qemu's default (the xen flavour has its own)."""
+    memory_mib: int | None = None
+    """The host flavour's RAM; None means 2048 MiB (the xen flavour always gets 3072)."""
 
     def kernel_arguments(self) -> str:
         # panic=-1 turns a kernel panic into a reboot, which -no-reboot turns
@@ -71,8 +75,9 @@ class Machine:
                 f"{self.image.kernel} {self.kernel_arguments()} console=hvc0,{self.image.initrd}",
             ]  # fmt: skip
         else:
+            argv += ["-cpu", self.cpu] if self.cpu else []
             argv += [
-                "-m", "2048",
+                "-m", str(self.memory_mib or 2048),
                 "-kernel", os.fspath(self.image.kernel),
                 "-initrd", os.fspath(self.image.initrd),
                 "-append", f"{self.kernel_arguments()} console=ttyS0",
