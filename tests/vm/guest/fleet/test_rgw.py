@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from vmlib.ceph import Ceph
-from vmlib.cmd import run
-from vmlib.fleet import FleetVms, Host, Repo, daemon_reload, remove_drop_ins, unit_state, write_shared_secrets
+from vmlib.cmd import run, sha256_file
+from vmlib.fleet import (
+    PASSWORD,
+    PRUNE_UNIT,
+    FleetVms,
+    Host,
+    Repo,
+    backups_meet_the_prune,
+    check_the_prune_was_waited_for,
+    daemon_reload,
+    remove_drop_ins,
+    runs_by_host,
+    start_and_wait,
+    unit_state,
+    wait_all,
+    write_shared_secrets,
+)
 from vmlib.product import Journal, our_mounts, our_snapshots
 
 HOSTS = (Host("xen1", "vm1"), Host("xen2", "vm2"), Host("xen3", "vm3"))
-PRUNE_UNIT = "xenbackup-prune.service"
 
 
 @pytest.fixture(scope="module")
@@ -32,63 +46,79 @@ def rgw(ceph: Ceph, fleet_vms: FleetVms) -> Iterator[Repo]:
     remove_drop_ins([*(h.unit for h in HOSTS), PRUNE_UNIT])
 
 
-def restic_pid(pattern: str, timeout: float = 300) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        out = run("pgrep", "-f", "-n", pattern, check=False).stdout.split()
-        if out:
-            return int(out[0])
-        assert time.monotonic() < deadline, f"no process matching {pattern!r}"
-        time.sleep(0.05)
-
-
-def runs_of(repo: Repo) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for snap in repo.snapshots():
-        counts[str(snap["hostname"])] = counts.get(str(snap["hostname"]), 0) + 1
-    return counts
-
-
 def test_three_hosts_back_up_at_once_while_the_designated_host_prunes(rgw: Repo, fleet_vms: FleetVms) -> None:
     journal = Journal()
     started = time.monotonic()
-    run("systemctl", "start", "--no-block", PRUNE_UNIT)
-    # The prune holds restic's exclusive lock while it reads the repository at 1 KiB/s; it is held still
-    # (SIGSTOP) once the lock exists, so that the backups certainly meet it, and let go once one waits.
-    prune_pid = restic_pid(r"(^|/)restic .* prune")
-    deadline = time.monotonic() + 120
-    while not [lock for lock in rgw.locks() if lock.get("exclusive") and lock.get("pid") == prune_pid]:
-        assert unit_state(PRUNE_UNIT) in ("activating", "active"), journal.text("-u", PRUNE_UNIT)
-        assert time.monotonic() < deadline, f"the prune (PID {prune_pid}) took no exclusive lock"
-        time.sleep(0.2)
-    os.kill(prune_pid, signal.SIGSTOP)
-    try:
-        for host in HOSTS:
-            run("systemctl", "start", "--no-block", host.unit)
-        deadline = time.monotonic() + 300
-        while not [e for h in HOSTS for e in journal.entries("-u", h.unit) if "XENBACKUP_LOCK_PID" in e]:
-            assert time.monotonic() < deadline, "\n".join(journal.text("-u", h.unit) for h in HOSTS)
-            time.sleep(2)
-    finally:
-        os.kill(prune_pid, signal.SIGCONT)
-    for unit in (PRUNE_UNIT, *(h.unit for h in HOSTS)):
-        deadline = time.monotonic() + 600
-        while unit_state(unit) not in ("inactive", "failed"):
-            assert time.monotonic() < deadline, journal.text("-u", unit)
-            time.sleep(1)
-        assert unit_state(unit) == "inactive", journal.text("-u", unit)
+    start_and_wait([h.unit for h in HOSTS], journal)
+    assert runs_by_host(rgw) == {"xen1": 1, "xen2": 1, "xen3": 1}
+    print(f"three backups at once: {time.monotonic() - started:.0f} s")
+    started = time.monotonic()
+    prune_pid = backups_meet_the_prune(rgw, HOSTS, journal)
     print(f"prune + three backups: {time.monotonic() - started:.0f} s")
 
-    waits = [e for h in HOSTS for e in journal.entries("-u", h.unit) if "XENBACKUP_LOCK_PID" in e]
-    assert waits and all(e["XENBACKUP_LOCK_PID"] == str(prune_pid) for e in waits), waits
-    assert all(e["XENBACKUP_PHASE"] == "backup" for e in waits)
-    assert any("got the repository lock after waiting" in str(e["MESSAGE"])
-               for h in HOSTS for e in journal.entries("-u", h.unit))
+    check_the_prune_was_waited_for(prune_pid, HOSTS, journal)
     pruned = journal.text("-u", PRUNE_UNIT)
-    assert "restic prune" in pruned or "prun" in pruned, pruned
-    assert runs_of(rgw) == {"xen1": 1, "xen2": 1, "xen3": 1}
+    assert f"pruning {rgw.url}: removing data no snapshot of any host uses" in pruned, pruned
+    assert runs_by_host(rgw) == {"xen1": 2, "xen2": 2, "xen3": 2}
     rgw.restic("check")
     for snap in rgw.snapshots():
         host = next(h for h in HOSTS if h.name == snap["hostname"])
         assert f"vm:{host.vm}" in snap["tags"], snap  # type: ignore[operator]
     assert our_snapshots() == [] and our_mounts() == []
+
+
+def test_a_dead_host_s_vm_is_restored_on_another_host_with_host(rgw: Repo, fleet_vms: FleetVms) -> None:
+    """xen4 is the new machine: the admin gives it vm1's config and an LV, then restores xen1's backup."""
+    new_host = Host("xen4", "vm1")
+    new_host.write_config(rgw, unit=False)
+    run("lvcreate", "-q", "-y", "-n", "vm1-restored", "-L", "16M", "fleet")
+    try:
+        refused = run("xenbackup", "--config", str(new_host.config), "restore", "vm1", "--to-lv", "fleet/vm1-restored",
+                      check=False, timeout=300)
+        assert refused.returncode != 0 and "--host xen1" in refused.stderr + refused.stdout, refused
+        new_host.xenbackup("restore", "vm1", "--host", "xen1", "--to-lv", "fleet/vm1-restored", timeout=600)
+        assert sha256_file(Path("/dev/fleet/vm1-restored")) == fleet_vms.sha256["vm1"]
+    finally:
+        run("lvremove", "-q", "-y", "fleet/vm1-restored", check=False)
+
+
+def secrets_in(data: bytes, secret_values: list[bytes]) -> list[bytes]:
+    return [s for s in secret_values if s in data]
+
+
+def test_no_secret_in_any_argv_in_a_child_that_logs_or_in_the_journal(rgw: Repo, ceph: Ceph) -> None:
+    """xen2 reads the S3 keys from the systemd credential, xen3 from environment_file; both run while /proc is
+    scanned. Only restic itself may hold them (in its environment); nothing may carry them in argv."""
+    secret_values = [ceph.user.secret_key.encode(), PASSWORD.read_text().strip().encode()]
+    journal = Journal()
+    units = [HOSTS[1].unit, HOSTS[2].unit]
+    for unit in units:
+        run("systemctl", "start", "--no-block", unit)
+    leaks: list[str] = []
+    seen_restic_with_keys = 0
+    scans = 0
+    while any(unit_state(u) in ("activating", "active") for u in units):
+        scans += 1
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                comm = (proc / "comm").read_text().strip()
+                cmdline = (proc / "cmdline").read_bytes()
+                environ = (proc / "environ").read_bytes()
+            except OSError:
+                continue
+            if secrets_in(cmdline, secret_values):
+                leaks.append(f"argv of {proc.name} ({comm}): {cmdline[:200]!r}")
+            if comm == "restic":
+                seen_restic_with_keys += bool(secrets_in(environ, secret_values[:1]))
+            elif secrets_in(environ, secret_values):
+                leaks.append(f"environment of {proc.name} ({comm}) {cmdline[:120]!r}")
+        time.sleep(0.05)
+    wait_all(units, journal)
+    assert not leaks, leaks
+    assert seen_restic_with_keys, f"no restic with the S3 keys was seen in {scans} scans: the scan missed the backup"
+    run("journalctl", "--sync")
+    exported = run("journalctl", "-o", "export", "--no-pager", timeout=300).stdout.encode()
+    assert b"XENBACKUP_PHASE=backup" in exported
+    assert not secrets_in(exported, secret_values), "a secret reached the journal"

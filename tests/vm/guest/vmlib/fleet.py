@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import textwrap
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmlib.cmd import run, sha256_file
+from vmlib.product import Journal
 from vmlib.storage import clear_disk, create_volume_group, remove_volume_group, wait_for_disks
 
 VG = "fleet"
@@ -118,8 +121,10 @@ class Host:
     def unit(self) -> str:
         return f"xenbackup@{self.vm}.service"
 
-    def write_config(self, repo: Repo, prune: bool = False, credential: bool = False, extra: str = "") -> None:
-        """The host's config; S3 keys from environment_file, or (credential=True) from the systemd credential."""
+    def write_config(self, repo: Repo, prune: bool = False, credential: bool = False, extra: str = "",
+                     unit: bool = True) -> None:
+        """The host's config (and, with `unit`, its backup unit's drop-in); S3 keys from environment_file, or
+        (credential=True) from the systemd credential."""
         env_line = "" if credential or not repo.url.startswith("s3:") else f'environment_file = "{S3_ENV}"\n'
         text = textwrap.dedent(f"""\
             [repository]
@@ -142,7 +147,8 @@ class Host:
             disks = [{{ lv = "{VG}/{self.vm}", mode = "block" }}]
             """)
         self.config.write_text(text)
-        self.drop_in(self.unit, credential)
+        if unit:
+            self.drop_in(self.unit, credential)
 
     def drop_in(self, unit: str, credential: bool = False) -> None:
         """Point one of the product's units at this host's config, as each machine's /etc would."""
@@ -172,3 +178,77 @@ def remove_drop_ins(units: list[str]) -> None:
 
 def unit_state(unit: str) -> str:
     return run("systemctl", "show", "-p", "ActiveState", "--value", unit).stdout.strip()
+
+
+PRUNE_UNIT = "xenbackup-prune.service"
+
+
+def start_and_wait(units: list[str], journal: Journal, timeout: float = 600) -> None:
+    """Start the units together and wait for all of them; each must end inactive (success)."""
+    for unit in units:
+        run("systemctl", "start", "--no-block", unit)
+    wait_all(units, journal, timeout)
+
+
+def wait_all(units: list[str], journal: Journal, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    for unit in units:
+        while unit_state(unit) not in ("inactive", "failed"):
+            assert time.monotonic() < deadline, journal.text("-u", unit)
+            time.sleep(1)
+        assert unit_state(unit) == "inactive", journal.text("-u", unit)
+
+
+def newest_pid(pattern: str, timeout: float = 300) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        out = run("pgrep", "-f", "-n", pattern, check=False).stdout.split()
+        if out:
+            return int(out[0])
+        assert time.monotonic() < deadline, f"no process matching {pattern!r}"
+        time.sleep(0.05)
+
+
+def runs_by_host(repo: Repo) -> dict[str, int]:
+    """How many backup runs (run: tags) of each host the repository holds."""
+    runs: dict[str, set[str]] = {}
+    for snap in repo.snapshots():
+        tags = [str(t) for t in snap.get("tags", [])]  # type: ignore[attr-defined]
+        runs.setdefault(str(snap["hostname"]), set()).update(t for t in tags if t.startswith("run:"))
+    return {host: len(ids) for host, ids in runs.items()}
+
+
+def backups_meet_the_prune(repo: Repo, hosts: tuple[Host, ...], journal: Journal) -> int:
+    """The designated host's prune takes restic's exclusive lock, then every host's backup starts.
+
+    The prune reads at [repository] limit_download (1 KiB/s on the designated host), and once its lock
+    exists its restic is held still (SIGSTOP) until a backup has logged that it waits for it, so the meeting
+    does not depend on timing; then it goes on and everything finishes. Returns the prune's restic PID."""
+    run("systemctl", "start", "--no-block", PRUNE_UNIT)
+    prune_pid = newest_pid(r"(^|/)restic .* prune")
+    deadline = time.monotonic() + 120
+    while not [lock for lock in repo.locks() if lock.get("exclusive") and lock.get("pid") == prune_pid]:
+        assert unit_state(PRUNE_UNIT) in ("activating", "active"), journal.text("-u", PRUNE_UNIT)
+        assert time.monotonic() < deadline, f"the prune (PID {prune_pid}) took no exclusive lock"
+        time.sleep(0.2)
+    os.kill(prune_pid, signal.SIGSTOP)
+    try:
+        for host in hosts:
+            run("systemctl", "start", "--no-block", host.unit)
+        deadline = time.monotonic() + 300
+        while not [e for h in hosts for e in journal.entries("-u", h.unit) if "XENBACKUP_LOCK_PID" in e]:
+            assert time.monotonic() < deadline, "\n".join(journal.text("-u", h.unit) for h in hosts)
+            time.sleep(2)
+    finally:
+        os.kill(prune_pid, signal.SIGCONT)
+    wait_all([PRUNE_UNIT, *(h.unit for h in hosts)], journal)
+    return prune_pid
+
+
+def check_the_prune_was_waited_for(prune_pid: int, hosts: tuple[Host, ...], journal: Journal) -> None:
+    """At least one backup logged the prune's lock (its PID, the backup phase) and then got the lock."""
+    entries = [e for h in hosts for e in journal.entries("-u", h.unit)]
+    waits = [e for e in entries if "XENBACKUP_LOCK_PID" in e]
+    assert waits and all(e["XENBACKUP_LOCK_PID"] == str(prune_pid) for e in waits), waits
+    assert all(e["XENBACKUP_PHASE"] == "backup" and e["XENBACKUP_LOCK_HOST"] for e in waits), waits
+    assert any("got the repository lock after waiting" in str(e["MESSAGE"]) for e in entries)
