@@ -232,7 +232,7 @@ def test_the_fleet_suite_boots_a_cpu_and_memory_that_ceph_runs_on(tmp_path: Path
                       blank_disks=disks, source_share=tmp_path, results_share=tmp_path / "r", guest_timeout=600,
                       cpu=request.cpu, memory_mib=request.memory_mib)
     argv = " ".join(machine.command())
-    assert "-cpu max,-xsave" in argv and "-m 3072" in argv
+    assert "-cpu max,-xsave,-avx,-avx2" in argv and "-m 3072" in argv
     assert "fleet" in SUITES["host"].excluded
 
 
