@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vmlib.ceph import Ceph
+from vmlib.ceph import Ceph, start_rgw_again, stop_rgw
 from vmlib.cmd import run, sha256_file
 from vmlib.fleet import (
     PASSWORD,
@@ -20,6 +20,7 @@ from vmlib.fleet import (
     backups_meet_the_prune,
     check_the_prune_was_waited_for,
     daemon_reload,
+    newest_pid,
     remove_drop_ins,
     runs_by_host,
     start_and_wait,
@@ -125,3 +126,39 @@ def test_no_secret_in_any_argv_in_a_child_that_logs_or_in_the_journal(rgw: Repo,
                               check=True).stdout
     assert b"XENBACKUP_PHASE=backup" in exported
     assert not secrets_in(exported, secret_values), "a secret reached the journal"
+
+
+def test_radosgw_stopped_mid_backup_fails_the_unit_cleanly_and_the_next_run_succeeds(rgw: Repo, ceph: Ceph,
+                                                                                     fleet_vms: FleetVms) -> None:
+    host = HOSTS[2]
+    before = runs_by_host(rgw)
+    # New data, uploaded at 256 KiB/s: the backup is certainly still sending when radosgw goes.
+    run("dd", "if=/dev/urandom", f"of={fleet_vms.device(host.vm)}", "bs=1M", "count=16", "oflag=direct",
+        "status=none")
+    host.write_config(rgw, extra="limit_upload = 256\n")
+    daemon_reload()
+    journal = Journal()
+    try:
+        run("systemctl", "start", "--no-block", host.unit)
+        newest_pid(r"(^|/)restic .*backup --json", timeout=300)
+        time.sleep(3)
+        stop_rgw()
+        deadline = time.monotonic() + 600
+        while unit_state(host.unit) not in ("inactive", "failed"):
+            assert time.monotonic() < deadline, journal.text("-u", host.unit)
+            time.sleep(2)
+        print(f"the unit ended {time.monotonic() - deadline + 600:.0f} s after radosgw stopped")
+        assert unit_state(host.unit) == "failed", journal.text("-u", host.unit)
+        errors = [str(e["MESSAGE"]) for e in journal.entries("-u", host.unit, "-p", "err")]
+        assert any(rgw.url in line for line in errors), "\n".join(errors) or journal.text("-u", host.unit)
+        assert our_snapshots() == [] and our_mounts() == [], "cleanup did not run"
+    finally:
+        start_rgw_again()
+        run("systemctl", "reset-failed", host.unit, check=False)
+        host.write_config(rgw)
+        daemon_reload()
+    start_and_wait([host.unit], journal)
+    after = runs_by_host(rgw)
+    assert after[host.name] == before[host.name] + 1 and after["xen1"] == before["xen1"]
+    rgw.restic("check")
+    assert our_snapshots() == [] and our_mounts() == []

@@ -195,6 +195,11 @@ def stop_rgw() -> None:
     run("systemctl", "stop", RGW_UNIT, timeout=120)
 
 
+def start_rgw_again(timeout: float = 180) -> None:
+    run("systemctl", "start", RGW_UNIT, timeout=CLI_TIMEOUT)
+    wait_for_rgw(timeout)
+
+
 def create_user(uid: str) -> S3User:
     """An S3 user with generated keys: the secret never appears in an argv, only in radosgw-admin's output."""
     out = run("radosgw-admin", "user", "create", f"--uid={uid}", f"--display-name={uid}", timeout=120).stdout
