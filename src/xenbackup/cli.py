@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--delete", action="store_true", help="delete files in the target that are not in the backup")
     r.add_argument("--dry-run", action="store_true", help="print every step, change nothing")
 
-    pr = sub.add_parser("prune", help="apply the retention policy (restic forget --prune) per VM")
+    pr = sub.add_parser("prune", help="apply the retention policy: restic forget per VM, then restic prune "
+                        "where [repository] prune = true")
     pr.add_argument("vm", nargs="?", type=_vm_name)
 
     ve = sub.add_parser("verify", help="restic check, plus a test restore of each VM's latest backup")

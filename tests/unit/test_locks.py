@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from xenbackup import repository
+from xenbackup.actions.backup import CLEANUP_LOCK_WAIT, forget_run
 from xenbackup.config import RepositoryConfig
 from xenbackup.names import restic_tags as tags_for
 from xenbackup.repository import (
@@ -26,6 +27,7 @@ from xenbackup.repository import (
     parse_lock_conflict,
     removable_locks,
 )
+from xenbackup.state import Owner, RunState
 
 
 def test_restic_0_14_lock_errors_name_the_holder(data: Path) -> None:
@@ -239,3 +241,22 @@ def test_a_shorter_wait_for_cleanup_never_lengthens_it(repo, quick_retries) -> N
         holder.wait()
     assert time.monotonic() - start < 10
     assert restic.cfg.lock_wait == 30
+
+
+def test_cleanup_forgets_an_overflowed_run_within_its_own_short_wait(repo, quick_retries) -> None:
+    restic, env = repo
+    state = RunState(vm="vm1", run_id="20261130T010000-abcd", owner=Owner.current(), started=time.time(),
+                     restic_snapshots=("0" * 64,))
+    holder = _backup_holding_lock(restic, env)
+    start = time.monotonic()
+    try:
+        # forget needs the exclusive lock; a shared one held elsewhere makes it wait, here for 1 s, not 30.
+        with pytest.raises(RepositoryLocked):
+            forget_run(restic.waiting_at_most(1), state, "test")
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.write(b"held")
+        holder.stdin.close()
+        holder.wait()
+    assert time.monotonic() - start < 10
+    assert CLEANUP_LOCK_WAIT < 300, "cleanup's wait must leave room inside TimeoutStopSec=5min"

@@ -1,7 +1,7 @@
 """Each suite boots the guest once and reports every in-guest test here.
 
     TestHostFlavour  Debian's kernel: systemd, journald, LVM;
-                     runs tests/vm/guest/ except xen/, powercut/, kvm/ and package/.
+                     runs tests/vm/guest/ except xen/, powercut/, kvm/, package/ and fleet/.
     TestXenFlavour   Xen 4.17 with Debian's kernel as dom0, PV guests;
                      runs tests/vm/guest/xen/.
     TestPowerCut     Debian's kernel; tests/vm/guest/powercut/ resets the
@@ -12,6 +12,9 @@
     TestPackage      Debian's kernel; tests/vm/guest/package/ checks what
                      systemd, journald and dpkg make of the installed .deb,
                      across a reboot, and purges it last.
+    TestFleet        Debian's kernel with a single-node Ceph (RGW) and an
+                     sshd; tests/vm/guest/fleet/ backs up several "hosts"
+                     to one shared S3 or SFTP repository at once.
 
 The other suites install the .deb that the host run built, with apt-get.
 
@@ -56,4 +59,9 @@ class TestKvm(GuestSuite):
 
 @pytest.mark.testvm("package")
 class TestPackage(GuestSuite):
+    pass
+
+
+@pytest.mark.testvm("fleet")
+class TestFleet(GuestSuite):
     pass

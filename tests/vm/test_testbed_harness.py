@@ -62,6 +62,7 @@ def test_whole_suite_runs_the_directory_and_a_subset_runs_node_ids() -> None:
         "--ignore=tests/vm/guest/powercut",
         "--ignore=tests/vm/guest/kvm",
         "--ignore=tests/vm/guest/package",
+        "--ignore=tests/vm/guest/fleet",
     ]
     assert pytest_arguments(xen, guest_cases(xen)) == ["tests/vm/guest/xen"]
     case = guest_cases(host)[0]
@@ -150,7 +151,8 @@ def test_request_env_is_bash_that_round_trips_arguments(tmp_path: Path) -> None:
 
 def test_one_suite_keeps_install_sh_proven_and_the_others_install_the_deb() -> None:
     assert {name: suite.install for name, suite in SUITES.items()} == {
-        "host": Install.DEB, "xen": Install.DEB, "kvm": Install.DEB, "package": Install.DEB, "powercut": Install.SCRIPT}
+        "host": Install.DEB, "xen": Install.DEB, "kvm": Install.DEB, "package": Install.DEB, "powercut": Install.SCRIPT,
+        "fleet": Install.DEB}
     request = GuestRequest.pytest(Flavour.HOST, ["tests/vm/guest/powercut"], "powercut", Install.SCRIPT)
     assert "XBTEST_INSTALL=script\n" in request.env_text(600)
 
@@ -219,6 +221,19 @@ def test_qemu_command_lines_follow_the_measured_recipes(tmp_path: Path) -> None:
     assert "-enable-kvm" not in xen + host and "tcg" in host
     assert all(f"serial={serial}" in host for serial in BLANK_DISK_SERIALS)
     assert "readonly=on" in host and "mount_tag=results" in host
+    assert "-cpu" not in host and "-m 2048" in host
+
+
+def test_the_fleet_suite_boots_a_cpu_and_memory_that_ceph_runs_on(tmp_path: Path) -> None:
+    suite = SUITES["fleet"]
+    request = GuestRequest.pytest(suite.flavour, ["x"], suite.name, suite.install, suite.cpu, suite.memory_mib)
+    disks = [tmp_path / f"{serial}.raw" for serial in BLANK_DISK_SERIALS]
+    machine = Machine(flavour=request.flavour, image=Image(tmp_path / "key", "key"), overlay=tmp_path / "o.qcow2",
+                      blank_disks=disks, source_share=tmp_path, results_share=tmp_path / "r", guest_timeout=600,
+                      cpu=request.cpu, memory_mib=request.memory_mib)
+    argv = " ".join(machine.command())
+    assert "-cpu max,-xsave,-avx,-avx2" in argv and "-m 3072" in argv
+    assert "fleet" in SUITES["host"].excluded
 
 
 def test_a_power_cut_sets_the_boot_logs_aside_and_empties_the_results_share(tmp_path: Path) -> None:

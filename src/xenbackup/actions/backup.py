@@ -17,7 +17,7 @@ from ..lvm import LogicalVolume, LvmError, VolumeGroup
 from ..model import VM, Consistency, Disk, DiskMode, SnapshotRecord, snapshot_name
 from ..mount import mounts_below
 from ..progress import Reporter
-from ..repository import BackupSummary, RepositoryError
+from ..repository import BackupSummary, RepositoryError, Restic
 from ..run import CommandError
 from ..state import Busy, Owner, RunState, new_run_id
 from .context import Context, StepError
@@ -315,15 +315,20 @@ def _any_invalid(ctx: Context, state: RunState, tagged: list[LogicalVolume]) -> 
     return False
 
 
-def forget_run(ctx: Context, state: RunState, why: str) -> None:
+CLEANUP_LOCK_WAIT = 120
+"""Seconds cleanup waits for another process's repository lock: systemd gives ExecStopPost= 5 minutes
+(TimeoutStopSec=), and lvremove's retries need their share of it."""
+
+
+def forget_run(restic: Restic, state: RunState, why: str) -> None:
     """An untrustworthy run must not leave a restic snapshot that could be restored as good."""
     ids = set(state.restic_snapshots)
     # restic can store a snapshot and still fail (exit 3: some files unreadable), so ask it by run tag too.
-    ids |= {s.id for s in ctx.restic.snapshots(names.restic_filter(state.vm, run_id=state.run_id))}
+    ids |= {s.id for s in restic.snapshots(names.restic_filter(state.vm, run_id=state.run_id))}
     if ids:
         log.warning("forgetting restic snapshots %s of run %s: %s", ", ".join(sorted(i[:8] for i in ids)),
                     state.run_id, why)
-        ctx.restic.forget(sorted(ids))
+        restic.forget(sorted(ids))
 
 
 def step_cleanup(ctx: Context, vm: VM, result: RunResult | None = None) -> int:
@@ -360,7 +365,8 @@ def _cleanup(ctx: Context, vm: VM, result: RunResult | None) -> int:
             clear_stale_locks(ctx)
         if state is not None and state.overflowed:
             try:
-                forget_run(ctx, state, "a snapshot overflowed, so what was read from it is inconsistent")
+                forget_run(ctx.restic.waiting_at_most(CLEANUP_LOCK_WAIT), state,
+                           "a snapshot overflowed, so what was read from it is inconsistent")
             except Exception as exc:
                 log.error("could not forget the overflowed run's restic snapshots: %s", exc)
                 code = 1

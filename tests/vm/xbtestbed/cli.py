@@ -3,6 +3,7 @@
     tests/vm/run-guest build
     tests/vm/run-guest pytest --flavour host [PYTEST_ARG...]
     tests/vm/run-guest script --flavour xen tests/vm/demo/demo-in-guest.sh [ARG...]
+    tests/vm/run-guest pytest --machine-of fleet tests/vm/guest/fleet -k sftp
 
 The guest installs the product first: the .deb built here (`--install deb`,
 the default) or packaging/install.sh (`--install script`).
@@ -24,6 +25,7 @@ from .config import VM_DIR, Flavour, InfraError, Install, Settings
 from .guestrun import GuestRequest, GuestRun, run_in_guest
 from .image import ensure_image
 from .qemu import BOOTED_MARKER
+from .suites import SUITES
 
 _started = time.monotonic()
 
@@ -67,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_argument("--verbose", action="store_true", help="also print the console during boot")
         sub.add_argument("--install", choices=[i.value for i in Install], default=Install.DEB.value,
                          help="install the product with the .deb built here (default) or packaging/install.sh")
+        sub.add_argument("--machine-of", choices=sorted(SUITES), metavar="SUITE",
+                         help="boot with that suite's qemu machine (CPU model, memory), e.g. fleet for Ceph")
         sub.add_argument("arguments", nargs=argparse.REMAINDER, help=what)
     options = parser.parse_args(argv)
 
@@ -77,15 +81,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             report(f"image {image.directory} {'built' if built else 'already cached'}")
             return 0
         flavour = Flavour(options.flavour)
+        shape = SUITES[options.machine_of] if options.machine_of else None
+        cpu, memory_mib = (shape.cpu, shape.memory_mib) if shape else (None, None)
         if options.command == "script":
             if not options.arguments:
                 parser.error("script: name the script to run, e.g. tests/vm/demo/demo-in-guest.sh")
             request = GuestRequest.script(
-                flavour, options.arguments[0], options.arguments[1:], Install(options.install)
+                flavour, options.arguments[0], options.arguments[1:], Install(options.install), cpu, memory_mib
             )
         else:
             request = GuestRequest.pytest(
-                flavour, options.arguments or [f"{VM_DIR.name}/guest"], install=Install(options.install)
+                flavour, options.arguments or [f"{VM_DIR.name}/guest"], install=Install(options.install),
+                cpu=cpu, memory_mib=memory_mib,
             )
     except InfraError as exc:
         report(f"error: {exc}")

@@ -57,19 +57,25 @@ class GuestRequest:
     name: str
     """The artifacts subdirectory."""
     install: Install = Install.DEB
+    cpu: str | None = None
+    """qemu's -cpu for the host flavour (see suites.Suite.cpu)."""
+    memory_mib: int | None = None
+    """The host flavour's RAM (see suites.Suite.memory_mib)."""
 
     @classmethod
     def pytest(
-        cls, flavour: Flavour, arguments: list[str], name: str | None = None, install: Install = Install.DEB
+        cls, flavour: Flavour, arguments: list[str], name: str | None = None, install: Install = Install.DEB,
+        cpu: str | None = None, memory_mib: int | None = None,
     ) -> GuestRequest:
-        return cls(flavour, GuestMode.PYTEST, tuple(arguments), name or flavour.value, install)
+        return cls(flavour, GuestMode.PYTEST, tuple(arguments), name or flavour.value, install, cpu, memory_mib)
 
     @classmethod
     def script(
-        cls, flavour: Flavour, script: str, arguments: list[str] | None = None, install: Install = Install.DEB
+        cls, flavour: Flavour, script: str, arguments: list[str] | None = None, install: Install = Install.DEB,
+        cpu: str | None = None, memory_mib: int | None = None,
     ) -> GuestRequest:
         name = f"{flavour.value}-{Path(script).stem}"
-        return cls(flavour, GuestMode.SCRIPT, (script, *(arguments or [])), name, install)
+        return cls(flavour, GuestMode.SCRIPT, (script, *(arguments or [])), name, install, cpu, memory_mib)
 
     def env_text(self, step_timeout: float, package: str = "") -> str:
         """request.env: sourced by guest-run.sh; `package` is the .deb's name in the results share."""
@@ -166,6 +172,8 @@ def _boot(request: GuestRequest, settings: Settings, run: GuestRun, say: Report,
             source_share=REPO_ROOT,
             results_share=results,
             guest_timeout=guest_limit,
+            cpu=request.cpu,
+            memory_mib=request.memory_mib,
         )
         (run.artifacts / "qemu-command.txt").write_text(shlex.join(machine.command()) + "\n")
         for boot in range(1, MAX_BOOTS + 1):

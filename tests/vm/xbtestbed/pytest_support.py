@@ -137,7 +137,7 @@ def _describe(result: CaseResult) -> str:
 
 
 # Longest first: with two at a time, the host suite runs beside all the others one after another.
-BOOT_ORDER = ("host", "xen", "kvm", "package", "powercut")
+BOOT_ORDER = ("host", "xen", "fleet", "kvm", "package", "powercut")
 
 
 def boot_order(names: list[str]) -> list[str]:
@@ -147,7 +147,8 @@ def boot_order(names: list[str]) -> list[str]:
 def _boot(config: pytest.Config, suite: Suite, settings: Settings, write: Callable[[str], None]) -> GuestRun:
     session = state(config)
     request = GuestRequest.pytest(
-        suite.flavour, pytest_arguments(suite, session.selected.get(suite.name)), suite.name, suite.install
+        suite.flavour, pytest_arguments(suite, session.selected.get(suite.name)), suite.name, suite.install,
+        suite.cpu, suite.memory_mib,
     )
     echo = write if settings.echo_console else None
     return run_in_guest(request, settings, report=write, echo=echo)

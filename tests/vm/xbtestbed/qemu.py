@@ -39,6 +39,10 @@ BLANK_DISK_SIZE = 4 * 2**30
 BOOT_PROGRESS_INTERVAL = 30.0
 
 
+HOST_CPU = "max,-xsave,-avx,-avx2"
+"""The host flavour's CPU model; the module docstring says why."""
+
+
 @dataclass(frozen=True)
 class Machine:
     """What one boot needs: image, flavour, disks and shares."""
@@ -50,6 +54,10 @@ class Machine:
     source_share: Path
     results_share: Path
     guest_timeout: float
+    cpu: str | None = None
+    """The host flavour's -cpu model; None is HOST_CPU (the xen flavour has its own)."""
+    memory_mib: int | None = None
+    """The host flavour's RAM; None means 2048 MiB (the xen flavour always gets 3072)."""
 
     def kernel_arguments(self) -> str:
         # panic=-1 turns a kernel panic into a reboot, which -no-reboot turns
@@ -77,8 +85,8 @@ class Machine:
             ]  # fmt: skip
         else:
             argv += [
-                "-cpu", "max,-xsave,-avx,-avx2",
-                "-m", "2048",
+                "-cpu", self.cpu or HOST_CPU,
+                "-m", str(self.memory_mib or 2048),
                 "-kernel", os.fspath(self.image.kernel),
                 "-initrd", os.fspath(self.image.initrd),
                 "-append", f"{self.kernel_arguments()} console=ttyS0",

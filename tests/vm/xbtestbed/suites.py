@@ -27,12 +27,16 @@ class Suite:
     """Subdirectories (relative to tests/vm/guest/) that belong to other suites."""
     install: Install = Install.DEB
     """How the guest installs the product; one suite keeps packaging/install.sh proven."""
+    cpu: str | None = None
+    """qemu's -cpu for a host-flavour boot; None is the flavour's model (qemu.HOST_CPU)."""
+    memory_mib: int | None = None
+    """The guest's RAM for a host-flavour boot; None is the flavour's default."""
 
 
 SUITES: dict[str, Suite] = {
     suite.name: suite
     for suite in (
-        Suite("host", Flavour.HOST, "", excluded=("xen", "powercut", "kvm", "package")),
+        Suite("host", Flavour.HOST, "", excluded=("xen", "powercut", "kvm", "package", "fleet")),
         Suite("xen", Flavour.XEN, "xen"),
         # libvirtd and its TCG-in-TCG domain would slow every other host test down, and the domain's
         # boot is paid once for the whole suite.
@@ -44,6 +48,10 @@ SUITES: dict[str, Suite] = {
         # The package's own claims: one boot to install it and set a schedule, a second to see what systemd
         # made of it at boot, then dpkg --purge.
         Suite("package", Flavour.HOST, "package"),
+        # A single-node Ceph (mon, mgr, OSD, radosgw) and an sshd as the fleet's shared repositories, on the
+        # host flavour's CPU model (ceph-mon dies of SIGILL on qemu's default one). Ceph's daemons need about
+        # 750 MB beside the product and its tests.
+        Suite("fleet", Flavour.HOST, "fleet", memory_mib=3072),
     )
 }
 
