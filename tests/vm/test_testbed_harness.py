@@ -221,7 +221,7 @@ def test_qemu_command_lines_follow_the_measured_recipes(tmp_path: Path) -> None:
     assert "-enable-kvm" not in xen + host and "tcg" in host
     assert all(f"serial={serial}" in host for serial in BLANK_DISK_SERIALS)
     assert "readonly=on" in host and "mount_tag=results" in host
-    assert "-cpu" not in host and "-m 2048" in host
+    assert "-cpu max,-xsave,-avx,-avx2 -m 2048" in host
 
 
 def test_the_fleet_suite_boots_a_cpu_and_memory_that_ceph_runs_on(tmp_path: Path) -> None:
