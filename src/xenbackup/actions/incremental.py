@@ -83,7 +83,9 @@ def _delta_segments(ctx: Context, vm: VM, disk: Disk, rec: SnapshotRecord, base:
                   base_lv_exists=base_lv is not None and names.lv_base_tag(vm.name) in base_lv.tags,
                   base_lv_origin=base_lv.origin if base_lv else "",
                   base_thin_id=base_lv.thin_id if base_lv else None,
-                  parent_in_repository=base is not None and base.restic_snapshot in parents)
+                  # restic 0.14's backup summary names the snapshot by its short id.
+                  parent_in_repository=base is not None and bool(base.restic_snapshot) and any(
+                      i.startswith(base.restic_snapshot) for i in parents))
     why = why_not_incremental(base, facts)
     if why is not None or base is None:
         return None, why or "no base"
