@@ -149,6 +149,13 @@ class Facts:
     parent_in_repository: bool
 
 
+def parent_listed(recorded: str, snapshot_ids: Iterable[str]) -> bool:
+    """Whether the restic snapshot a base recorded is still in the repository.
+
+    restic 0.14's backup summary names a snapshot by its short id, `restic snapshots` by its full one."""
+    return bool(recorded) and any(i.startswith(recorded) for i in snapshot_ids)
+
+
 def why_not_incremental(base: Base | None, facts: Facts, segment_size: int = SEGMENT_SIZE) -> str | None:
     """None when the base may be compared against; otherwise why this run reads the whole device."""
     if base is None:

@@ -11,6 +11,7 @@ from xenbackup.thin import (
     DeltaError,
     Facts,
     changed_segments,
+    parent_listed,
     parse_delta,
     plan_segments,
     segment_count,
@@ -141,3 +142,11 @@ def test_segment_names_sort_in_device_order() -> None:
     assert sorted(names.segment_file(i) for i in (10, 2, 100)) == [names.segment_file(i) for i in (2, 10, 100)]
     assert names.lv_base_tag("vm1") == "xenbackup-base:vm1"
     assert not names.lv_base_tag("vm1").startswith(names.LV_VM_TAG_PREFIX)
+
+
+def test_parent_found_by_the_short_id_restic_prints_after_a_backup() -> None:
+    full = "f351c7b0" + "9" * 56
+    assert parent_listed("f351c7b0", ["a" * 64, full])
+    assert parent_listed(full, [full])
+    assert not parent_listed("f351c7b1", [full])
+    assert not parent_listed("", [full])

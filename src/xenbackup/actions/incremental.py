@@ -26,6 +26,7 @@ from ..thin import (
     DeltaError,
     Facts,
     changed_segments,
+    parent_listed,
     plan_segments,
     segment_count,
     why_not_incremental,
@@ -83,9 +84,7 @@ def _delta_segments(ctx: Context, vm: VM, disk: Disk, rec: SnapshotRecord, base:
                   base_lv_exists=base_lv is not None and names.lv_base_tag(vm.name) in base_lv.tags,
                   base_lv_origin=base_lv.origin if base_lv else "",
                   base_thin_id=base_lv.thin_id if base_lv else None,
-                  # restic 0.14's backup summary names the snapshot by its short id.
-                  parent_in_repository=base is not None and bool(base.restic_snapshot) and any(
-                      i.startswith(base.restic_snapshot) for i in parents))
+                  parent_in_repository=base is not None and parent_listed(base.restic_snapshot, parents))
     why = why_not_incremental(base, facts)
     if why is not None or base is None:
         return None, why or "no base"
