@@ -260,6 +260,9 @@ SETTINGS_OPTS: dict[str, Opt] = {
     "max_age_hours": Opt(p_int(1, 100000), 48, "`xenbackup status` fails when a VM's last good backup is older"),
     "verify_read_data_subset": Opt(p_str, "5%", "restic check --read-data-subset for `xenbackup verify`"),
     "verify_restore_test": Opt(p_bool, True, "`xenbackup verify` also test-restores every VM's latest backup"),
+    "thin_incremental": Opt(p_bool, False,
+                            "block-mode disks on thin LVs: keep the last snapshot as a base and let restic read "
+                            "only the 64 MiB segments thin_delta reports changed"),
 }
 
 NOTIFY_OPTS: dict[str, Opt] = {
@@ -272,7 +275,7 @@ NOTIFY_OPTS: dict[str, Opt] = {
 
 COMMAND_NAMES = ("lvs", "vgs", "lvcreate", "lvremove", "lvextend", "mount", "umount",
                  "blkid", "dumpe2fs", "restic", "xl", "virsh", "losetup", "udevadm", "fallocate", "systemd-analyze",
-                 "journalctl")
+                 "journalctl", "lvchange", "dmsetup", "thin_delta")
 COMMAND_OPTS: dict[str, Opt] = {name: Opt(p_str, name, f"the {name} binary") for name in COMMAND_NAMES}
 
 VM_ONLY_OPTS: dict[str, Opt] = {
@@ -337,6 +340,7 @@ class Settings:
     max_age_hours: int
     verify_read_data_subset: str
     verify_restore_test: bool
+    thin_incremental: bool = False
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,15 @@ def lv_tags(vm: str, run_id: str) -> list[str]:
     return [TAG, lv_vm_tag(vm), f"{TAG}-run:{run_id}"]
 
 
+LV_BASE_TAG_PREFIX = f"{TAG}-base:"
+
+
+def lv_base_tag(vm: str) -> str:
+    """The tag of a thin snapshot kept as the next run's base. It has no xenbackup-vm: tag, so the sweep and
+    the cleanup, which remove only LVs with that tag, keep it."""
+    return f"{LV_BASE_TAG_PREFIX}{vm}"
+
+
 def snapshot_lv(vm: str, origin_lv: str, stamp: str) -> str:
     """A unique, recognisable snapshot LV name, within LVM's 127-character limit."""
     base = f"{origin_lv}.xb-{vm}"
@@ -37,6 +46,15 @@ CONFIG_DISK = "config"
 def restic_tags(host: str, vm: str, disk: str, mode: str, run_id: str) -> list[str]:
     """The tags of one restic snapshot: one disk (or the domain config) of one run."""
     return [TAG, f"host:{host}", f"vm:{vm}", f"disk:{disk}", f"mode:{mode}", f"run:{run_id}"]
+
+
+SEGMENTED_TAG = "layout:segments"
+"""On a block-mode restic snapshot stored as segment files (changed-block incrementals of a thin LV)."""
+
+
+def segment_file(index: int) -> str:
+    """A segment file's name; zero-padded so that name order is device order."""
+    return f"seg-{index:08d}"
 
 
 def restic_filter(vm: str | None = None, *, run_id: str | None = None, disk: str | None = None,

@@ -180,6 +180,8 @@ class BackupSummary:
     total_bytes: int
     files: int
     duration: float
+    files_unmodified: int = 0
+    """Files restic took from the parent snapshot without reading them."""
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,7 @@ def parse_progress(line: str) -> Progress | BackupSummary | None:
             total_bytes=int(msg.get("total_bytes_processed", 0)),
             files=int(msg.get("total_files_processed", 0)),
             duration=float(msg.get("total_duration", 0.0)),
+            files_unmodified=int(msg.get("files_unmodified", 0)),
         )
     return None
 
@@ -463,8 +466,8 @@ class Restic:
         self._run_unlocked("init")
 
     def backup_argv(self, paths: Sequence[str], tags: Iterable[str], host: str,
-                    stdin_filename: str | None = None) -> list[str]:
-        argv = self.argv("backup", "--json", "--host", host, "--compression", self.cfg.compression)
+                    stdin_filename: str | None = None, options: Sequence[str] = ()) -> list[str]:
+        argv = self.argv("backup", "--json", "--host", host, "--compression", self.cfg.compression, *options)
         for tag in tags:
             argv += ["--tag", tag]
         if stdin_filename is not None:
@@ -474,7 +477,8 @@ class Restic:
     def backup(self, paths: Sequence[str], tags: Iterable[str], host: str,
                on_progress: Callable[[Progress], None], cwd: str | None = None,
                stdin: IO[bytes] | None = None, stdin_filename: str | None = None,
-               on_start: Callable[[subprocess.Popen[bytes]], None] | None = None) -> BackupSummary:
+               on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+               options: Sequence[str] = ()) -> BackupSummary:
         summary: list[BackupSummary] = []
 
         def on_line(line: str) -> None:
@@ -493,7 +497,7 @@ class Restic:
             return stream(argv, on_line, env=self.env(), secrets=self.secrets(), cwd=cwd, stdin=stdin,
                           on_start=on_start)
 
-        self._with_lock_wait(self.backup_argv(paths, tags, host, stdin_filename), attempt)
+        self._with_lock_wait(self.backup_argv(paths, tags, host, stdin_filename, options), attempt)
         if not summary or not summary[-1].snapshot_id:
             raise RepositoryError("restic backup ended without reporting a snapshot")
         return summary[-1]

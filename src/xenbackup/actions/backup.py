@@ -21,6 +21,7 @@ from ..repository import BackupSummary, RepositoryError, Restic
 from ..run import CommandError
 from ..state import Busy, Owner, RunState, new_run_id
 from .context import Context, StepError
+from .incremental import SegmentedBackup, backup_thin, keep_base, pools
 from .record import RunRecord, RunResult, save_record
 from .sweep import clear_stale_locks, resume_paused, sweep_stale
 from .watch import OverflowWatch, SnapshotOverflowed
@@ -196,11 +197,14 @@ class _Current:
                 self.proc.send_signal(signal.SIGTERM)
 
 
-def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord, current: _Current) -> BackupSummary:
+def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord,
+                 current: _Current) -> BackupSummary | SegmentedBackup:
     disk = _disk(vm, state, rec.disk_slug)
     tags = names.restic_tags(ctx.host, vm.name, str(disk.lv), disk.mode.value, state.run_id)
     reporter = Reporter(f"{vm.name} {disk.lv}", ctx.cfg.settings.progress_interval)
     try:
+        if disk.mode is DiskMode.BLOCK and rec.thin and ctx.cfg.settings.thin_incremental:
+            return backup_thin(ctx, vm, disk, rec, tags, reporter, current.set)
         if disk.mode is DiskMode.FILES:
             if not rec.mountpoint:
                 raise StepError(f"snapshot {rec.lv} is not mounted; did the mount step run?")
@@ -259,9 +263,15 @@ def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunS
     """Back up every disk, then the domain config; record each restic snapshot as it appears."""
     totals = {"data_added": 0, "total_bytes": 0, "files": 0}
     for rec in state.snapshots:
-        summary = _backup_disk(ctx, vm, state, rec, current)
+        result = _backup_disk(ctx, vm, state, rec, current)
+        summary = result.summary if isinstance(result, SegmentedBackup) else result
         state = replace(state, restic_snapshots=(*state.restic_snapshots, summary.snapshot_id), summary=totals)
         ctx.store.save(state)
+        if isinstance(result, SegmentedBackup):
+            keep_base(ctx, vm, _disk(vm, state, rec.disk_slug), state.run_id, result.base)
+            # From here on the snapshot is the base: no cleanup may remove it as this run's.
+            state = replace(state, snapshots=tuple(s for s in state.snapshots if s.name != rec.name))
+            ctx.store.save(state)
         log.info("stored %s as restic snapshot %s: %d files, %d bytes read, %d bytes new",
                  rec.origin, summary.snapshot_id[:8], summary.files, summary.total_bytes, summary.data_added)
         for key in totals:
@@ -300,6 +310,7 @@ def release(ctx: Context, vm: VM, state: RunState | None) -> list[str]:
         if ctx.lvm.remove(ref, ctx.cfg.settings.lvremove_retries):
             removed.append(str(ref))
             log.info("removed snapshot %s", ref)
+    pools(ctx).release_leftovers()
     ctx.slots.release(vm.name)
     return removed
 

@@ -91,12 +91,17 @@ def restore_test(ctx: Context, vm: VM, scratch_root: str = "/var/tmp") -> Restor
                     raise VerifyFailed(f"latest run {sel.run_id} of {vm.name} has no backup of {disk.lv}")
                 nodes = ctx.restic.ls(snap.id)
                 if disk.mode is DiskMode.BLOCK:
-                    name = f"/{disk.slug}.img"
-                    size = next((n.size for n in nodes if n.path == name), -1)
-                    seen, _ = dump_digest(ctx, snap.id, name)
-                    if seen != size:
-                        raise VerifyFailed(f"{name} of {snap.short_id} reads back as {seen} bytes, recorded {size}")
-                    entries, total = entries + 1, total + seen
+                    if names.SEGMENTED_TAG in snap.tags:
+                        files = [(n.path, n.size) for n in nodes if n.type == "file"]
+                    else:
+                        name = f"/{disk.slug}.img"
+                        files = [(name, next((n.size for n in nodes if n.path == name), -1))]
+                    for name, size in files:
+                        seen, _ = dump_digest(ctx, snap.id, name)
+                        if seen != size:
+                            raise VerifyFailed(f"{name} of {snap.short_id} reads back as {seen} bytes, "
+                                               f"recorded {size}")
+                        entries, total = entries + 1, total + seen
                     continue
                 target = os.path.join(scratch, disk.slug)
                 # --verify makes restic re-hash every restored file against the blob IDs it recorded.

@@ -263,19 +263,29 @@ class Restorer:
         raise RestoreError(f"{disk.lv} is not mounted on this host, so its files have no place to go; mount it "
                            "or use --to PATH")
 
-    def block_target(self, disk: Disk, snap: Snapshot) -> tuple[LvRef, str, int]:
+    def block_target(self, disk: Disk, snap: Snapshot) -> tuple[LvRef, tuple[str, ...], int]:
         ref = self.req.to_lv or disk.lv
-        name = f"/{disk.slug}.img"
-        size = next((n.size for n in self.ctx.restic.ls(snap.id) if n.path == name), None)
-        if size is None:
-            raise RestoreError(f"snapshot {snap.short_id} holds no {name}")
+        nodes = self.ctx.restic.ls(snap.id)
+        if names.SEGMENTED_TAG in snap.tags:
+            # A thin LV's changed-block backup: the device is its segment files in name order.
+            parts = sorted((n for n in nodes if n.type == "file" and os.path.basename(n.path).startswith("seg-")),
+                           key=lambda n: n.path)
+            if not parts:
+                raise RestoreError(f"snapshot {snap.short_id} is tagged {names.SEGMENTED_TAG} but holds no segments")
+            files, size = tuple(n.path for n in parts), sum(n.size for n in parts)
+        else:
+            name = f"/{disk.slug}.img"
+            found = next((n.size for n in nodes if n.path == name), None)
+            if found is None:
+                raise RestoreError(f"snapshot {snap.short_id} holds no {name}")
+            files, size = (name,), found
         lv = self.ctx.lvm.lv(ref)
         if lv is None:
             raise RestoreError(f"target logical volume {ref} does not exist")
         if lv.size < size:
             raise RestoreError(f"target {ref} has {lv.size} bytes, smaller than the image's {size}; "
                                "extend it first (lvextend) or choose another --to-lv")
-        return ref, name, size
+        return ref, files, size
 
     # --- the run ---
 
@@ -403,8 +413,9 @@ class Restorer:
                     # Punching holes touches mtime; the restored file must keep the backed-up one.
                     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
 
-    def restore_block(self, snap: Snapshot, ref: LvRef, name: str, size: int) -> None:
-        self.step("restore-block", f"restic dump {snap.short_id} {name} > {ref.path} ({size} bytes)")
+    def restore_block(self, snap: Snapshot, ref: LvRef, files: tuple[str, ...], size: int) -> None:
+        shown = files[0] if len(files) == 1 else f"{files[0]} … ({len(files)} segments in order)"
+        self.step("restore-block", f"restic dump {snap.short_id} {shown} > {ref.path} ({size} bytes)")
         if self.req.dry_run:
             return
         lv = self.ctx.lvm.lv(ref)
@@ -423,7 +434,8 @@ class Restorer:
                     view = view[n:]
                 written += len(data)
 
-            self.ctx.restic.dump(snap.id, name, sink)
+            for name in files:
+                self.ctx.restic.dump(snap.id, name, sink)
             os.fsync(fd)
         finally:
             os.close(fd)

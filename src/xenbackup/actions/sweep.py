@@ -11,6 +11,7 @@ from ..model import VM
 from ..mount import mounts_below
 from ..state import Busy, RunState
 from .context import Context
+from .incremental import pools
 from .record import record_interrupted
 from .window import resume_left
 
@@ -29,6 +30,7 @@ def sweep_stale(ctx: Context, vm: VM) -> list[str]:
         journal.event(log, logging.WARNING, "removed stale snapshot %s left by an earlier run",
                       MessageId.STALE_REMOVED,
                              lv.ref, snapshot=lv.ref)
+    pools(ctx).release_leftovers()
     return removed
 
 
@@ -60,6 +62,8 @@ def sweep_all(ctx: Context) -> list[str]:
             journal.event(log, logging.WARNING, "removed stale snapshot %s of an unconfigured VM",
                           MessageId.STALE_REMOVED,
                                  lv.ref, snapshot=lv.ref)
+    # A thin pool's metadata snapshot survives a reboot; a run killed while holding one must not keep it.
+    pools(ctx).release_leftovers()
     # At boot the network may not be up; the next run clears a remote repository's locks anyway.
     if removed and ctx.cfg.repository.is_local:
         clear_stale_locks(ctx)

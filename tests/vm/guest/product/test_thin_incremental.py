@@ -1,0 +1,177 @@
+"""Changed-block incrementals of thin LVs in block mode ([settings] thin_incremental), on real LVM,
+thin_delta, FUSE and restic: what a run reads, what a restore writes, when it falls back to a full read,
+and that the pool's metadata snapshot never stays held."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from vmlib.product import Journal, Xb, our_mounts, sh
+
+MiB = 1024 * 1024
+SEGMENT = 64 * MiB
+UNIT = "xenbackup@vm1"
+STATE = Path("/var/lib/xenbackup/state")
+
+
+def config(vg: str, lv: str, extra: str = "") -> str:
+    return f"""
+        [settings]
+        thin_incremental = true
+        {extra}
+        [vm.vm1]
+        hypervisor = "none"
+        disks = [{{ lv = "{vg}/{lv}", mode = "block" }}]
+    """
+
+
+def make_thin_lv(vg: str, pool: str, name: str, size_mib: int) -> Path:
+    sh("lvcreate", "--yes", "--type", "thin", "-V", f"{size_mib}M", "--thinpool", pool, "-n", name, vg)
+    device = Path(f"/dev/{vg}/{name}")
+    # Some data in every segment, the rest left unmapped (zeros), so the pool is not filled.
+    for seg in range(size_mib * MiB // SEGMENT):
+        write_random(device, seg * SEGMENT + MiB, 2 * MiB)
+    return device
+
+
+def write_random(device: Path, offset: int, length: int) -> None:
+    sh("dd", "if=/dev/urandom", f"of={device}", "bs=1M", f"count={length // MiB}", f"seek={offset // MiB}",
+       "oflag=direct", "conv=notrunc", "status=none")
+
+
+def sha256(device: Path, size: int | None = None) -> str:
+    if size is None:
+        return sh("sha256sum", str(device)).stdout.split()[0]
+    return sh("sh", "-c", f"head -c {size} {device} | sha256sum").stdout.split()[0]
+
+
+def run_fields(journal: Journal) -> dict[str, int]:
+    """The journal fields of the run's read line: bytes read, device size, segments restic took unread."""
+    for entry in journal.entries("-u", UNIT):
+        if "XENBACKUP_BYTES_READ" in entry:
+            return {k: int(str(entry[f"XENBACKUP_{k.upper()}"])) for k in
+                    ("bytes_read", "device_bytes", "segments_unmodified", "incremental")}
+    raise AssertionError(journal.text("-u", UNIT))
+
+
+def bases(vg: str) -> list[dict[str, str]]:
+    out = sh("lvs", "--reportformat", "json", "-o", "lv_name,origin,lv_tags,lv_kernel_minor",
+             "@xenbackup-base:vm1").stdout
+    return [lv for lv in json.loads(out)["report"][0]["lv"] if lv]
+
+
+def sectors_read(minor: str) -> int:
+    return int(Path(f"/sys/block/dm-{minor}/stat").read_text().split()[2])
+
+
+def backup(xb: Xb, journal: Journal) -> tuple[dict[str, int], dict[str, object]]:
+    run = xb.start()
+    assert run.returncode == 0, journal.text("-u", UNIT)
+    snap = xb.snapshots("vm:vm1", "mode:block")[-1]
+    return run_fields(journal), snap
+
+
+def test_second_run_reads_only_the_changed_segment(thin_layout, xb: Xb, tmp_path: Path) -> None:
+    vg, pool = thin_layout.vg, thin_layout.pool
+    device = make_thin_lv(vg, pool, "blk", 1024)
+    xb.write_config(config(vg, "blk"))
+    started = time.monotonic()
+    first, snap1 = backup(xb, Journal())
+    first_seconds = time.monotonic() - started
+    assert "layout:segments" in snap1["tags"]  # type: ignore[operator]
+    assert (first["bytes_read"], first["device_bytes"], first["incremental"]) == (1024 * MiB, 1024 * MiB, 0)
+    [base1] = bases(vg)
+    assert base1["origin"] == "blk"
+    assert sectors_read(base1["lv_kernel_minor"]) * 512 >= 1024 * MiB
+
+    # 1 % of the device, inside one segment (the fifth).
+    write_random(device, 4 * SEGMENT + 8 * MiB, 10 * MiB)
+    want = sha256(device)
+    journal = Journal()
+    started = time.monotonic()
+    second, snap2 = backup(xb, journal)
+    second_seconds = time.monotonic() - started
+    log = journal.text("-u", UNIT)
+    assert "thin_delta: " in log and "in 1 of 16 segments" in log, log
+    # restic's own verdict and our read counter: one segment read, fifteen taken from the parent unread.
+    assert (second["incremental"], second["segments_unmodified"], second["bytes_read"]) == (1, 15, SEGMENT), log
+    [base2] = bases(vg)
+    assert base2["lv_name"] != base1["lv_name"], "the old base must be replaced"
+    # The kernel's count for the snapshot device: what restic and udev's probe read, not the whole disk.
+    assert sectors_read(base2["lv_kernel_minor"]) * 512 <= SEGMENT + 4 * MiB
+    print(f"first run {first_seconds:.1f} s, second run {second_seconds:.1f} s")
+
+    # A classic LV: writing a whole 1 GiB image into the 1 GiB pool would fill it.
+    sh("lvcreate", "--yes", "-L", "1G", "-n", "blkr", vg)
+    restore = sh("xenbackup", "restore", "vm1", "--to-lv", f"{vg}/blkr", check=False, timeout=900)
+    assert restore.returncode == 0, restore.stdout + restore.stderr
+    assert sha256(Path(f"/dev/{vg}/blkr"), 1024 * MiB) == want
+    assert snap2["id"] != snap1["id"]
+    assert our_mounts() == []
+    assert list((STATE / "metadata-snapshots").iterdir()) == []
+
+
+def test_base_gone_or_lv_grown_means_a_full_correct_read(thin_layout, xb: Xb, tmp_path: Path) -> None:
+    vg, pool = thin_layout.vg, thin_layout.pool
+    device = make_thin_lv(vg, pool, "blk", 256)
+    xb.write_config(config(vg, "blk"))
+    backup(xb, Journal())
+    [base] = bases(vg)
+
+    sh("lvremove", "--yes", f"{vg}/{base['lv_name']}")
+    write_random(device, 3 * MiB, MiB)
+    want = sha256(device)
+    journal = Journal()
+    fields, _ = backup(xb, journal)
+    assert (fields["incremental"], fields["bytes_read"]) == (0, 256 * MiB)
+    assert "is gone" in journal.text("-u", UNIT)
+    restore = sh("xenbackup", "restore", "vm1", check=False, timeout=900)
+    assert restore.returncode == 0, restore.stdout + restore.stderr
+    assert sha256(device) == want
+
+    sh("lvextend", "--yes", "-L", "320M", f"{vg}/blk")
+    journal = Journal()
+    fields, _ = backup(xb, journal)
+    assert (fields["incremental"], fields["bytes_read"], fields["device_bytes"]) == (0, 320 * MiB, 320 * MiB)
+    assert "changed size" in journal.text("-u", UNIT)
+    assert len(bases(vg)) == 1
+
+
+def test_sigkill_while_holding_the_metadata_snapshot_releases_it(thin_layout, xb: Xb) -> None:
+    vg, pool = thin_layout.vg, thin_layout.pool
+    make_thin_lv(vg, pool, "blk", 128)
+    xb.write_config(config(vg, "blk"))
+    backup(xb, Journal())
+
+    # The real thin_delta, started late: the run holds the metadata snapshot while this sleeps.
+    marker = Path("/run/xb-thin-delta-started")
+    marker.unlink(missing_ok=True)
+    slow = Path("/usr/local/bin/xb-slow-thin-delta")
+    slow.write_text(f"#!/bin/sh\ntouch {marker}\nsleep 300\nexec thin_delta \"$@\"\n")
+    slow.chmod(0o755)
+    tpool = f"{vg}-{pool}-tpool"
+
+    def held_root() -> str:
+        return sh("dmsetup", "status", tpool).stdout.split()[6]
+
+    try:
+        xb.write_config(config(vg, "blk", f'[commands]\nthin_delta = "{slow}"'))
+        sh("systemctl", "start", "--no-block", f"{UNIT}.service")
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert time.monotonic() < deadline, "thin_delta never started"
+            time.sleep(0.2)
+        assert held_root() != "-", "the run holds no metadata snapshot"
+        sh("systemctl", "kill", "--signal=SIGKILL", f"{UNIT}.service")
+        xb.wait_inactive()
+        assert held_root() == "-"
+        assert list((STATE / "metadata-snapshots").iterdir()) == []
+    finally:
+        slow.unlink()
+        marker.unlink(missing_ok=True)
+    # The pool works as before: the next run compares against the kept base again.
+    xb.write_config(config(vg, "blk"))
+    fields, _ = backup(xb, Journal())
+    assert (fields["incremental"], fields["bytes_read"]) == (1, 0)
