@@ -13,6 +13,8 @@ packages=(qemu-system-x86 qemu-utils mmdebstrap debian-archive-keyring gpg mount
     # unit tests: real restic, systemd-analyze for calendars, pystemd's build (PyPI ships an sdist only),
     # and the Debian package build
     restic systemd libsystemd-dev pkg-config gcc util-linux
+    # the thin-incremental segment filesystem, tested against real restic over FUSE
+    python3-pyfuse3 fuse3 thin-provisioning-tools
     debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools dpkg-dev fakeroot
     # the package checks: lintian on the .deb; rpmbuild and rpm -q for the RPM spec (built, not installed)
     lintian rpm python3-pip python3-wheel)
