@@ -20,13 +20,9 @@ from ..mount import mounts
 from ..repository import Snapshot
 from ..run import run
 from ..state import Busy, StateStore
-from .context import Context, StepError
+from .context import Context, RestoreError, StepError
 
 log = logging.getLogger(__name__)
-
-
-class RestoreError(Exception):
-    """The restore was refused or failed; the message says why and what state the VM is in."""
 
 
 @dataclass(frozen=True)
