@@ -185,3 +185,26 @@ def test_a_config_xl_rejects_fails_with_xl_s_own_words(tools: Path) -> None:
     with pytest.raises(backup.StepError, match="config parsing error near"):
         backup.step_snapshot(Context.from_config(cfg), cfg.vm("db1"))
     assert not any(c.startswith(("lvcreate", "xl pause")) for c in calls(tools))
+
+
+def test_the_snapshot_lifetime_runs_from_lvcreate_to_lvremove_and_is_a_metric(tools: Path, caplog) -> None:
+    import time
+
+    from xenbackup.actions.record import RunResult
+    from xenbackup.actions.status import render_metrics
+
+    cfg = write_cfg(tools, extra='consistency = "none"')
+    ctx = Context.from_config(cfg)
+    before = time.time()
+    backup.step_snapshot(ctx, cfg.vm("db1"))
+    time.sleep(0.5)
+    caplog.set_level("INFO")
+    assert backup.step_cleanup(ctx, cfg.vm("db1"), RunResult.SUCCESS) == 0
+    elapsed = time.time() - before
+    record = ctx.store.read_record("db1")
+    assert record is not None and 0.5 <= record["snapshot_seconds"] <= elapsed
+    logged = [r for r in caplog.records if "snapshot_seconds" in getattr(r, "fields", {})]
+    # Once when the last lvremove returned, once more in the run's outcome.
+    assert [float(r.fields["snapshot_seconds"]) for r in logged] == [round(record["snapshot_seconds"], 2)] * 2
+    assert f'xenbackup_last_snapshot_seconds{{vm="db1"}} {float(record["snapshot_seconds"])!r}' in \
+        render_metrics({"db1": record})

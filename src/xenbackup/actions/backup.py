@@ -109,6 +109,8 @@ def step_snapshot(ctx: Context, vm: VM) -> RunState:
             try:
                 with quiesced(hv, vm.name, method, vm.max_pause, record_pause) as window:
                     for disk, name, is_thin in planned:
+                        if state.snapshot_created is None:
+                            state = replace(state, snapshot_created=time.time())
                         ref = ctx.lvm.create_snapshot(disk.lv, name, None if is_thin else vm.snapshot_size, tags)
                         stack.callback(ctx.lvm.remove, ref, ctx.cfg.settings.lvremove_retries)
                         state = state.with_snapshot(SnapshotRecord(disk.lv, name, disk.slug, thin=is_thin))
@@ -258,15 +260,16 @@ def step_backup(ctx: Context, vm: VM) -> RunState:
 
 def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunState:
     """Back up every disk, then the domain config; record each restic snapshot as it appears."""
-    totals = {"data_added": 0, "total_bytes": 0, "files": 0}
+    totals: dict[str, float] = {"data_added": 0, "total_bytes": 0, "files": 0, "restic_seconds": 0.0}
     for rec in state.snapshots:
         summary = _backup_disk(ctx, vm, state, rec, current)
         state = replace(state, restic_snapshots=(*state.restic_snapshots, summary.snapshot_id), summary=totals)
         ctx.store.save(state)
         log.info("stored %s as restic snapshot %s: %d files, %d bytes read, %d bytes new",
                  rec.origin, summary.snapshot_id[:8], summary.files, summary.total_bytes, summary.data_added)
-        for key in totals:
+        for key in ("data_added", "total_bytes", "files"):
             totals[key] += getattr(summary, key)
+        totals["restic_seconds"] = round(totals["restic_seconds"] + summary.duration, 3)
     if vm.domain_config and os.path.isfile(vm.domain_config):
         tags = names.restic_tags(ctx.host, vm.name, names.CONFIG_DISK, names.CONFIG_DISK,
                                  state.run_id)
@@ -301,6 +304,11 @@ def release(ctx: Context, vm: VM, state: RunState | None) -> list[str]:
         if ctx.lvm.remove(ref, ctx.cfg.settings.lvremove_retries):
             removed.append(str(ref))
             log.info("removed snapshot %s", ref)
+    if state is not None and state.snapshot_created is not None and state.snapshot_seconds is None:
+        seconds = round(time.time() - state.snapshot_created, 3)
+        log.info("the snapshots of %s existed for %.1f s", vm.name, seconds,
+                 extra={"fields": {"snapshot_seconds": f"{seconds:.2f}"}})
+        ctx.store.save(replace(ctx.store.load(vm.name) or state, snapshot_seconds=seconds))
     ctx.slots.release(vm.name)
     return removed
 
@@ -381,6 +389,10 @@ def _finish(ctx: Context, vm: VM, state: RunState | None, result: RunResult, cle
     fields: dict[str, object] = {"result": record.result.value, "peak_fill": record.peak_fill or 0}
     if state.pause_seconds is not None:
         fields.update(consistency=state.consistency, pause_seconds=f"{state.pause_seconds:.2f}")
+    if state.snapshot_seconds is not None:
+        fields.update(snapshot_seconds=f"{state.snapshot_seconds:.2f}")
+    if "restic_seconds" in state.summary:
+        fields.update(restic_seconds=f"{float(state.summary['restic_seconds']):.2f}")
     if record.result is RunResult.SUCCESS:
         journal.event(log, logging.INFO, "backup of %s succeeded in %.0f s (snapshot peak fill %.1f%%)",
                       MessageId.SUCCEEDED, vm.name, record.duration or 0, record.peak_fill or 0, **fields)
