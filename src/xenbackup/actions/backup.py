@@ -199,9 +199,12 @@ class _Current:
                 self.proc.send_signal(signal.SIGTERM)
 
 
-def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord, current: _Current) -> BackupSummary:
+def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord, current: _Current,
+                 with_config: str | None = None) -> BackupSummary:
     disk = _disk(vm, state, rec.disk_slug)
     tags = names.restic_tags(ctx.host, vm.name, str(disk.lv), disk.mode.value, state.run_id)
+    if with_config:
+        tags.append(names.CONFIG_INSIDE)
     reporter = Reporter(f"{vm.name} {disk.lv}", ctx.cfg.settings.progress_interval)
     try:
         if disk.mode is DiskMode.FILES:
@@ -211,8 +214,8 @@ def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord, cur
             if not os.path.lexists(source):
                 raise StepError(f"{disk.path} does not exist in the filesystem of {disk.lv}")
             # Relative to the mount point, so the stored tree reads like the origin's filesystem.
-            return ctx.restic.backup([disk.path], tags, ctx.host, reporter, cwd=rec.mountpoint,
-                                     on_start=current.set)
+            paths = [disk.path, *([with_config] if with_config else [])]
+            return ctx.restic.backup(paths, tags, ctx.host, reporter, cwd=rec.mountpoint, on_start=current.set)
         with open(rec.lv.path, "rb") as dev:
             return ctx.restic.backup([], tags, ctx.host, reporter, stdin=dev, stdin_filename=f"{disk.slug}.img",
                                      on_start=current.set)
@@ -259,10 +262,16 @@ def step_backup(ctx: Context, vm: VM) -> RunState:
 
 
 def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunState:
-    """Back up every disk, then the domain config; record each restic snapshot as it appears."""
+    """Back up every disk and the domain config; record each restic snapshot as it appears."""
     totals: dict[str, float] = {"data_added": 0, "total_bytes": 0, "files": 0, "restic_seconds": 0.0}
+    config = vm.domain_config if vm.domain_config and os.path.isfile(vm.domain_config) else None
+    # The config rides in the first files-mode disk's run where it can: a restic run of its own costs
+    # another repository open (keys, index, lock) inside the snapshot's lifetime.
+    carrier = next((rec.disk_slug for rec in state.snapshots if config
+                    and (d := _disk(vm, state, rec.disk_slug)).mode is DiskMode.FILES
+                    and names.config_rides_along(d.path, config)), None)
     for rec in state.snapshots:
-        summary = _backup_disk(ctx, vm, state, rec, current)
+        summary = _backup_disk(ctx, vm, state, rec, current, config if rec.disk_slug == carrier else None)
         state = replace(state, restic_snapshots=(*state.restic_snapshots, summary.snapshot_id), summary=totals)
         ctx.store.save(state)
         log.info("stored %s as restic snapshot %s: %d files, %d bytes read, %d bytes new",
@@ -270,7 +279,9 @@ def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunS
         for key in ("data_added", "total_bytes", "files"):
             totals[key] += getattr(summary, key)
         totals["restic_seconds"] = round(totals["restic_seconds"] + summary.duration, 3)
-    if vm.domain_config and os.path.isfile(vm.domain_config):
+    if config and carrier:
+        log.info("saved domain config %s with %s", config, _disk(vm, state, carrier).lv)
+    elif config:
         tags = names.restic_tags(ctx.host, vm.name, names.CONFIG_DISK, names.CONFIG_DISK,
                                  state.run_id)
         summary = ctx.restic.backup([vm.domain_config], tags, ctx.host, lambda p: None)

@@ -101,7 +101,9 @@ def select_run(snaps: Sequence[Snapshot], wanted: str) -> RunSelection:
         run_id = runs.pop()
     members = [s for s in snaps if (s.tag_value("run") or "") == run_id] if run_id else []
     disks = {d: s for s in members if (d := s.tag_value("disk")) and d != names.CONFIG_DISK}
-    config = next((s for s in members if s.tag_value("mode") == names.CONFIG_DISK), None)
+    # Runs before the config rode along with a disk kept it in a restic snapshot of its own.
+    config = next((s for s in members if s.tag_value("mode") == names.CONFIG_DISK), None) or next(
+        (s for s in members if names.CONFIG_INSIDE in s.tags), None)
     return RunSelection(run_id=run_id, disks=disks, config=config)
 
 
