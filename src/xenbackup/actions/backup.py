@@ -284,10 +284,10 @@ def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunS
     elif config:
         tags = names.restic_tags(ctx.host, vm.name, names.CONFIG_DISK, names.CONFIG_DISK,
                                  state.run_id)
-        summary = ctx.restic.backup([vm.domain_config], tags, ctx.host, lambda p: None)
+        summary = ctx.restic.backup([config], tags, ctx.host, lambda p: None)
         state = replace(state, restic_snapshots=(*state.restic_snapshots, summary.snapshot_id))
         ctx.store.save(state)
-        log.info("saved domain config %s", vm.domain_config)
+        log.info("saved domain config %s", config)
     elif vm.domain_config:
         log.warning("domain config %s does not exist; backing up the disks only", vm.domain_config)
     return replace(state, summary=dict(totals))
