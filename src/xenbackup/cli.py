@@ -308,7 +308,7 @@ def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:
 
     from .actions import status as status_mod
 
-    units = {names.service(n): systemd.unit_state(names.service(n)) for n in cfg.vms}
+    units = systemd.unit_states([names.service(n) for n in cfg.vms])
     rows = status_mod.collect(cfg, units, systemd.timer_states())
     if args.json:
         print(json.dumps([r.as_json() for r in rows], indent=1))

@@ -45,12 +45,12 @@ class SystemdUnavailable(Exception):
     """PID 1 could not be asked (no system bus, D-Bus error): the unit's state is unknown, not "dead"."""
 
 
-def query_unit(name: str) -> UnitState:
+def query_unit(name: str, bus: Any = None) -> UnitState:
     """The unit's properties from PID 1 over D-Bus; raises SystemdUnavailable when it cannot be asked."""
     try:
         from pystemd.systemd1 import Unit
 
-        unit = Unit(name.encode())
+        unit = Unit(name.encode(), bus=bus)
         unit.load()
         svc = unit.Service
         return UnitState(
@@ -65,6 +65,30 @@ def query_unit(name: str) -> UnitState:
         )
     except Exception as exc:
         raise SystemdUnavailable(f"cannot read {name} over D-Bus: {exc}") from exc
+
+
+def unit_states(units: Sequence[str]) -> dict[str, UnitState | None]:
+    """unit_state of many units over one D-Bus connection: `xenbackup status` asks for every VM's, and a
+    connection per unit cost more than the questions."""
+    try:
+        from pystemd.dbuslib import DBus
+
+        bus = DBus()
+        bus.open()
+    except Exception as exc:
+        log.debug("cannot open the system bus: %s", exc)
+        return dict.fromkeys(units)
+    try:
+        out: dict[str, UnitState | None] = {}
+        for name in units:
+            try:
+                out[name] = query_unit(name, bus)
+            except SystemdUnavailable as exc:
+                log.debug("%s", exc)
+                out[name] = None
+        return out
+    finally:
+        bus.close()
 
 
 def unit_state(name: str) -> UnitState | None:
@@ -149,14 +173,21 @@ class TimerState:
 def timer_states(pattern: str = names.TIMER_PATTERN) -> dict[str, TimerState]:
     """Loaded timers matching pattern with their next elapse (realtime µs), over D-Bus."""
     try:
+        from pystemd.dbuslib import DBus
         from pystemd.systemd1 import Manager, Unit
 
-        manager = Manager()
+        bus = DBus()
+        bus.open()
+    except Exception as exc:
+        log.debug("cannot open the system bus: %s", exc)
+        return {}
+    try:
+        manager = Manager(bus=bus)
         manager.load()
         out: dict[str, TimerState] = {}
         for row in manager.Manager.ListUnitsByPatterns([], [pattern.encode()]):
             name = _text(row[0])
-            unit = Unit(name.encode())
+            unit = Unit(name.encode(), bus=bus)
             unit.load()
             out[name] = TimerState(name=name, next_elapse_usec=int(unit.Timer.NextElapseUSecRealtime),
                                    last_trigger_usec=int(unit.Timer.LastTriggerUSec))
@@ -164,6 +195,8 @@ def timer_states(pattern: str = names.TIMER_PATTERN) -> dict[str, TimerState]:
     except Exception as exc:
         log.debug("cannot list timers over D-Bus: %s", exc)
         return {}
+    finally:
+        bus.close()
 
 
 @dataclass(frozen=True)
