@@ -129,3 +129,16 @@ def test_dm_names_double_the_dashes_as_lvm_does() -> None:
 
     assert dm_name(LvRef("system", "xenvm.xb-vm1-20261130")) == "system-xenvm.xb--vm1--20261130"
     assert dm_name(LvRef("vg-0", "web-01")) == "vg--0-web--01"
+
+
+def test_the_mount_step_waits_for_its_own_links_and_settles_only_without_udevadm_wait(fake_bin) -> None:
+    udevadm = fake_bin("udevadm")
+    lvm = Lvm({**CMDS, "udevadm": str(udevadm)})
+    lvm.wait_for(["/dev/system/xenvm.xb-vm1-1"])
+    assert fake_bin.calls.read_text().splitlines() == ["udevadm wait --timeout=10 /dev/system/xenvm.xb-vm1-1"]
+    fake_bin.calls.unlink()
+    # systemd before 251: "Unknown command verb wait."
+    old = fake_bin("udevadm", code=1, stderr="Unknown command verb wait.")
+    Lvm({**CMDS, "udevadm": str(old)}).wait_for(["/dev/system/a"])
+    assert fake_bin.calls.read_text().splitlines() == ["udevadm wait --timeout=10 /dev/system/a",
+                                                       "udevadm settle --timeout=10"]

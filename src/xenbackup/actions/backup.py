@@ -154,8 +154,8 @@ def _own_state(ctx: Context, vm: VM) -> RunState:
 def step_mount(ctx: Context, vm: VM) -> RunState:
     with journal.context(phase="mount"), ctx.store.lock(vm.name):
         state = _own_state(ctx, vm)
-        files = {d.slug for d in (state.disks or vm.disks) if d.mode is DiskMode.FILES}
-        ctx.lvm.wait_for([rec.lv.path for rec in state.snapshots if rec.disk_slug in files])
+        # Block-mode disks are read through the same links by the backup step.
+        ctx.lvm.wait_for([rec.lv.path for rec in state.snapshots])
         try:
             for rec in state.snapshots:
                 disk = _disk(vm, state, rec.disk_slug)
