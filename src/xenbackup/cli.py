@@ -308,8 +308,9 @@ def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:
 
     from .actions import status as status_mod
 
-    units = systemd.unit_states([names.service(n) for n in cfg.vms])
-    rows = status_mod.collect(cfg, units, systemd.timer_states())
+    systemctl = cfg.command("systemctl")
+    units = systemd.unit_states([names.service(n) for n in cfg.vms], systemctl)
+    rows = status_mod.collect(cfg, units, systemd.timer_states(systemctl=systemctl))
     if args.json:
         print(json.dumps([r.as_json() for r in rows], indent=1))
     else:

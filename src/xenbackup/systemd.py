@@ -67,9 +67,63 @@ def query_unit(name: str, bus: Any = None) -> UnitState:
         raise SystemdUnavailable(f"cannot read {name} over D-Bus: {exc}") from exc
 
 
-def unit_states(units: Sequence[str]) -> dict[str, UnitState | None]:
-    """unit_state of many units over one D-Bus connection: `xenbackup status` asks for every VM's, and a
-    connection per unit cost more than the questions."""
+SHOW_UNIT = ("Id", "LoadState", "ActiveState", "Result", "ExecMainStatus", "ExecMainPID", "InvocationID",
+             "InactiveExitTimestamp", "InactiveEnterTimestamp")
+SHOW_TIMER = ("Id", "NextElapseUSecRealtime", "LastTriggerUSec")
+
+
+def parse_show(stdout: str) -> list[dict[str, str]]:
+    """`systemctl show` of several units: one block of Name=value lines per unit, blocks split by a blank line."""
+    blocks: list[dict[str, str]] = [{}]
+    for line in stdout.splitlines():
+        if not line.strip():
+            if blocks[-1]:
+                blocks.append({})
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ValueError(f"systemctl show printed {line!r}")
+        blocks[-1][key] = value
+    return [b for b in blocks if b]
+
+
+def _show_usec(value: str) -> int:
+    """A timestamp as `--timestamp=unix` prints it ("@1764468000"); empty or "n/a" is never (0)."""
+    if value in ("", "n/a"):
+        return 0
+    if not value.startswith("@"):
+        raise ValueError(f"not a unix timestamp: {value!r}")
+    return int(float(value[1:]) * 1_000_000)
+
+
+def _unit_from_show(b: dict[str, str]) -> UnitState:
+    status, pid = int(b.get("ExecMainStatus") or 0), int(b.get("ExecMainPID") or 0)
+    return UnitState(name=b["Id"], load_state=b["LoadState"], active_state=b["ActiveState"],
+                     result=b.get("Result", ""), exec_main_status=status if pid or status else None,
+                     invocation_id=b.get("InvocationID", "").replace("-", ""),
+                     inactive_exit_usec=_show_usec(b.get("InactiveExitTimestamp", "")),
+                     inactive_enter_usec=_show_usec(b.get("InactiveEnterTimestamp", "")))
+
+
+def _show(systemctl: str, properties: Sequence[str], units: Sequence[str]) -> list[dict[str, str]]:
+    from .run import run
+
+    return parse_show(run([systemctl, "show", "--all", "--timestamp=unix", "-p", ",".join(properties),
+                           "--", *units]).stdout)
+
+
+def unit_states(units: Sequence[str], systemctl: str = "systemctl") -> dict[str, UnitState | None]:
+    """unit_state of many units in one `systemctl show`: `xenbackup status` asks for every VM's, and over
+    pystemd each unit cost an introspection and a call per property (25 s for 100 VMs under emulation)."""
+    from .run import CommandError
+
+    if not units:
+        return {}
+    try:
+        found = {b["Id"]: _unit_from_show(b) for b in _show(systemctl, SHOW_UNIT, units)}
+        return {name: found.get(name) for name in units}
+    except (CommandError, KeyError, ValueError) as exc:
+        log.debug("systemctl show failed (%s); asking over D-Bus", exc)
     try:
         from pystemd.dbuslib import DBus
 
@@ -170,8 +224,16 @@ class TimerState:
     last_trigger_usec: int
 
 
-def timer_states(pattern: str = names.TIMER_PATTERN) -> dict[str, TimerState]:
-    """Loaded timers matching pattern with their next elapse (realtime µs), over D-Bus."""
+def timer_states(pattern: str = names.TIMER_PATTERN, systemctl: str = "systemctl") -> dict[str, TimerState]:
+    """Loaded timers matching pattern with their next elapse (realtime µs): one `systemctl show`, else D-Bus."""
+    from .run import CommandError
+
+    try:
+        return {b["Id"]: TimerState(name=b["Id"], next_elapse_usec=_show_usec(b.get("NextElapseUSecRealtime", "")),
+                                    last_trigger_usec=_show_usec(b.get("LastTriggerUSec", "")))
+                for b in _show(systemctl, SHOW_TIMER, [pattern])}
+    except (CommandError, KeyError, ValueError) as exc:
+        log.debug("systemctl show failed (%s); asking over D-Bus", exc)
     try:
         from pystemd.dbuslib import DBus
         from pystemd.systemd1 import Manager, Unit
