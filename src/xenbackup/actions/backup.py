@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from .. import journal, names
 from ..journal import MessageId
-from ..lvm import LogicalVolume, LvmError, VolumeGroup
+from ..lvm import LvmError, VolumeGroup
 from ..model import VM, Consistency, Disk, DiskMode, SnapshotRecord, snapshot_name
 from ..mount import mounts_below
 from ..progress import Reporter
@@ -303,15 +303,13 @@ def release(ctx: Context, vm: VM, state: RunState | None) -> list[str]:
     for entry in mounts_below(ctx.store.mount_root(vm.name)):
         ctx.mounter.umount(entry.target)
         log.info("unmounted %s", entry.target)
-    # One report serves both questions: did a snapshot overflow, and what carries our tag.
-    tagged = ctx.lvm.tagged(vm.lv_tag)
-    if state is not None and not state.overflowed and _any_invalid(ctx, state, tagged):
+    # The run's own snapshots go first, judged by the kernel's counters: the `lvs` that finds what else
+    # carries our tag scans every PV, and need not run while this run's snapshots still cost the VM.
+    if state is not None and not state.overflowed and _any_invalid(ctx, state):
         state = replace(state, overflowed=True)
         ctx.store.save(state)
-    names = {rec.name for rec in state.snapshots} if state else set()
-    refs = [rec.lv for rec in state.snapshots] if state else []
-    refs += [lv.ref for lv in tagged if lv.name not in names]
-    for ref in refs:
+    own = [rec.lv for rec in state.snapshots] if state else []
+    for ref in own:
         if ctx.lvm.remove(ref, ctx.cfg.settings.lvremove_retries):
             removed.append(str(ref))
             log.info("removed snapshot %s", ref)
@@ -320,15 +318,26 @@ def release(ctx: Context, vm: VM, state: RunState | None) -> list[str]:
         log.info("the snapshots of %s existed for %.1f s", vm.name, seconds,
                  extra={"fields": {"snapshot_seconds": f"{seconds:.2f}"}})
         ctx.store.save(replace(ctx.store.load(vm.name) or state, snapshot_seconds=seconds))
+    for lv in ctx.lvm.tagged(vm.lv_tag):
+        if lv.ref not in own and ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries):
+            removed.append(str(lv.ref))
+            log.info("removed snapshot %s", lv.ref)
     ctx.slots.release(vm.name)
     return removed
 
 
-def _any_invalid(ctx: Context, state: RunState, tagged: list[LogicalVolume]) -> bool:
-    by_name = {lv.name: lv for lv in tagged}
+def _any_invalid(ctx: Context, state: RunState) -> bool:
     for rec in state.snapshots:
-        lv = by_name.get(rec.name)
-        if lv is not None and not rec.thin and lv.is_invalid:
+        if rec.thin:
+            continue
+        try:
+            status = ctx.lvm.snapshot_status(rec.lv)
+            invalid = status is not None and status.invalid
+        except (CommandError, LvmError) as exc:
+            log.warning("cannot read the kernel's state of snapshot %s (%s); asking LVM", rec.lv, exc)
+            lv = ctx.lvm.lv(rec.lv)
+            invalid = lv is not None and lv.is_invalid
+        if invalid:
             log.error("snapshot %s is invalid: it overflowed during the run", rec.lv,
                       extra={"message_id": MessageId.OVERFLOW.value, "fields": {"snapshot": rec.lv}})
             return True
