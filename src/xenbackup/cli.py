@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shlex
@@ -11,21 +10,18 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
+# Each verb imports its own action modules: a unit runs four steps, each a fresh interpreter, and
+# the step that makes snapshots has no use for restore, prune or status code.
 from . import config as config_mod
 from . import journal, names, systemd
-from .actions import backup as backup_mod
-from .actions.context import Context, StepError
-from .actions.restore import RestoreError
-from .actions.watch import SnapshotOverflowed
 from .config import Config, ConfigError
-from .hypervisor import HypervisorError
-from .lvm import LvmError
-from .model import DiskMode, LvRef, format_bytes
-from .mount import MountError
-from .repository import RepositoryError
 from .run import CommandError, mask_url
 from .state import Busy
+
+if TYPE_CHECKING:
+    from .actions.context import Context
 
 log = logging.getLogger("xenbackup")
 
@@ -43,6 +39,12 @@ class Terminated(KeyboardInterrupt):
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise Terminated(signal.Signals(signum).name)
+
+
+def _context(cfg: Config) -> Context:
+    from .actions.context import Context
+
+    return Context.from_config(cfg)
 
 
 def _vm_name(text: str) -> str:
@@ -120,16 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_backup(cfg: Config, args: argparse.Namespace) -> int:
+    from .actions import backup as backup_mod
+
     vm = cfg.vm(args.vm)
-    ctx = Context.from_config(cfg)
+    ctx = _context(cfg)
     with journal.context(vm=vm.name):
         backup_mod.backup_foreground(ctx, vm)
     return EXIT_OK
 
 
 def _cmd_step(cfg: Config, args: argparse.Namespace) -> int:
+    from .actions import backup as backup_mod
+
     vm = cfg.vm(args.vm)
-    ctx = Context.from_config(cfg)
+    ctx = _context(cfg)
     with journal.context(vm=vm.name):
         if args.step == "snapshot":
             backup_mod.step_snapshot(ctx, vm)
@@ -143,9 +149,11 @@ def _cmd_step(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_list(cfg: Config, args: argparse.Namespace) -> int:
+    import json
+
     from .actions.listing import group_runs, render_table
 
-    ctx = Context.from_config(cfg)
+    ctx = _context(cfg)
     hosts = list(dict.fromkeys(args.host or [ctx.host]))
     if args.vm and not args.all_hosts and hosts == [ctx.host]:
         cfg.vm(args.vm)  # another host's VMs need not be in this host's config
@@ -173,7 +181,7 @@ def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
     from .actions import plan as plan_mod
 
     vm = cfg.vm(args.vm)
-    ctx = Context.from_config(cfg)
+    ctx = _context(cfg)
     print(f"# dry run for {vm.name}: nothing is executed")
     for cmd in plan_mod.plan(ctx, vm):
         note = f"    # {cmd.note}" if cmd.note else ""
@@ -182,7 +190,9 @@ def _cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_restore(cfg: Config, args: argparse.Namespace) -> int:
+    from .actions.context import RestoreError
     from .actions.restore import Restorer, RestoreRequest
+    from .model import LvRef
 
     vm = cfg.vm(args.vm)
     try:
@@ -193,7 +203,7 @@ def _cmd_restore(cfg: Config, args: argparse.Namespace) -> int:
                          flatten=args.flatten, includes=tuple(args.include), stop=args.stop,
                          start=not args.no_start, with_config=args.with_config, delete=args.delete,
                          dry_run=args.dry_run, shutdown_timeout=cfg.settings.shutdown_timeout, host=args.host)
-    ctx = Context.from_config(cfg)
+    ctx = _context(cfg)
     with journal.context(vm=vm.name, phase="restore"):
         if args.dry_run:
             print(f"# dry run: restore of {vm.name}; nothing is changed")
@@ -206,14 +216,14 @@ def _cmd_restore(cfg: Config, args: argparse.Namespace) -> int:
 def _cmd_sweep(cfg: Config, args: argparse.Namespace) -> int:
     from .actions.sweep import sweep_all
 
-    removed = sweep_all(Context.from_config(cfg))
+    removed = sweep_all(_context(cfg))
     log.info("sweep done: %s", f"removed {', '.join(removed)}" if removed else "nothing left behind")
     return EXIT_OK
 
 
 def _cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
     from .actions.hostcheck import host_problems
-    from .lvm import Lvm
+    from .lvm import Lvm, LvmError
 
     if args.offline:
         print(f"{cfg.path}: OK (file only, host not checked), {len(cfg.vms)} VM(s): "
@@ -235,7 +245,10 @@ def _cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
 
 def _discovered_disks(cfg: Config) -> tuple[list[str], list[str]]:
     """Each VM's disks and where they came from; a disk two VMs claim, or a definition that fails, is an error."""
-    ctx = Context.from_config(cfg)
+    from .actions.context import StepError
+    from .model import DiskMode
+
+    ctx = _context(cfg)
     lines: list[str] = []
     errors: list[str] = []
     owner: dict[str, str] = {}
@@ -258,7 +271,7 @@ def _discovered_disks(cfg: Config) -> tuple[list[str], list[str]]:
 def _cmd_prune(cfg: Config, args: argparse.Namespace) -> int:
     from .actions import ops
 
-    ctx = Context.from_config(cfg)
+    ctx = _context(cfg)
     names = [cfg.vm(args.vm).name] if args.vm else sorted(cfg.vms)
     for name in names:
         with ctx.store.lock(name):
@@ -269,8 +282,10 @@ def _cmd_prune(cfg: Config, args: argparse.Namespace) -> int:
 
 def _cmd_verify(cfg: Config, args: argparse.Namespace) -> int:
     from .actions import ops
+    from .actions.context import RestoreError
+    from .model import format_bytes
 
-    ctx = Context.from_config(cfg)
+    ctx = _context(cfg)
     if not args.no_check:
         ops.check_repository(ctx, args.read_data_subset or cfg.settings.verify_read_data_subset)
     if args.restore_test is None:
@@ -290,10 +305,13 @@ def _cmd_verify(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    import json
+
     from .actions import status as status_mod
 
-    units = {names.service(n): systemd.unit_state(names.service(n)) for n in cfg.vms}
-    rows = status_mod.collect(cfg, units, systemd.timer_states())
+    systemctl = cfg.command("systemctl")
+    units = systemd.unit_states([names.service(n) for n in cfg.vms], systemctl)
+    rows = status_mod.collect(cfg, units, systemd.timer_states(systemctl=systemctl))
     if args.json:
         print(json.dumps([r.as_json() for r in rows], indent=1))
     else:
@@ -318,7 +336,7 @@ def _cmd_reload(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_init(cfg: Config, args: argparse.Namespace) -> int:
-    ctx = Context.from_config(cfg)
+    ctx = _context(cfg)
     if ctx.restic.is_initialized():
         print(f"{mask_url(cfg.repository.url)}: already initialised")
     else:
@@ -348,6 +366,23 @@ VERBS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
 SYSTEMD_CHECKED_VERBS = ("check-config", "reload")
 
 
+# The failures main() reports in one line, by module. A module that was never imported cannot have raised
+# its error, so looking them up lazily keeps each verb's imports its own.
+FAILURES = (("actions.context", "StepError"), ("actions.context", "RestoreError"), ("lvm", "LvmError"),
+            ("mount", "MountError"), ("repository", "RepositoryError"), ("hypervisor", "HypervisorError"))
+
+
+def _loaded(module: str, name: str) -> type[BaseException] | None:
+    mod = sys.modules.get(f"{__package__}.{module}")
+    found = getattr(mod, name, None) if mod is not None else None
+    return found if isinstance(found, type) and issubclass(found, BaseException) else None
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    lazy = [t for module, name in FAILURES if (t := _loaded(module, name)) is not None]
+    return (CommandError, systemd.SystemdUnavailable, OSError, *lazy)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     journal.setup(debug=args.debug)
@@ -364,12 +399,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         with journal.context(**journal.context_of(exc)):
             log.error("%s", exc)
         return EXIT_BUSY
-    except SnapshotOverflowed as exc:
-        with journal.context(**journal.context_of(exc)):
-            log.error("%s", exc)
-        return EXIT_OVERFLOW
-    except (StepError, RestoreError, CommandError, LvmError, MountError, RepositoryError, HypervisorError,
-            systemd.SystemdUnavailable, OSError) as exc:
+    except Exception as exc:
+        overflow = _loaded("actions.watch", "SnapshotOverflowed")
+        if overflow and isinstance(exc, overflow):
+            with journal.context(**journal.context_of(exc)):
+                log.error("%s", exc)
+            return EXIT_OVERFLOW
+        if not isinstance(exc, _failures()):
+            raise
         with journal.context(**journal.context_of(exc)):
             log.error("%s", exc, exc_info=args.debug)
             if isinstance(exc, CommandError) and exc.stderr_tail:

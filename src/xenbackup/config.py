@@ -275,7 +275,7 @@ NOTIFY_OPTS: dict[str, Opt] = {
 
 COMMAND_NAMES = ("lvs", "vgs", "lvcreate", "lvremove", "lvextend", "mount", "umount",
                  "blkid", "dumpe2fs", "restic", "xl", "virsh", "losetup", "udevadm", "fallocate", "systemd-analyze",
-                 "journalctl", "lvchange", "dmsetup", "thin_delta")
+                 "journalctl", "lvchange", "dmsetup", "thin_delta", "systemctl")
 COMMAND_OPTS: dict[str, Opt] = {name: Opt(p_str, name, f"the {name} binary") for name in COMMAND_NAMES}
 
 VM_ONLY_OPTS: dict[str, Opt] = {

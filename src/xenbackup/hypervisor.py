@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -85,6 +84,9 @@ def parse_xl_config(stdout: str, command: str = "xl") -> list[DomainDisk]:
 
 def parse_virsh_xml(text: str) -> list[DomainDisk]:
     """Disks from `virsh dumpxml NAME`."""
+    # Only KVM hosts read XML; a Xen host's every step would pay for the parser otherwise.
+    import xml.etree.ElementTree as ET
+
     try:
         root = ET.fromstring(text)
     except ET.ParseError as exc:

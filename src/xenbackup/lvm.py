@@ -147,6 +147,44 @@ def parse_vgs(stdout: str) -> list[VolumeGroup]:
     return out
 
 
+@dataclass(frozen=True)
+class SnapshotStatus:
+    """A classic snapshot's fill as the kernel counts it (`dmsetup status`)."""
+
+    used_sectors: int
+    total_sectors: int
+    invalid: bool
+
+    @property
+    def fill(self) -> float:
+        if self.invalid:
+            return 100.0
+        return 100.0 * self.used_sectors / self.total_sectors if self.total_sectors else 0.0
+
+
+def dm_name(ref: LvRef) -> str:
+    """The device-mapper name LVM gives an LV: '-' inside a name doubled, VG and LV joined by '-'."""
+    return f"{ref.vg.replace('-', '--')}-{ref.name.replace('-', '--')}"
+
+
+def parse_snapshot_status(stdout: str) -> SnapshotStatus:
+    """Parse `dmsetup status NAME` of a classic snapshot: "0 LEN snapshot USED/TOTAL META", or
+    "Invalid"/"Overflow"/"Merge failed" once the kernel gave up on it."""
+    for line in stdout.splitlines():
+        fields = line.split()
+        if len(fields) < 4 or fields[2] != "snapshot":
+            continue
+        state = fields[3]
+        if "/" not in state:
+            return SnapshotStatus(0, 0, invalid=True)
+        used, _, total = state.partition("/")
+        try:
+            return SnapshotStatus(int(used), int(total), invalid=False)
+        except ValueError:
+            raise MalformedReport("dmsetup status", f"bad snapshot counters {state!r}") from None
+    raise MalformedReport("dmsetup status", f"no snapshot target in {stdout.strip()!r}")
+
+
 def is_missing(err: CommandError) -> bool:
     text = err.stderr.lower()
     return "failed to find logical volume" in text or ("not found" in text and "volume group" in text)
@@ -239,6 +277,29 @@ class Lvm:
                 self.sleep(delay)
                 delay = min(delay * 2, 8.0)
         return False
+
+    def snapshot_status(self, ref: LvRef) -> SnapshotStatus | None:
+        """The kernel's counters for one classic snapshot; None if its device is gone.
+
+        The overflow watch asks every few seconds: `lvs` would scan every PV's metadata each time.
+        """
+        try:
+            out = run([self.cmd["dmsetup"], "status", dm_name(ref)])
+        except CommandError as err:
+            if "no such device" in err.stderr.lower() or "not exist" in err.stderr.lower():
+                return None
+            raise
+        return parse_snapshot_status(out.stdout)
+
+    def wait_for(self, paths: Sequence[str]) -> None:
+        """Wait until udev has made these device links: only them, where `udevadm settle` waits for every event."""
+        if not paths:
+            return
+        with contextlib.suppress(CommandError):
+            if run([self.cmd["udevadm"], "wait", "--timeout=10", *paths], check=False).returncode == 0:
+                return
+        # udevadm before systemd 251 has no `wait`.
+        self.settle()
 
     def settle(self) -> None:
         # udev creates /dev/VG/LV links for a new snapshot asynchronously; without udevadm there is nothing to wait for.

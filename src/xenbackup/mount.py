@@ -37,6 +37,20 @@ def mount_options(fstype: str, journal_dirty: bool, extra: Sequence[str] = ()) -
     return opts + [o for o in extra if o not in opts]
 
 
+EXT_SUPERBLOCK = 1024
+EXT_SUPERBLOCK_END = EXT_SUPERBLOCK + 1024
+EXT_MAGIC = 0xEF53
+EXT_INCOMPAT_RECOVER = 0x0004  # dumpe2fs's "needs_recovery": the journal holds transactions not yet replayed
+
+
+def ext_needs_recovery(head: bytes) -> bool:
+    """Whether an ext3/ext4 filesystem's journal needs recovery, from the device's first 2 KiB."""
+    sb = head[EXT_SUPERBLOCK:EXT_SUPERBLOCK_END]
+    if len(sb) < 0x64 or int.from_bytes(sb[0x38:0x3A], "little") != EXT_MAGIC:
+        raise MountError("no ext2/3/4 superblock where blkid found one")
+    return bool(int.from_bytes(sb[0x60:0x64], "little") & EXT_INCOMPAT_RECOVER)
+
+
 def _unescape(field: str) -> str:
     # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo.
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
@@ -81,9 +95,9 @@ class Mounter:
     def journal_dirty(self, device: str, fstype: str) -> bool:
         if fstype not in ("ext3", "ext4"):
             return False
-        out = run([self.cmd["dumpe2fs"], "-h", device], check=False)
-        return any(line.startswith("Filesystem features:") and "needs_recovery" in line
-                   for line in out.stdout.splitlines())
+        # One flag in the superblock: reading it costs a 2 KiB read where dumpe2fs cost a process.
+        with open(device, "rb", buffering=0) as dev:
+            return ext_needs_recovery(dev.read(EXT_SUPERBLOCK_END))
 
     def mount_argv(self, device: str, target: str, fstype: str, options: Sequence[str]) -> list[str]:
         return [self.cmd["mount"], "-t", fstype, "-o", ",".join(options), device, target]

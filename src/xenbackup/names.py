@@ -3,6 +3,7 @@ tags, and systemd unit names. Cleanup deletes only what carries these tags, so t
 
 from __future__ import annotations
 
+import os
 import re
 
 TAG = "xenbackup"
@@ -40,7 +41,20 @@ def snapshot_lv(vm: str, origin_lv: str, stamp: str) -> str:
 # --- restic ---
 
 CONFIG_DISK = "config"
-"""The `disk:` and `mode:` tag value of the snapshot holding a run's domain config."""
+"""The `disk:` and `mode:` tag value of the snapshot holding a run's domain config, when it has one of its own."""
+CONFIG_INSIDE = "config:inside"
+"""The tag of a disk's snapshot that also holds the run's domain config (at its own absolute path)."""
+
+
+def config_rides_along(disk_path: str, config_path: str) -> bool:
+    """Whether a files-mode disk's restic run can carry the domain config too, saving a second run.
+
+    restic stores a relative target at the tree's root and an absolute one at its full path, so the two
+    must not share a first component: restic would rename one of them (`etc-1`) and the path would lie.
+    """
+    first = os.path.normpath(disk_path).split("/")[0]
+    config_first = os.path.normpath(config_path).lstrip("/").split("/")[0]
+    return os.path.isabs(config_path) and first not in (".", "..", "") and first != config_first
 
 
 def restic_tags(host: str, vm: str, disk: str, mode: str, run_id: str) -> list[str]:

@@ -106,6 +106,10 @@ class RunState:
     """"pause" or "freeze" while xenbackup holds the guest still; cleanup resumes what this says."""
     pause_seconds: float | None = None
     consistency: str = ""
+    snapshot_created: float | None = None
+    """When the first lvcreate of this run began: every second a classic snapshot lives costs the VM's writes."""
+    snapshot_seconds: float | None = None
+    """From the first lvcreate until the last lvremove returned."""
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -134,6 +138,8 @@ class RunState:
             paused=d.get("paused", ""),
             pause_seconds=d.get("pause_seconds"),
             consistency=d.get("consistency", ""),
+            snapshot_created=d.get("snapshot_created"),
+            snapshot_seconds=d.get("snapshot_seconds"),
         )
 
     def with_snapshot(self, rec: SnapshotRecord) -> RunState:

@@ -95,3 +95,50 @@ def test_remove_gives_up_with_stderr(fake_bin) -> None:
     from xenbackup.run import CommandError
     with pytest.raises(CommandError, match=r"lvremove failed with exit code 5: Logical volume system/snap in use\."):
         lvm.remove(LvRef("system", "snap"), retries=2)
+
+
+# `dmsetup status` lines of classic snapshots, as dm-snapshot prints them (start, length, target, counters).
+DM_FRESH = "0 2097152 snapshot 16/2097152 16\n"
+DM_HALF = "0 2097152 snapshot 1048592/2097152 2064\n"
+DM_INVALID = "0 2097152 snapshot Invalid\n"
+DM_OVERFLOW = "0 2097152 snapshot Overflow\n"
+
+
+def test_snapshot_status_is_the_kernel_s_used_over_total() -> None:
+    from xenbackup.lvm import parse_snapshot_status
+
+    fresh = parse_snapshot_status(DM_FRESH)
+    assert (fresh.used_sectors, fresh.total_sectors, fresh.invalid) == (16, 2097152, False)
+    assert round(parse_snapshot_status(DM_HALF).fill, 3) == 50.001
+    for line in (DM_INVALID, DM_OVERFLOW, "0 2097152 snapshot Merge failed\n"):
+        status = parse_snapshot_status(line)
+        assert status.invalid and status.fill == 100.0
+
+
+def test_snapshot_status_of_something_else_is_a_malformed_report() -> None:
+    from xenbackup.lvm import MalformedReport, parse_snapshot_status
+
+    with pytest.raises(MalformedReport, match="dmsetup status"):
+        parse_snapshot_status("0 2097152 linear\n")
+    with pytest.raises(MalformedReport, match="bad snapshot counters"):
+        parse_snapshot_status("0 2097152 snapshot x/y 16\n")
+
+
+def test_dm_names_double_the_dashes_as_lvm_does() -> None:
+    from xenbackup.lvm import dm_name
+
+    assert dm_name(LvRef("system", "xenvm.xb-vm1-20261130")) == "system-xenvm.xb--vm1--20261130"
+    assert dm_name(LvRef("vg-0", "web-01")) == "vg--0-web--01"
+
+
+def test_the_mount_step_waits_for_its_own_links_and_settles_only_without_udevadm_wait(fake_bin) -> None:
+    udevadm = fake_bin("udevadm")
+    lvm = Lvm({**CMDS, "udevadm": str(udevadm)})
+    lvm.wait_for(["/dev/system/xenvm.xb-vm1-1"])
+    assert fake_bin.calls.read_text().splitlines() == ["udevadm wait --timeout=10 /dev/system/xenvm.xb-vm1-1"]
+    fake_bin.calls.unlink()
+    # systemd before 251: "Unknown command verb wait."
+    old = fake_bin("udevadm", code=1, stderr="Unknown command verb wait.")
+    Lvm({**CMDS, "udevadm": str(old)}).wait_for(["/dev/system/a"])
+    assert fake_bin.calls.read_text().splitlines() == ["udevadm wait --timeout=10 /dev/system/a",
+                                                       "udevadm settle --timeout=10"]

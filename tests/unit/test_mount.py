@@ -1,6 +1,11 @@
 from __future__ import annotations
 
-from xenbackup.mount import mount_options, parse_mountinfo
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from xenbackup.mount import Mounter, MountError, ext_needs_recovery, mount_options, parse_mountinfo
 
 MOUNTINFO = (
     "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
@@ -28,3 +33,27 @@ def test_mountinfo_parsing_unescapes() -> None:
     entries = parse_mountinfo(MOUNTINFO)
     assert entries[1].target == "/run/xenbackup/vm1/mnt/system-xenvm" and entries[1].fstype == "xfs"
     assert entries[2].target == "/srv/with space"
+
+
+def _ext4_image(tmp_path: Path) -> Path:
+    img = tmp_path / "fs.img"
+    with open(img, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True, capture_output=True)
+    return img
+
+
+def test_needs_recovery_is_read_from_the_superblock_as_dumpe2fs_shows_it(tmp_path: Path) -> None:
+    img = _ext4_image(tmp_path)
+    mounter = Mounter({})
+    assert mounter.journal_dirty(str(img), "ext4") is False
+    subprocess.run(["debugfs", "-w", "-R", "feature needs_recovery", str(img)], check=True, capture_output=True)
+    shown = subprocess.run(["dumpe2fs", "-h", str(img)], capture_output=True, text=True, check=False).stdout
+    assert "needs_recovery" in shown
+    assert mounter.journal_dirty(str(img), "ext4") is True
+    assert mounter.journal_dirty(str(img), "xfs") is False
+
+
+def test_a_device_without_an_ext_superblock_is_an_error() -> None:
+    with pytest.raises(MountError):
+        ext_needs_recovery(bytes(2048))

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from xenbackup import config, generator
@@ -240,3 +241,79 @@ def test_generator_checks_every_schedule_with_one_systemd_analyze(write_config, 
     assert len(calls.read_text().splitlines()) == 1, "one spawn for all schedules"
     assert len(enabled) == 100 and "xenbackup@bad.timer" not in enabled
     assert any("vm.bad.schedule" in line and "never-ever" in line for line in logged)
+
+
+# `systemctl show --all --timestamp=unix -p ... -- UNIT...` as systemd 252 prints it: one block per unit, in the
+# bus's property order, a blank line between blocks; a unit that was never loaded is "not-found".
+SHOW_UNITS = """Result=exit-code
+ExecMainPID=4242
+ExecMainStatus=1
+Id=xenbackup@vm1.service
+LoadState=loaded
+ActiveState=failed
+InactiveExitTimestamp=@1764470400
+InactiveEnterTimestamp=@1764470460
+InvocationID=6f1e3c5a9d8b4e2f8a7c6b5d4e3f2a1b
+
+Result=success
+ExecMainPID=0
+ExecMainStatus=0
+Id=xenbackup@web\\x2d01.service
+LoadState=not-found
+ActiveState=inactive
+InactiveExitTimestamp=
+InactiveEnterTimestamp=n/a
+InvocationID=
+"""
+SHOW_TIMERS = """NextElapseUSecRealtime=@1764532800
+LastTriggerUSec=@1764446400
+Id=xenbackup@vm1.timer
+"""
+
+
+def test_status_asks_systemd_about_every_unit_in_one_systemctl_show(fake_bin) -> None:
+    from xenbackup import systemd
+
+    systemctl = fake_bin("systemctl", stdout=SHOW_UNITS)
+    units = systemd.unit_states(["xenbackup@vm1.service", "xenbackup@web\\x2d01.service"], str(systemctl))
+    assert fake_bin.calls.read_text().splitlines() == [
+        "systemctl show --all --timestamp=unix -p Id,LoadState,ActiveState,Result,ExecMainStatus,ExecMainPID,"
+        "InvocationID,InactiveExitTimestamp,InactiveEnterTimestamp -- xenbackup@vm1.service "
+        "xenbackup@web\\x2d01.service"]
+    assert units["xenbackup@vm1.service"] == UnitState(
+        name="xenbackup@vm1.service", load_state="loaded", active_state="failed", result="exit-code",
+        exec_main_status=1, invocation_id="6f1e3c5a9d8b4e2f8a7c6b5d4e3f2a1b",
+        inactive_exit_usec=1764470400_000000, inactive_enter_usec=1764470460_000000)
+    web = units["xenbackup@web\\x2d01.service"]
+    assert web is not None and web.load_state == "not-found" and web.exec_main_status is None
+    assert web.inactive_enter_usec == 0
+    timers = systemd.timer_states(systemctl=str(fake_bin("systemctl", stdout=SHOW_TIMERS)))
+    assert timers == {"xenbackup@vm1.timer": TimerState("xenbackup@vm1.timer", 1764532800_000000,
+                                                        1764446400_000000)}
+
+
+def test_status_falls_back_to_d_bus_when_systemctl_cannot_answer(fake_bin, monkeypatch) -> None:
+    import pystemd.dbuslib
+
+    from xenbackup import systemd
+
+    opened: list[bool] = []
+
+    class NoBus:
+        def open(self) -> None:
+            opened.append(True)
+            raise ConnectionError("Connection refused by the system bus")
+
+    monkeypatch.setattr(pystemd.dbuslib, "DBus", NoBus)
+    systemctl = fake_bin("systemctl", code=1, stderr="System has not been booted with systemd as init system")
+    # Neither path can answer: every unit is unknown, none is "dead".
+    assert systemd.unit_states(["xenbackup@vm1.service"], str(systemctl)) == {"xenbackup@vm1.service": None}
+    assert opened == [True]
+
+
+def test_a_timespan_where_a_timestamp_belongs_is_not_taken_for_one() -> None:
+    from xenbackup import systemd
+
+    assert systemd._show_usec("@1764532800") == 1764532800_000000
+    with pytest.raises(ValueError):
+        systemd._show_usec("1d 2h")

@@ -169,3 +169,80 @@ def test_dry_run_changes_nothing(backed_up, tmp_path: Path) -> None:
              say=said.append).run()
     assert not (tmp_path / "t").exists()
     assert any(line.startswith("[restore-files] restic restore") for line in said)
+
+
+@pytest.mark.parametrize(("disk_path", "config_path", "rides"), [
+    ("vm1", "/etc/xen/vm1.cfg", True),
+    ("srv/vm1", "/etc/xen/vm1.cfg", True),
+    (".", "/etc/xen/vm1.cfg", False),        # the whole filesystem: its own etc/ would collide
+    ("etc/vm1", "/etc/xen/vm1.cfg", False),  # restic would rename one of the two etc/ trees
+    ("vm1", "relative.cfg", False),
+])
+def test_the_config_rides_along_only_where_restic_keeps_its_path(disk_path: str, config_path: str,
+                                                                 rides: bool) -> None:
+    assert names.config_rides_along(disk_path, config_path) is rides
+
+
+def test_the_domain_config_is_stored_in_the_disk_s_restic_run_and_restored_from_it(tmp_path: Path,
+                                                                                  write_config) -> None:
+    from xenbackup.actions import backup
+    from xenbackup.model import LvRef, SnapshotRecord
+    from xenbackup.state import Owner, RunState
+
+    domain_config = tmp_path / "xen" / "vm1.cfg"
+    domain_config.parent.mkdir()
+    domain_config.write_bytes(b"name = 'vm1'\ndisk = ['phy:/dev/system/xenvm,xvda,w']\n")
+    cfg = config.load(str(write_config(f"""
+        [repository]
+        url = "{tmp_path}/repo"
+        password_file = "{tmp_path}/pw"
+        [settings]
+        runtime_dir = "{tmp_path}/run"
+        state_dir = "{tmp_path}/state"
+        [vm.vm1]
+        hypervisor = "none"
+        domain_config = "{domain_config}"
+        disks = [{{ lv = "system/xenvm", mode = "files", path = "vm1" }}]
+    """)))
+    ctx = Context.from_config(cfg)
+    ctx.restic.ensure_initialized()
+    mnt = tmp_path / "mnt"
+    (mnt / "vm1").mkdir(parents=True)
+    (mnt / "vm1" / "disk.img").write_bytes(os.urandom(5000))
+    state = RunState(vm="vm1", run_id="r2", owner=Owner.current(), started=0.0, snapshots=(
+        SnapshotRecord(LvRef("system", "xenvm"), "xenvm.xb-vm1-1", "system-xenvm", mountpoint=str(mnt)),))
+
+    state = backup._store_all(ctx, cfg.vm("vm1"), state, backup._Current())
+    ctx.store.clear("vm1")  # the run is over: a restore may take the VM now
+
+    (stored,) = ctx.restic.snapshots(names.restic_filter("vm1"), host=ctx.host)
+    assert len(state.restic_snapshots) == 1 and stored.id.startswith(state.restic_snapshots[0])
+    assert names.CONFIG_INSIDE in stored.tags and stored.tag_value("disk") == "system/xenvm"
+    sel = select_run([stored], "latest")
+    assert sel.config == stored and list(sel.disks) == ["system/xenvm"]
+
+    saved = domain_config.read_bytes()
+    domain_config.write_bytes(b"# edited after the backup\n")
+    Restorer(ctx, cfg.vm("vm1"), RestoreRequest(vm="vm1", with_config=True)).restore_config(sel.config,
+                                                                                            str(domain_config))
+    assert domain_config.read_bytes() == saved
+    # The disk's own restore brings back its tree only, not the config beside it.
+    target = tmp_path / "restored"
+    Restorer(ctx, cfg.vm("vm1"), RestoreRequest(vm="vm1", to_path=str(target))).run()
+    assert sorted(os.listdir(target)) == ["disk.img"]
+
+
+def test_an_old_run_with_a_config_snapshot_of_its_own_still_restores_its_config(backed_up, tmp_path: Path) -> None:
+    ctx, cfg, _ = backed_up
+    old_config = tmp_path / "old.cfg"
+    old_config.write_bytes(b"name = 'vm1'\nmemory = 128\n")
+    ctx.restic.backup([str(old_config)], names.restic_tags(ctx.host, "vm1", names.CONFIG_DISK, names.CONFIG_DISK,
+                                                           "r1"), ctx.host, lambda p: None)
+    sel = select_run(ctx.restic.snapshots(names.restic_filter("vm1"), host=ctx.host), "r1")
+    assert sel.config is not None and sel.config.tag_value("mode") == names.CONFIG_DISK
+    assert list(sel.disks) == ["system/xenvm"]
+    saved = old_config.read_bytes()
+    old_config.write_bytes(b"changed")
+    Restorer(ctx, cfg.vm("vm1"), RestoreRequest(vm="vm1", with_config=True)).restore_config(sel.config,
+                                                                                            str(old_config))
+    assert old_config.read_bytes() == saved

@@ -49,10 +49,11 @@ def test_waiting_for_a_slot_says_for_whom(tmp_path: Path, caplog) -> None:
     assert "max_parallel=1 is held by vm1 (xenbackup@vm1.service)" in caplog.text and sleeps == [2.0]
 
 
-def lv_row(name: str, attr: str, snap: str = "", data: str = "", meta: str = "", pool: str = "") -> dict[str, str]:
+def lv_row(name: str, attr: str, snap: str = "", data: str = "", meta: str = "", pool: str = "",
+           dm: str = "") -> dict[str, str]:
     return {"lv_name": name, "vg_name": "system", "lv_attr": attr, "lv_size": str(256 << 20), "origin": "xenvm",
             "origin_size": str(1 << 30), "snap_percent": snap, "data_percent": data, "metadata_percent": meta,
-            "lv_tags": "xenbackup", "pool_lv": pool, "lv_path": ""}
+            "lv_tags": "xenbackup", "pool_lv": pool, "lv_path": "", "dm": dm}
 
 
 @pytest.fixture
@@ -69,12 +70,16 @@ want = sys.argv[-1].split("/")[-1]
 print(json.dumps({{"report": [{{"lv": [r for r in rows if r["lv_name"] == want]}}]}}))
 """)
     (bindir / "lvextend").write_text(f'#!/bin/sh\necho "lvextend $*" >> {calls}\n')
+    # dmsetup prints the recorded status line of the one device asked for, as the kernel reports it.
+    (bindir / "dmsetup").write_text(f'#!/bin/sh\necho "dmsetup $*" >> {calls}\ncat {tmp_path}/dm-"$2"\n')
     for p in bindir.iterdir():
         p.chmod(0o755)
-    lvm = Lvm({"lvs": str(bindir / "lvs"), "lvextend": str(bindir / "lvextend")})
+    lvm = Lvm({"lvs": str(bindir / "lvs"), "lvextend": str(bindir / "lvextend"), "dmsetup": str(bindir / "dmsetup")})
 
     def set_rows(*r: dict[str, str]) -> None:
         rows.write_text(json.dumps(list(r)))
+        for row in r:
+            (tmp_path / f"dm-{row['vg_name']}-{row['lv_name']}").write_text(row.get("dm", ""))
 
     return lvm, set_rows, calls
 
@@ -86,17 +91,20 @@ THIN = SnapshotRecord(LvRef("system", "thinvm"), "tsnap", "system-thinvm", thin=
 
 def test_filling_snapshot_is_extended(fake_lvm) -> None:
     lvm, set_rows, calls = fake_lvm
-    set_rows(lv_row("snap", "swi-a-s---", snap="85.00"))
+    # 85 % of a 256 MiB COW (524288 sectors), as dm-snapshot counts it
+    set_rows(lv_row("snap", "swi-a-s---", snap="85.00", dm="0 2097152 snapshot 445645/524288 1040\n"))
     watch = OverflowWatch(lvm, VM1, [CLASSIC], interval=3600)
     watch.poll()
-    assert calls.read_text() == "lvextend --extents +10%ORIGIN system/snap\n"
+    # One dmsetup status of the one device per poll, and no lvs scan of every PV.
+    assert calls.read_text() == "dmsetup status system-snap\nlvextend --extents +10%ORIGIN system/snap\n"
+    set_rows(lv_row("snap", "swi-a-s---", dm="0 2097152 snapshot 445645/786432 1040\n"))
     watch.check()  # extended, not overflowed: the run stays good
-    assert watch.peak == 85.0
+    assert round(watch.peak, 2) == 85.0
 
 
 def test_invalid_snapshot_aborts_and_fails(fake_lvm) -> None:
     lvm, set_rows, _ = fake_lvm
-    set_rows(lv_row("snap", "swi-I-s---", snap="100.00"))
+    set_rows(lv_row("snap", "swi-I-s---", snap="100.00", dm="0 2097152 snapshot Invalid\n"))
     aborted: list[bool] = []
     watch = OverflowWatch(lvm, VM1, [CLASSIC], interval=3600, on_abort=lambda: aborted.append(True))
     with pytest.raises(SnapshotOverflowed, match="system/snap overflowed"):
@@ -113,6 +121,14 @@ def test_thin_pool_nearly_full_stops_the_run(fake_lvm) -> None:
     with pytest.raises(PoolFilling, match="thin pool pool nearly full"):
         watch.check()
     assert aborted == [True]
+
+
+def test_overflow_message_names_a_suggested_size_from_lvm(fake_lvm, caplog) -> None:
+    lvm, set_rows, _ = fake_lvm
+    set_rows(lv_row("snap", "swi-I-s---", dm="0 2097152 snapshot Overflow\n"))
+    with pytest.raises(SnapshotOverflowed):
+        OverflowWatch(lvm, VM1, [CLASSIC], interval=3600).check()
+    assert 'snapshot_size = "1.0 GiB"' in caplog.text and "COW 256.0 MiB" in caplog.text
 
 
 def test_suggested_size_has_headroom() -> None:

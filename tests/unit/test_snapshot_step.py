@@ -4,6 +4,7 @@ the order of what touches the guest, and that a failure inside the window leaves
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,48 @@ def test_a_config_xl_rejects_fails_with_xl_s_own_words(tools: Path) -> None:
     with pytest.raises(backup.StepError, match="config parsing error near"):
         backup.step_snapshot(Context.from_config(cfg), cfg.vm("db1"))
     assert not any(c.startswith(("lvcreate", "xl pause")) for c in calls(tools))
+
+
+def test_the_snapshot_lifetime_runs_from_lvcreate_to_lvremove_and_is_a_metric(tools: Path, caplog) -> None:
+    import time
+
+    from xenbackup.actions.record import RunResult
+    from xenbackup.actions.status import render_metrics
+
+    cfg = write_cfg(tools, extra='consistency = "none"')
+    ctx = Context.from_config(cfg)
+    before = time.time()
+    backup.step_snapshot(ctx, cfg.vm("db1"))
+    time.sleep(0.5)
+    caplog.set_level("INFO")
+    assert backup.step_cleanup(ctx, cfg.vm("db1"), RunResult.SUCCESS) == 0
+    elapsed = time.time() - before
+    record = ctx.store.read_record("db1")
+    assert record is not None and 0.5 <= record["snapshot_seconds"] <= elapsed
+    logged = [r for r in caplog.records if "snapshot_seconds" in getattr(r, "fields", {})]
+    # Once when the last lvremove returned, once more in the run's outcome.
+    assert [float(r.fields["snapshot_seconds"]) for r in logged] == [round(record["snapshot_seconds"], 2)] * 2
+    assert f'xenbackup_last_snapshot_seconds{{vm="db1"}} {float(record["snapshot_seconds"])!r}' in \
+        render_metrics({"db1": record})
+
+
+def test_cleanup_judges_its_own_snapshots_by_the_kernel_and_looks_for_leftovers_after_removing_them(
+        tools: Path, monkeypatch) -> None:
+    from xenbackup.actions.record import RunResult
+
+    # dm-snapshot invalidated the first disk's snapshot after the watch's last look.
+    dmsetup = tools / "bin" / "dmsetup"
+    dmsetup.write_text(f'#!/bin/sh\necho "dmsetup $*" >> {tools / "calls"}\n'
+                       'case "$2" in *db1--root*) echo "0 2097152 snapshot Invalid" ;;\n'
+                       '*) echo "0 2097152 snapshot 16/524288 16" ;; esac\n')
+    dmsetup.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools / 'bin'}:{os.environ['PATH']}")
+    cfg = write_cfg(tools, extra='consistency = "none"')
+    ctx = Context.from_config(cfg)
+    backup.step_snapshot(ctx, cfg.vm("db1"))
+    (tools / "calls").write_text("")
+    assert backup.step_cleanup(ctx, cfg.vm("db1"), RunResult.SUCCESS) == 1
+    seen = [c for c in calls(tools) if not c.startswith("restic")]
+    assert seen == ["dmsetup status", "lvremove --yes", "lvremove --yes", "lvs --reportformat"]
+    assert "db1--root" in (tools / "calls").read_text().splitlines()[0]
+    assert ctx.store.read_record("db1")["result"] == "overflow"

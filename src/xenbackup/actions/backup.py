@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from .. import journal, names
 from ..journal import MessageId
-from ..lvm import LogicalVolume, LvmError, VolumeGroup
+from ..lvm import LvmError, VolumeGroup
 from ..model import VM, Consistency, Disk, DiskMode, SnapshotRecord, snapshot_name
 from ..mount import mounts_below
 from ..progress import Reporter
@@ -110,6 +110,8 @@ def step_snapshot(ctx: Context, vm: VM) -> RunState:
             try:
                 with quiesced(hv, vm.name, method, vm.max_pause, record_pause) as window:
                     for disk, name, is_thin in planned:
+                        if state.snapshot_created is None:
+                            state = replace(state, snapshot_created=time.time())
                         ref = ctx.lvm.create_snapshot(disk.lv, name, None if is_thin else vm.snapshot_size, tags)
                         stack.callback(ctx.lvm.remove, ref, ctx.cfg.settings.lvremove_retries)
                         state = state.with_snapshot(SnapshotRecord(disk.lv, name, disk.slug, thin=is_thin))
@@ -153,7 +155,8 @@ def _own_state(ctx: Context, vm: VM) -> RunState:
 def step_mount(ctx: Context, vm: VM) -> RunState:
     with journal.context(phase="mount"), ctx.store.lock(vm.name):
         state = _own_state(ctx, vm)
-        ctx.lvm.settle()
+        # Block-mode disks are read through the same links by the backup step.
+        ctx.lvm.wait_for([rec.lv.path for rec in state.snapshots])
         try:
             for rec in state.snapshots:
                 disk = _disk(vm, state, rec.disk_slug)
@@ -197,10 +200,12 @@ class _Current:
                 self.proc.send_signal(signal.SIGTERM)
 
 
-def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord,
-                 current: _Current) -> BackupSummary | SegmentedBackup:
+def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord, current: _Current,
+                 with_config: str | None = None) -> BackupSummary | SegmentedBackup:
     disk = _disk(vm, state, rec.disk_slug)
     tags = names.restic_tags(ctx.host, vm.name, str(disk.lv), disk.mode.value, state.run_id)
+    if with_config:
+        tags.append(names.CONFIG_INSIDE)
     reporter = Reporter(f"{vm.name} {disk.lv}", ctx.cfg.settings.progress_interval)
     try:
         if disk.mode is DiskMode.BLOCK and rec.thin and ctx.cfg.settings.thin_incremental:
@@ -212,8 +217,8 @@ def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord,
             if not os.path.lexists(source):
                 raise StepError(f"{disk.path} does not exist in the filesystem of {disk.lv}")
             # Relative to the mount point, so the stored tree reads like the origin's filesystem.
-            return ctx.restic.backup([disk.path], tags, ctx.host, reporter, cwd=rec.mountpoint,
-                                     on_start=current.set)
+            paths = [disk.path, *([with_config] if with_config else [])]
+            return ctx.restic.backup(paths, tags, ctx.host, reporter, cwd=rec.mountpoint, on_start=current.set)
         with open(rec.lv.path, "rb") as dev:
             return ctx.restic.backup([], tags, ctx.host, reporter, stdin=dev, stdin_filename=f"{disk.slug}.img",
                                      on_start=current.set)
@@ -260,10 +265,16 @@ def step_backup(ctx: Context, vm: VM) -> RunState:
 
 
 def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunState:
-    """Back up every disk, then the domain config; record each restic snapshot as it appears."""
-    totals = {"data_added": 0, "total_bytes": 0, "files": 0}
+    """Back up every disk and the domain config; record each restic snapshot as it appears."""
+    totals: dict[str, float] = {"data_added": 0, "total_bytes": 0, "files": 0, "restic_seconds": 0.0}
+    config = vm.domain_config if vm.domain_config and os.path.isfile(vm.domain_config) else None
+    # The config rides in the first files-mode disk's run where it can: a restic run of its own costs
+    # another repository open (keys, index, lock) inside the snapshot's lifetime.
+    carrier = next((rec.disk_slug for rec in state.snapshots if config
+                    and (d := _disk(vm, state, rec.disk_slug)).mode is DiskMode.FILES
+                    and names.config_rides_along(d.path, config)), None)
     for rec in state.snapshots:
-        result = _backup_disk(ctx, vm, state, rec, current)
+        result = _backup_disk(ctx, vm, state, rec, current, config if rec.disk_slug == carrier else None)
         summary = result.summary if isinstance(result, SegmentedBackup) else result
         state = replace(state, restic_snapshots=(*state.restic_snapshots, summary.snapshot_id), summary=totals)
         ctx.store.save(state)
@@ -274,15 +285,18 @@ def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunS
             ctx.store.save(state)
         log.info("stored %s as restic snapshot %s: %d files, %d bytes read, %d bytes new",
                  rec.origin, summary.snapshot_id[:8], summary.files, summary.total_bytes, summary.data_added)
-        for key in totals:
+        for key in ("data_added", "total_bytes", "files"):
             totals[key] += getattr(summary, key)
-    if vm.domain_config and os.path.isfile(vm.domain_config):
+        totals["restic_seconds"] = round(totals["restic_seconds"] + summary.duration, 3)
+    if config and carrier:
+        log.info("saved domain config %s with %s", config, _disk(vm, state, carrier).lv)
+    elif config:
         tags = names.restic_tags(ctx.host, vm.name, names.CONFIG_DISK, names.CONFIG_DISK,
                                  state.run_id)
-        summary = ctx.restic.backup([vm.domain_config], tags, ctx.host, lambda p: None)
+        summary = ctx.restic.backup([config], tags, ctx.host, lambda p: None)
         state = replace(state, restic_snapshots=(*state.restic_snapshots, summary.snapshot_id))
         ctx.store.save(state)
-        log.info("saved domain config %s", vm.domain_config)
+        log.info("saved domain config %s", config)
     elif vm.domain_config:
         log.warning("domain config %s does not exist; backing up the disks only", vm.domain_config)
     return replace(state, summary=dict(totals))
@@ -298,28 +312,42 @@ def release(ctx: Context, vm: VM, state: RunState | None) -> list[str]:
     for entry in mounts_below(ctx.store.mount_root(vm.name)):
         ctx.mounter.umount(entry.target)
         log.info("unmounted %s", entry.target)
-    # One report serves both questions: did a snapshot overflow, and what carries our tag.
-    tagged = ctx.lvm.tagged(vm.lv_tag)
-    if state is not None and not state.overflowed and _any_invalid(ctx, state, tagged):
+    # The run's own snapshots go first, judged by the kernel's counters: the `lvs` that finds what else
+    # carries our tag scans every PV, and need not run while this run's snapshots still cost the VM.
+    if state is not None and not state.overflowed and _any_invalid(ctx, state):
         state = replace(state, overflowed=True)
         ctx.store.save(state)
-    names = {rec.name for rec in state.snapshots} if state else set()
-    refs = [rec.lv for rec in state.snapshots] if state else []
-    refs += [lv.ref for lv in tagged if lv.name not in names]
-    for ref in refs:
+    own = [rec.lv for rec in state.snapshots] if state else []
+    for ref in own:
         if ctx.lvm.remove(ref, ctx.cfg.settings.lvremove_retries):
             removed.append(str(ref))
             log.info("removed snapshot %s", ref)
+    if state is not None and state.snapshot_created is not None and state.snapshot_seconds is None:
+        seconds = round(time.time() - state.snapshot_created, 3)
+        log.info("the snapshots of %s existed for %.1f s", vm.name, seconds,
+                 extra={"fields": {"snapshot_seconds": f"{seconds:.2f}"}})
+        ctx.store.save(replace(ctx.store.load(vm.name) or state, snapshot_seconds=seconds))
+    for lv in ctx.lvm.tagged(vm.lv_tag):
+        if lv.ref not in own and ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries):
+            removed.append(str(lv.ref))
+            log.info("removed snapshot %s", lv.ref)
     pools(ctx).release_leftovers()
     ctx.slots.release(vm.name)
     return removed
 
 
-def _any_invalid(ctx: Context, state: RunState, tagged: list[LogicalVolume]) -> bool:
-    by_name = {lv.name: lv for lv in tagged}
+def _any_invalid(ctx: Context, state: RunState) -> bool:
     for rec in state.snapshots:
-        lv = by_name.get(rec.name)
-        if lv is not None and not rec.thin and lv.is_invalid:
+        if rec.thin:
+            continue
+        try:
+            status = ctx.lvm.snapshot_status(rec.lv)
+            invalid = status is not None and status.invalid
+        except (CommandError, LvmError) as exc:
+            log.warning("cannot read the kernel's state of snapshot %s (%s); asking LVM", rec.lv, exc)
+            lv = ctx.lvm.lv(rec.lv)
+            invalid = lv is not None and lv.is_invalid
+        if invalid:
             log.error("snapshot %s is invalid: it overflowed during the run", rec.lv,
                       extra={"message_id": MessageId.OVERFLOW.value, "fields": {"snapshot": rec.lv}})
             return True
@@ -397,6 +425,10 @@ def _finish(ctx: Context, vm: VM, state: RunState | None, result: RunResult, cle
     fields: dict[str, object] = {"result": record.result.value, "peak_fill": record.peak_fill or 0}
     if state.pause_seconds is not None:
         fields.update(consistency=state.consistency, pause_seconds=f"{state.pause_seconds:.2f}")
+    if state.snapshot_seconds is not None:
+        fields.update(snapshot_seconds=f"{state.snapshot_seconds:.2f}")
+    if "restic_seconds" in state.summary:
+        fields.update(restic_seconds=f"{float(state.summary['restic_seconds']):.2f}")
     if record.result is RunResult.SUCCESS:
         journal.event(log, logging.INFO, "backup of %s succeeded in %.0f s (snapshot peak fill %.1f%%)",
                       MessageId.SUCCEEDED, vm.name, record.duration or 0, record.peak_fill or 0, **fields)

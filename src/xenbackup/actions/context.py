@@ -20,6 +20,10 @@ class StepError(Exception):
     """A step failed for a reason worth one clear line in the journal."""
 
 
+class RestoreError(Exception):
+    """The restore was refused or failed; the message says why and what state the VM is in."""
+
+
 @dataclass
 class Context:
     cfg: Config

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .. import names
 from ..model import format_bytes
 from ..repository import Snapshot
 
@@ -40,6 +41,8 @@ def group_runs(snapshots: Iterable[Snapshot], records: Mapping[str, Mapping[str,
         snaps.sort(key=lambda s: s.time)
         disks = tuple(d for s in snaps if (d := s.tag_value("disk")) and d != "config")
         modes = tuple(dict.fromkeys(m for s in snaps if (m := s.tag_value("mode"))))
+        if "config" not in modes and any(names.CONFIG_INSIDE in s.tags for s in snaps):
+            modes = (*modes, "config")
         rec = records.get(run_id, {})
         rows.append(BackupRow(host=host, vm=vm, run_id=run_id, time=snaps[0].time[:19].replace("T", " "), modes=modes,
                               disks=disks, snapshot_ids=tuple(s.short_id for s in snaps),

@@ -54,16 +54,23 @@ def plan(ctx: Context, vm: VM) -> list[PlannedCommand]:
             out.append(PlannedCommand("mount", tuple(ctx.mounter.mount_argv(
                 f"/dev/{disk.lv.vg}/{name}", target, "<fstype>", opts)),
                 "xfs adds nouuid,norecovery; ext4 adds noload only when its journal is dirty"))
+    config = vm.domain_config
+    carrier = next((d for d in disks if config and d.mode is DiskMode.FILES
+                    and names.config_rides_along(d.path, config)), None)
     for disk in disks:
         tags_r = names.restic_tags(ctx.host, vm.name, str(disk.lv), disk.mode.value, run_id)
         if disk.mode is DiskMode.FILES:
-            argv = ctx.restic.backup_argv([disk.path], tags_r, ctx.host)
+            with_config = [config] if config and disk is carrier else []
+            argv = ctx.restic.backup_argv([disk.path, *with_config],
+                                          tags_r + ([names.CONFIG_INSIDE] if with_config else []), ctx.host)
             note = f"in {ctx.store.mountpoint(vm.name, disk.slug)}"
+            if with_config:
+                note += ", with the domain config if it exists"
         else:
             argv = ctx.restic.backup_argv([], tags_r, ctx.host, stdin_filename=f"{disk.slug}.img")
             note = f"stdin from /dev/{disk.lv.vg}/{snapshot_name(vm.name, disk, stamp)}"
         out.append(PlannedCommand("backup", tuple(argv), note))
-    if vm.domain_config:
+    if vm.domain_config and carrier is None:
         config_tags = names.restic_tags(ctx.host, vm.name, names.CONFIG_DISK, names.CONFIG_DISK, run_id)
         argv = ctx.restic.backup_argv([vm.domain_config], config_tags, ctx.host)
         out.append(PlannedCommand("backup", tuple(argv), "if the domain config exists"))

@@ -54,6 +54,8 @@ class RunRecord:
     duration: float | None = None
     peak_fill: float | None = None
     pause_seconds: float | None = None
+    snapshot_seconds: float | None = None
+    restic_seconds: float | None = None
     restic_snapshots: tuple[str, ...] = ()
     stale_snapshots: tuple[str, ...] = ()
     data_added: int | None = None
@@ -67,6 +69,7 @@ class RunRecord:
         summary: dict[str, Any] = state.summary
         return cls(vm=vm.name, result=result, finished=now, run_id=state.run_id, started=state.started,
                    duration=now - state.started, peak_fill=state.peak_fill, pause_seconds=state.pause_seconds,
+                   snapshot_seconds=state.snapshot_seconds, restic_seconds=summary.get("restic_seconds"),
                    restic_snapshots=state.restic_snapshots if ok else (),
                    data_added=summary.get("data_added"), total_bytes=summary.get("total_bytes"),
                    files=summary.get("files"))

@@ -20,13 +20,9 @@ from ..mount import mounts
 from ..repository import Snapshot
 from ..run import run
 from ..state import Busy, StateStore
-from .context import Context, StepError
+from .context import Context, RestoreError, StepError
 
 log = logging.getLogger(__name__)
-
-
-class RestoreError(Exception):
-    """The restore was refused or failed; the message says why and what state the VM is in."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +101,9 @@ def select_run(snaps: Sequence[Snapshot], wanted: str) -> RunSelection:
         run_id = runs.pop()
     members = [s for s in snaps if (s.tag_value("run") or "") == run_id] if run_id else []
     disks = {d: s for s in members if (d := s.tag_value("disk")) and d != names.CONFIG_DISK}
-    config = next((s for s in members if s.tag_value("mode") == names.CONFIG_DISK), None)
+    # Runs before the config rode along with a disk kept it in a restic snapshot of its own.
+    config = next((s for s in members if s.tag_value("mode") == names.CONFIG_DISK), None) or next(
+        (s for s in members if names.CONFIG_INSIDE in s.tags), None)
     return RunSelection(run_id=run_id, disks=disks, config=config)
 
 

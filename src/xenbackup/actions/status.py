@@ -113,6 +113,9 @@ METRICS = (
     ("xenbackup_snapshot_peak_fill_percent", "gauge", "Peak fill of the last run's snapshots.", "peak_fill"),
     ("xenbackup_last_pause_seconds", "gauge", "How long the last run kept the guest paused or frozen.",
      "pause_seconds"),
+    ("xenbackup_last_snapshot_seconds", "gauge",
+     "How long the last run's snapshots existed, from the first lvcreate to the last lvremove.", "snapshot_seconds"),
+    ("xenbackup_last_restic_seconds", "gauge", "restic's own time for the last run's backups.", "restic_seconds"),
 )
 
 

@@ -32,7 +32,7 @@ def suggested_size(origin_size: int, cow_size: int, peak: float) -> SnapshotSize
 
 
 class OverflowWatch:
-    """A thread polling `lvs` for each classic snapshot's fill during the backup."""
+    """A thread polling each classic snapshot's fill (`dmsetup status`) during the backup."""
 
     def __init__(self, lvm: Lvm, vm: VM, snapshots: Sequence[SnapshotRecord], interval: float,
                  on_abort: Callable[[], None] = lambda: None) -> None:
@@ -71,21 +71,22 @@ class OverflowWatch:
     def poll(self) -> None:
         with self._lock:
             for rec in self.snapshots:
-                lv = self.lvm.lv(rec.lv)
-                if lv is None:
-                    continue
                 if rec.thin:
-                    self._poll_pool(rec, lv.pool)
+                    lv = self.lvm.lv(rec.lv)
+                    if lv is not None:
+                        self._poll_pool(rec, lv.pool)
                     continue
-                fill = 100.0 if lv.is_invalid else (lv.fill or 0.0)
-                self.peak = max(self.peak, fill)
-                if lv.is_invalid or fill >= 100.0:
+                status = self.lvm.snapshot_status(rec.lv)
+                if status is None:
+                    continue
+                self.peak = max(self.peak, status.fill)
+                if status.invalid or status.fill >= 100.0:
                     if str(rec.lv) not in self.overflowed:
                         self.overflowed.append(str(rec.lv))
-                        self._report_overflow(rec, lv.origin_size, lv.size)
+                        self._report_overflow(rec)
                         self.on_abort()
-                elif fill >= self.vm.overflow_threshold:
-                    self._extend(rec, fill)
+                elif status.fill >= self.vm.overflow_threshold:
+                    self._extend(rec, status.fill)
 
     def _poll_pool(self, rec: SnapshotRecord, pool_name: str) -> None:
         pool = self.lvm.lv(LvRef(rec.lv.vg, pool_name)) if pool_name else None
@@ -111,7 +112,13 @@ class OverflowWatch:
         log.warning("snapshot %s was %.1f%% full; extended it by %s", rec.lv, fill, self.vm.extend_step,
                     extra={"message_id": MessageId.EXTENDED.value, "fields": {"fill": fill}})
 
-    def _report_overflow(self, rec: SnapshotRecord, origin_size: int, cow_size: int) -> None:
+    def _report_overflow(self, rec: SnapshotRecord) -> None:
+        # Sizes for the hint come from LVM once, on this rare path; the kernel's counters do not carry them.
+        try:
+            lv = self.lvm.lv(rec.lv)
+        except CommandError:
+            lv = None
+        origin_size, cow_size = (lv.origin_size, lv.size) if lv is not None else (0, 0)
         hint = suggested_size(origin_size, cow_size, 100.0)
         log.error("snapshot %s of %s overflowed (peak fill 100%%, COW %s); the backup is discarded. "
                   "Set snapshot_size = \"%s\" or larger for vm.%s", rec.lv, rec.origin, format_bytes(cow_size),

@@ -47,8 +47,10 @@ def test_unit_backup_stores_origin_bytes_and_leaves_nothing(seed_layout, xb: Xb,
     assert run.returncode == 0, journal.text("-u", "xenbackup@vm1")
     assert tree_hashes(restore_tree(xb, tmp_path / "r")) == before
     assert tree_hashes(seed_layout.vmdir) == before, "the origin changed"
-    config_snaps = xb.snapshots("vm:vm1", "mode:config")
-    assert len(config_snaps) == 1
+    # The domain config rides in the files-mode disk's own restic run: no second repository open.
+    assert xb.snapshots("vm:vm1", "mode:config") == []
+    (carrier,) = xb.snapshots("vm:vm1", "config:inside")
+    assert xb.restic("dump", str(carrier["id"]), "/etc/xen/vm1.cfg").stdout == 'name = "vm1"\nmemory = 256\n'
     assert our_snapshots() == [] and our_mounts() == []
     entries = journal.entries("-u", "xenbackup@vm1.service")
     ours = [e for e in entries if e.get("SYSLOG_IDENTIFIER") == "xenbackup" and e.get("XENBACKUP_VM") == "vm1"]
