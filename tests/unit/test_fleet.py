@@ -12,7 +12,10 @@ from xenbackup import cli, config
 from xenbackup.actions import ops
 from xenbackup.actions.backup import Context
 from xenbackup.actions.restore import RestoreError, Restorer, RestoreRequest
+from xenbackup.config import RepositoryConfig
 from xenbackup.names import restic_tags as tags_for
+from xenbackup.repository import Restic
+from xenbackup.run import CommandError
 
 HOST_CONFIG = """
 [repository]
@@ -184,3 +187,17 @@ def test_the_readme_fleet_examples_are_valid(tmp_path: Path) -> None:
         path.write_text(block)
         prunes.append(config.load(str(path)).repository.prune)
     assert prunes == [True, False]
+
+
+def test_a_failed_restic_names_its_repository_and_its_fatal_line_not_the_lock_removal_retries() -> None:
+    stderr = (
+        "Save(<data/1c2d>) returned error, retrying after 552ms: connection refused\n"
+        "Fatal: unable to save snapshot: client.PutObject: dial tcp 127.0.0.1:7480: connect: connection refused\n"
+        + "Remove(<lock/1feb63a6f2>) returned error, retrying after 803ms: connection refused\n" * 12
+    )
+    cfg = RepositoryConfig(url="s3:http://127.0.0.1:7480/xen-backups", password_file="/nonexistent",
+                           environment_file=None, cache_dir="/nonexistent", host="xen3", compression="auto")
+    error = Restic(cfg, credentials_dir="")._masked(CommandError(["restic", "backup"], 1, stderr))
+    assert str(error) == ("restic failed with exit code 1 on repository s3:http://127.0.0.1:7480/xen-backups: "
+                          "Fatal: unable to save snapshot: client.PutObject: dial tcp 127.0.0.1:7480: connect: "
+                          "connection refused")
