@@ -19,9 +19,17 @@ def describe(p: Progress, label: str) -> str:
     if p.percent is not None:
         parts.append(f"{p.percent:.1f}%")
     parts.append(f"{format_bytes(p.bytes_done)}" + (f" of {format_bytes(p.total_bytes)}" if p.total_bytes else ""))
-    if p.seconds_remaining:
-        parts.append(f"ETA {p.seconds_remaining // 60}:{p.seconds_remaining % 60:02d}")
+    # restic 0.14 estimates even when it does not know the total (a block device read from stdin, or an upload
+    # throttled by --limit-upload), and then reports absurd values: only an estimate against a known total is shown.
+    if p.seconds_remaining and p.total_bytes and p.seconds_remaining < ETA_LIMIT:
+        hours, rest = divmod(p.seconds_remaining, 3600)
+        minutes, seconds = divmod(rest, 60)
+        parts.append(f"ETA {hours}:{minutes:02d}:{seconds:02d}" if hours else f"ETA {minutes}:{seconds:02d}")
     return ", ".join(parts)
+
+
+ETA_LIMIT = 7 * 86400
+"""Seconds; a longer estimate is noise (a backup that long would have hit the unit's TimeoutStartSec=)."""
 
 
 class Reporter:

@@ -356,13 +356,14 @@ class Restic:
         return known
 
     def _masked(self, exc: CommandError) -> CommandError:
+        """The error with secrets masked and the repository named: in a fleet, which one failed matters."""
         stderr = exc.stderr
         for secret in self.secrets():
             if secret:
                 stderr = stderr.replace(secret, "***")
-        if stderr == exc.stderr:
-            return exc
-        return CommandError(exc.argv, exc.returncode, stderr, exc.reason)
+        where = f"on repository {self.cfg.display_url}"
+        reason = exc.reason if where in exc.reason else f"{exc.reason} {where}"
+        return CommandError(exc.argv, exc.returncode, stderr, reason)
 
     def _with_lock_wait(self, argv: list[str], attempt: Callable[[list[str]], T]) -> T:
         """Run attempt(argv); while another process holds the repository lock, wait up to lock_wait."""

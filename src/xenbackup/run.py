@@ -54,6 +54,10 @@ class CommandError(Exception):
         chain = _go_error_chain([line for line in self.stderr.strip().splitlines() if line.strip()])
         if chain:
             return chain
+        # restic's own verdict, even when retries of its lock removal fill the tail after it.
+        fatal = [line.strip() for line in self.stderr.splitlines() if line.startswith("Fatal: ")]
+        if fatal:
+            return fatal[-1]
         lines = [line.strip() for line in self.stderr_tail.splitlines()]
         lines = [line for line in lines if line and not line.startswith("Run `")]
         for line in lines:

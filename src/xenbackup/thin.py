@@ -4,7 +4,6 @@ read again. Pure logic; the commands live in lvm.py and the filesystem in segfs.
 from __future__ import annotations
 
 import json
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -37,6 +36,8 @@ class Delta:
 
 def parse_delta(xml: str, base_id: int, new_id: int) -> Delta:
     """The changed ranges in `thin_delta -m --snap1 BASE --snap2 NEW` output (thin-provisioning-tools 0.9)."""
+    import xml.etree.ElementTree as ET  # only a thin incremental run parses XML; every unit step imports this
+
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as exc:

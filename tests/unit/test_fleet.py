@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,11 @@ from xenbackup import cli, config
 from xenbackup.actions import ops
 from xenbackup.actions.backup import Context
 from xenbackup.actions.restore import RestoreError, Restorer, RestoreRequest
+from xenbackup.config import RepositoryConfig
 from xenbackup.names import restic_tags as tags_for
+from xenbackup.progress import describe
+from xenbackup.repository import Progress, Restic
+from xenbackup.run import CommandError
 
 HOST_CONFIG = """
 [repository]
@@ -184,3 +188,28 @@ def test_the_readme_fleet_examples_are_valid(tmp_path: Path) -> None:
         path.write_text(block)
         prunes.append(config.load(str(path)).repository.prune)
     assert prunes == [True, False]
+
+
+def test_a_failed_restic_names_its_repository_and_its_fatal_line_not_the_lock_removal_retries() -> None:
+    stderr = (
+        "Save(<data/1c2d>) returned error, retrying after 552ms: connection refused\n"
+        "Fatal: unable to save snapshot: client.PutObject: dial tcp 127.0.0.1:7480: connect: connection refused\n"
+        + "Remove(<lock/1feb63a6f2>) returned error, retrying after 803ms: connection refused\n" * 12
+    )
+    cfg = RepositoryConfig(url="s3:http://127.0.0.1:7480/xen-backups", password_file="/nonexistent",
+                           environment_file=None, cache_dir="/nonexistent", host="xen3", compression="auto")
+    error = Restic(cfg, credentials_dir="")._masked(CommandError(["restic", "backup"], 1, stderr))
+    assert str(error) == ("restic failed with exit code 1 on repository s3:http://127.0.0.1:7480/xen-backups: "
+                          "Fatal: unable to save snapshot: client.PutObject: dial tcp 127.0.0.1:7480: connect: "
+                          "connection refused")
+
+
+def test_progress_shows_an_eta_only_against_a_known_total_and_of_a_sane_length() -> None:
+    # Measured in the fleet suite: a block-mode disk throttled by limit_upload, total unknown.
+    unknown_total = Progress(percent=None, bytes_done=16 << 20, total_bytes=None, seconds_remaining=34084860461145,
+                             files_done=0)
+    assert "ETA" not in describe(unknown_total, "vm3 fleet/vm3")
+    known = Progress(percent=50.0, bytes_done=8 << 20, total_bytes=16 << 20, seconds_remaining=3725, files_done=0)
+    assert describe(known, "vm3") == "vm3, 50.0%, 8.0 MiB of 16.0 MiB, ETA 1:02:05"
+    assert describe(replace(known, seconds_remaining=65), "vm3").endswith("ETA 1:05")
+    assert "ETA" not in describe(replace(known, seconds_remaining=10**12), "vm3")

@@ -127,7 +127,8 @@ def test_secrets_never_reach_the_log_lines_written(write_config, tmp_path, capsy
     lines = capsys.readouterr().err.splitlines()
     assert f"+ {restic} cat config --no-lock" in lines
     assert "initialising restic repository rest:https://backup:***@backup.example:8000/host1/" in lines
-    assert ("error: restic failed with exit code 1: Fatal: unable to open config file: key *** rejected by "
+    assert ("error: restic failed with exit code 1 on repository rest:https://backup:***@backup.example:8000/host1/: "
+            "Fatal: unable to open config file: key *** rejected by "
             "rest:https://backup:***@backup.example:8000/host1/") in lines
     assert not [line for line in lines if "hunter2" in line or "topsecret" in line]
 

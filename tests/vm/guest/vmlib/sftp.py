@@ -43,6 +43,9 @@ def start_sftp(client_dir: Path) -> SftpServer:
         pwd.getpwnam(USER)
     except KeyError:
         run("useradd", "--create-home", "--shell", "/bin/sh", USER)
+    # Debian ships `backup` as a system user (uid 34, home /var/backups) with nologin, which refuses the sftp
+    # subsystem too; the repository's owner needs a shell.
+    run("usermod", "--shell", "/bin/sh", USER)
     REPO_DIR.mkdir(parents=True, exist_ok=True)
     run("chown", f"{USER}:{USER}", str(REPO_DIR))
     if not HOST_KEY.exists():
