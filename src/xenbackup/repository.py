@@ -262,6 +262,19 @@ def read_environment_file(path: str) -> dict[str, str]:
     return env
 
 
+def open_failure(stderr: str, sftp: bool = False) -> str:
+    """restic's reason for not opening a repository, from its stderr.
+
+    Its `Fatal:` line says only that the sftp session ended (EOF); ssh's own verdict ("Host key verification
+    failed.") is the line before it, after ssh's banner of `@` lines."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    fatal = next((i for i, line in enumerate(lines) if line.startswith("Fatal: ")), None)
+    if fatal is None:
+        return lines[0] if lines else "no answer"
+    before = [line for line in lines[:fatal] if not line.startswith("@")]
+    return f"{before[-1]}; {lines[fatal]}" if sftp and before else lines[fatal]
+
+
 class Restic:
     def __init__(self, cfg: RepositoryConfig, restic: str = "restic",
                  credentials_dir: str | None = None) -> None:
@@ -440,7 +453,7 @@ class Restic:
         probe = run(self.argv("cat", "config", "--no-lock"), env=self.env(), secrets=self.secrets(), check=False)
         if probe.returncode == 0:
             return None
-        return next((line.strip() for line in probe.stderr.splitlines() if line.strip()), "no answer")
+        return open_failure(probe.stderr, sftp=self.cfg.url.startswith("sftp:"))
 
     def ensure_initialized(self) -> None:
         """On first use, create the local repository (and its password)."""

@@ -14,6 +14,7 @@ from xenbackup.repository import (
     Progress,
     RepositoryError,
     Restic,
+    open_failure,
     parse_progress,
     parse_snapshots,
 )
@@ -412,3 +413,27 @@ def test_real_restic_runs_ssh_with_exactly_these_arguments(tmp_path, monkeypatch
         "-o", "BatchMode=yes", "-i", "/etc/xenbackup/id_ed25519", "-o", "IdentitiesOnly=yes",
         "-o", "UserKnownHostsFile=/etc/xenbackup/known_hosts", "-o", "StrictHostKeyChecking=yes",
         "backup@nas.example", "-s", "sftp"]
+
+
+# restic 0.14 opening sftp:backup@localhost:/srv/restic with a known_hosts that pins another key.
+SFTP_WRONG_KEY = """\
+subprocess ssh: @@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@
+@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @
+@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@
+subprocess ssh: Host key for localhost has changed and you have requested strict checking.
+subprocess ssh: Host key verification failed.
+Fatal: unable to open repository at sftp:backup@localhost:/srv/restic: unable to start the sftp session, error: EOF
+"""
+
+
+def test_an_sftp_open_failure_says_what_ssh_said_and_what_restic_did() -> None:
+    why = open_failure(SFTP_WRONG_KEY, sftp=True)
+    assert why.startswith("subprocess ssh: Host key verification failed.; Fatal: unable to open repository")
+
+
+def test_other_open_failures_give_restic_s_fatal_line() -> None:
+    stderr = "Load(<config/0000000000>, 0, 0) returned error, retrying after 552ms: connection refused\n" \
+             "Fatal: unable to open config file: Stat: connection refused\n"
+    assert open_failure(stderr) == "Fatal: unable to open config file: Stat: connection refused"
+    assert open_failure("wrong password or no key found\n") == "wrong password or no key found"
+    assert open_failure("") == "no answer"
