@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .model import LvRef, SnapshotSize
 from .run import CommandError, run
@@ -190,6 +190,20 @@ def is_missing(err: CommandError) -> bool:
     return "failed to find logical volume" in text or ("not found" in text and "volume group" in text)
 
 
+_Lv = TypeVar("_Lv")
+
+
+def one_lv(lvs: Callable[[str], list[_Lv]], ref: LvRef) -> _Lv | None:
+    """The one LV `lvs REF` reports, or None when LVM says it does not exist."""
+    try:
+        found = lvs(str(ref))
+    except CommandError as err:
+        if is_missing(err):
+            return None
+        raise
+    return found[0] if found else None
+
+
 def is_in_use(err: CommandError) -> bool:
     text = err.stderr.lower()
     return "in use" in text or "is open" in text or "device or resource busy" in text
@@ -208,13 +222,7 @@ class Lvm:
         return parse_lvs(run(self.lvs_argv(selection)).stdout)
 
     def lv(self, ref: LvRef) -> LogicalVolume | None:
-        try:
-            found = self.lvs(str(ref))
-        except CommandError as err:
-            if is_missing(err):
-                return None
-            raise
-        return found[0] if found else None
+        return one_lv(self.lvs, ref)
 
     def all(self) -> list[LogicalVolume]:
         return self.lvs()

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from . import names
-from .lvm import MalformedReport, _rows, is_missing
+from .lvm import MalformedReport, _rows, one_lv
 from .model import LvRef
 from .run import CommandError, run
 from .thin import Delta, DeltaError, parse_delta
@@ -73,13 +73,7 @@ class ThinPools:
         return parse_thin_lvs(run(argv).stdout)
 
     def lv(self, ref: LvRef) -> ThinLv | None:
-        try:
-            found = self.lvs(str(ref))
-        except CommandError as err:
-            if is_missing(err):
-                return None
-            raise
-        return found[0] if found else None
+        return one_lv(self.lvs, ref)
 
     def bases(self, vm: str) -> list[ThinLv]:
         return self.lvs(f"@{names.lv_base_tag(vm)}")
