@@ -39,16 +39,19 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Drop suites whose flavour XENBACKUP_TESTVM_FLAVOURS leaves out; note which guest tests remain."""
+    """Drop suites whose flavour XENBACKUP_TESTVM_FLAVOURS leaves out, and suites outside the default run
+    that XENBACKUP_TESTVM_EXTRA does not name; note which guest tests remain."""
     try:
-        chosen = Settings.from_environment().flavours
+        settings = Settings.from_environment()
     except InfraError as exc:
         raise pytest.UsageError(str(exc)) from exc
     kept: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:
         suite = suite_of(item)
-        (dropped if suite is not None and suite.flavour not in chosen else kept).append(item)
+        wanted = suite is None or (suite.flavour in settings.flavours
+                                   and (suite.in_default_run or suite.name in settings.extra_suites))
+        (kept if wanted else dropped).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept

@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from xbtestbed.config import REPO_ROOT, Flavour, InfraError, Install, parse_flavours
+from xbtestbed.config import REPO_ROOT, Flavour, InfraError, Install, Settings, parse_flavours
 from xbtestbed.guestrun import GuestRequest, GuestRun, _set_aside
 from xbtestbed.image import Image, deb822_to_one_line, describe_build_failure, image_key, one_line_entries
 from xbtestbed.junit import Outcome, parse_junit, results_for
@@ -251,3 +251,11 @@ def test_a_power_cut_sets_the_boot_logs_aside_and_empties_the_results_share(tmp_
     assert sorted(p.name for p in (artifacts / "boot2").iterdir()) == ["console.log", "pytest.log", "reboot-request"]
     assert sorted(p.name for p in artifacts.iterdir()) == ["boot1", "boot2", "qemu-command.txt"]
     assert list(results.iterdir()) == []
+
+
+def test_only_the_fleet_suite_waits_to_be_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert [name for name, suite in SUITES.items() if not suite.in_default_run] == ["fleet"]
+    monkeypatch.delenv("XENBACKUP_TESTVM_EXTRA", raising=False)
+    assert Settings.from_environment().extra_suites == frozenset()
+    monkeypatch.setenv("XENBACKUP_TESTVM_EXTRA", " fleet, ")
+    assert Settings.from_environment().extra_suites == {"fleet"}

@@ -78,6 +78,8 @@ class Settings:
     mirror: str | None
     parallel: int = 1
     """How many suites boot at once (XENBACKUP_TESTVM_PARALLEL)."""
+    extra_suites: frozenset[str] = frozenset()
+    """Suites outside the default run that this run includes (XENBACKUP_TESTVM_EXTRA, e.g. "fleet")."""
 
     @classmethod
     def from_environment(cls) -> Settings:
@@ -94,6 +96,7 @@ class Settings:
             # On two cores a second guest slows the xen flavour about threefold (its consistency tests then
             # overran their limits), so suites boot one at a time unless the machine has cores to spare.
             parallel=_env_count("XENBACKUP_TESTVM_PARALLEL", 1),
+            extra_suites=frozenset(n.strip() for n in env.get("XENBACKUP_TESTVM_EXTRA", "").split(",") if n.strip()),
         )
 
     def guest_timeout(self, flavour: Flavour) -> float:

@@ -29,6 +29,8 @@ class Suite:
     """How the guest installs the product; one suite keeps packaging/install.sh proven."""
     cpu: str | None = None
     """qemu's -cpu for a host-flavour boot; None is the flavour's model (qemu.HOST_CPU)."""
+    in_default_run: bool = True
+    """False: only a run that names the suite in XENBACKUP_TESTVM_EXTRA boots it (`make test-fleet`)."""
     memory_mib: int | None = None
     """The guest's RAM for a host-flavour boot; None is the flavour's default."""
 
@@ -51,7 +53,7 @@ SUITES: dict[str, Suite] = {
         # A single-node Ceph (mon, mgr, OSD, radosgw) and an sshd as the fleet's shared repositories, on the
         # host flavour's CPU model (ceph-mon dies of SIGILL on qemu's default one). Ceph's daemons need about
         # 750 MB beside the product and its tests.
-        Suite("fleet", Flavour.HOST, "fleet", memory_mib=3072),
+        Suite("fleet", Flavour.HOST, "fleet", memory_mib=3072, in_default_run=False),
     )
 }
 
