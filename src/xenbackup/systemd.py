@@ -112,6 +112,19 @@ def _show(systemctl: str, properties: Sequence[str], units: Sequence[str]) -> li
                            "--", *units]).stdout)
 
 
+def _system_bus() -> Any:
+    """An open pystemd connection to the system bus, or None (logged) when there is none."""
+    try:
+        from pystemd.dbuslib import DBus
+
+        bus = DBus()
+        bus.open()
+        return bus
+    except Exception as exc:
+        log.debug("cannot open the system bus: %s", exc)
+        return None
+
+
 def unit_states(units: Sequence[str], systemctl: str = "systemctl") -> dict[str, UnitState | None]:
     """unit_state of many units in one `systemctl show`: `xenbackup status` asks for every VM's, and over
     pystemd each unit cost an introspection and a call per property (25 s for 100 VMs under emulation)."""
@@ -124,13 +137,8 @@ def unit_states(units: Sequence[str], systemctl: str = "systemctl") -> dict[str,
         return {name: found.get(name) for name in units}
     except (CommandError, KeyError, ValueError) as exc:
         log.debug("systemctl show failed (%s); asking over D-Bus", exc)
-    try:
-        from pystemd.dbuslib import DBus
-
-        bus = DBus()
-        bus.open()
-    except Exception as exc:
-        log.debug("cannot open the system bus: %s", exc)
+    bus = _system_bus()
+    if bus is None:
         return dict.fromkeys(units)
     try:
         out: dict[str, UnitState | None] = {}
@@ -234,15 +242,11 @@ def timer_states(pattern: str = names.TIMER_PATTERN, systemctl: str = "systemctl
                 for b in _show(systemctl, SHOW_TIMER, [pattern])}
     except (CommandError, KeyError, ValueError) as exc:
         log.debug("systemctl show failed (%s); asking over D-Bus", exc)
-    try:
-        from pystemd.dbuslib import DBus
-        from pystemd.systemd1 import Manager, Unit
-
-        bus = DBus()
-        bus.open()
-    except Exception as exc:
-        log.debug("cannot open the system bus: %s", exc)
+    bus = _system_bus()
+    if bus is None:
         return {}
+    from pystemd.systemd1 import Manager, Unit
+
     try:
         manager = Manager(bus=bus)
         manager.load()
