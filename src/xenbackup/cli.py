@@ -137,14 +137,15 @@ def _cmd_step(cfg: Config, args: argparse.Namespace) -> int:
     vm = cfg.vm(args.vm)
     ctx = _context(cfg)
     with journal.context(vm=vm.name):
-        if args.step == "snapshot":
-            backup_mod.step_snapshot(ctx, vm)
-        elif args.step == "mount":
-            backup_mod.step_mount(ctx, vm)
-        elif args.step == "backup":
-            backup_mod.step_backup(ctx, vm)
-        else:
+        if args.step == "cleanup":
             return backup_mod.step_cleanup(ctx, vm)
+        step = {"snapshot": backup_mod.step_snapshot, "mount": backup_mod.step_mount,
+                "backup": backup_mod.step_backup}[args.step]
+        try:
+            step(ctx, vm)
+        except BaseException as exc:
+            backup_mod.note_failure(ctx, vm, exc)
+            raise
     return EXIT_OK
 
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from .config import RepositoryConfig
 from .model import Retention
-from .run import CommandError, Completed, run, stream, stream_bytes, url_secrets
+from .run import CommandError, Completed, fatal_lines, run, stream, stream_bytes, url_secrets
 
 log = logging.getLogger(__name__)
 
@@ -268,11 +268,12 @@ def open_failure(stderr: str, sftp: bool = False) -> str:
     Its `Fatal:` line says only that the sftp session ended (EOF); ssh's own verdict ("Host key verification
     failed.") is the line before it, after ssh's banner of `@` lines."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    fatal = next((i for i, line in enumerate(lines) if line.startswith("Fatal: ")), None)
+    fatal = next((i for i, line in enumerate(lines) if "Fatal: " in line), None)
     if fatal is None:
         return lines[0] if lines else "no answer"
+    verdict = fatal_lines(lines[fatal])[0]
     before = [line for line in lines[:fatal] if not line.startswith("@")]
-    return f"{before[-1]}; {lines[fatal]}" if sftp and before else lines[fatal]
+    return f"{before[-1]}; {verdict}" if sftp and before else verdict
 
 
 class Restic:

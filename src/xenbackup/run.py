@@ -55,7 +55,7 @@ class CommandError(Exception):
         if chain:
             return chain
         # restic's own verdict, even when retries of its lock removal fill the tail after it.
-        fatal = [line.strip() for line in self.stderr.splitlines() if line.startswith("Fatal: ")]
+        fatal = fatal_lines(self.stderr)
         if fatal:
             return fatal[-1]
         lines = [line.strip() for line in self.stderr_tail.splitlines()]
@@ -64,6 +64,12 @@ class CommandError(Exception):
             if "error" in line.lower() or "fatal" in line.lower():
                 return line
         return lines[-1] if lines else ""
+
+
+def fatal_lines(stderr: str) -> list[str]:
+    """restic's `Fatal: ...` verdicts. Its retry messages and the verdict share stderr without locking, so a
+    verdict can start in the middle of a line ("...connection refusedFatal: unable to save snapshot")."""
+    return [line[line.index("Fatal: "):].strip() for line in stderr.splitlines() if "Fatal: " in line]
 
 
 _GO_FRAME = re.compile(r"^\s+\S+\.(go|s):\d+$")

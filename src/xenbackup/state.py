@@ -110,6 +110,9 @@ class RunState:
     """When the first lvcreate of this run began: every second a classic snapshot lives costs the VM's writes."""
     snapshot_seconds: float | None = None
     """From the first lvcreate until the last lvremove returned."""
+    error: str = ""
+    """Why a step failed, for cleanup's verdict: the step's own error lines may reach the journal after its
+    process is gone, and then without the unit's name."""
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -140,6 +143,7 @@ class RunState:
             consistency=d.get("consistency", ""),
             snapshot_created=d.get("snapshot_created"),
             snapshot_seconds=d.get("snapshot_seconds"),
+            error=d.get("error", ""),
         )
 
     def with_snapshot(self, rec: SnapshotRecord) -> RunState:

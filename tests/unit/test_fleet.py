@@ -15,7 +15,7 @@ from xenbackup.actions.restore import RestoreError, Restorer, RestoreRequest
 from xenbackup.config import RepositoryConfig
 from xenbackup.names import restic_tags as tags_for
 from xenbackup.progress import describe
-from xenbackup.repository import Progress, Restic
+from xenbackup.repository import Progress, Restic, open_failure
 from xenbackup.run import CommandError
 
 HOST_CONFIG = """
@@ -202,6 +202,17 @@ def test_a_failed_restic_names_its_repository_and_its_fatal_line_not_the_lock_re
     assert str(error) == ("restic failed with exit code 1 on repository s3:http://127.0.0.1:7480/xen-backups: "
                           "Fatal: unable to save snapshot: client.PutObject: dial tcp 127.0.0.1:7480: connect: "
                           "connection refused")
+
+
+def test_a_fatal_line_glued_to_a_retry_message_is_still_the_verdict() -> None:
+    # Recorded in the fleet suite: restic's retry messages and its verdict share stderr without locking.
+    lock = "Remove(<lock/1e4de9f531>) returned error, retrying after 803ms: dial tcp 127.0.0.1:7480: connection refused"
+    stderr = (f"{lock}\n" * 3 + "error while unlocking: dial tcp 127.0.0.1:7480: connect: connection refused"
+              "Fatal: unable to save snapshot: client.PutObject: Put \"http://127.0.0.1:7480/xen-backups/data/6f\": "
+              "dial tcp 127.0.0.1:7480: connect: connection refused\n" + f"{lock}\n" * 8)
+    error = CommandError(["restic", "backup"], 1, stderr)
+    assert error.cause().startswith("Fatal: unable to save snapshot: client.PutObject")
+    assert open_failure(stderr).startswith("Fatal: unable to save snapshot")
 
 
 def test_progress_shows_an_eta_only_against_a_known_total_and_of_a_sane_length() -> None:

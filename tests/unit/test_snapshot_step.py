@@ -231,3 +231,29 @@ def test_cleanup_judges_its_own_snapshots_by_the_kernel_and_looks_for_leftovers_
     assert seen == ["dmsetup status", "lvremove --yes", "lvremove --yes", "lvs --reportformat"]
     assert "db1--root" in (tools / "calls").read_text().splitlines()[0]
     assert ctx.store.read_record("db1")["result"] == "overflow"
+
+
+def test_cleanup_s_verdict_says_why_the_step_failed(tools: Path, caplog) -> None:
+    # A failing step's own error lines can reach journald after its process is gone, and then lack the unit's
+    # name (journalctl -u misses them); cleanup, which runs later, repeats the reason in the verdict.
+    from xenbackup.actions.record import RunResult
+
+    cfg = write_cfg(tools, extra='consistency = "none"')
+    ctx = Context.from_config(cfg)
+    vm = cfg.vm("db1")
+    backup.step_snapshot(ctx, vm)
+    backup.note_failure(ctx, vm, RepositoryError("restic failed with exit code 1 on repository X: Fatal: gone"))
+    backup.note_failure(ctx, vm, KeyboardInterrupt("SIGTERM"))  # the first reason is the one that counts
+    caplog.set_level("INFO")
+    assert backup.step_cleanup(ctx, vm, RunResult.EXIT_CODE) == 0
+    verdict = [r for r in caplog.records if r.getMessage().startswith("backup of db1 failed")]
+    assert [r.getMessage() for r in verdict] == [
+        "backup of db1 failed (result=exit-code): restic failed with exit code 1 on repository X: Fatal: gone"]
+    assert verdict[0].fields["error"] == "restic failed with exit code 1 on repository X: Fatal: gone"
+    assert ctx.store.read_record("db1")["error"].endswith("Fatal: gone")
+    # A new run starts without the old reason.
+    backup.step_snapshot(ctx, vm)
+    state = ctx.store.load("db1")
+    assert state is not None and state.error == ""
+    assert backup.step_cleanup(ctx, vm, RunResult.SUCCESS) == 0
+    assert ctx.store.read_record("db1")["error"] == ""

@@ -415,6 +415,19 @@ def _cleanup(ctx: Context, vm: VM, result: RunResult | None) -> int:
         return code
 
 
+def note_failure(ctx: Context, vm: VM, exc: BaseException) -> None:
+    """Keep why a step of this run failed in its state, so that cleanup's verdict can say it.
+
+    Never raises: the step's own error is what the caller reports."""
+    try:
+        with ctx.store.lock(vm.name):
+            state = ctx.store.load(vm.name)
+            if state is not None and state.owner == Owner.current() and not state.error:
+                ctx.store.save(replace(state, error=str(exc) or type(exc).__name__))
+    except Exception as err:
+        log.debug("could not record why the step failed: %s", err)
+
+
 def _finish(ctx: Context, vm: VM, state: RunState | None, result: RunResult, cleanup_code: int) -> None:
     if result is RunResult.SUCCESS and cleanup_code != 0:
         result = RunResult.CLEANUP_FAILED
@@ -433,8 +446,10 @@ def _finish(ctx: Context, vm: VM, state: RunState | None, result: RunResult, cle
         journal.event(log, logging.INFO, "backup of %s succeeded in %.0f s (snapshot peak fill %.1f%%)",
                       MessageId.SUCCEEDED, vm.name, record.duration or 0, record.peak_fill or 0, **fields)
     else:
-        journal.event(log, logging.ERROR, "backup of %s failed (result=%s)", MessageId.FAILED, vm.name,
-                      record.result.value, **fields)
+        if record.error:
+            fields.update(error=record.error)
+        journal.event(log, logging.ERROR, "backup of %s failed (result=%s)%s", MessageId.FAILED, vm.name,
+                      record.result.value, f": {record.error}" if record.error else "", **fields)
     if (ctx.store.load(vm.name) or state).paused:
         log.error("keeping the run state of %s: it records a guest still paused, for the next run or the sweep",
                   vm.name)
@@ -452,13 +467,17 @@ def backup_foreground(ctx: Context, vm: VM) -> None:
         step_mount(ctx, vm)
         step_backup(ctx, vm)
         result = RunResult.SUCCESS
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         result = RunResult.SIGNAL
+        note_failure(ctx, vm, exc)
+        raise
+    except Exception as exc:
+        note_failure(ctx, vm, exc)
         raise
     finally:
         if step_cleanup(ctx, vm, result) != 0 and result is RunResult.SUCCESS:
             raise StepError("the backup succeeded but its snapshot could not be removed")
 
 
-__all__ = ["Busy", "LvmError", "SnapshotOverflowed", "backup_foreground", "step_backup", "step_cleanup",
+__all__ = ["Busy", "LvmError", "SnapshotOverflowed", "backup_foreground", "note_failure", "step_backup", "step_cleanup",
            "step_mount", "step_snapshot"]

@@ -62,6 +62,7 @@ class RunRecord:
     total_bytes: int | None = None
     files: int | None = None
     last_success: float | None = None
+    error: str = ""
 
     @classmethod
     def of_run(cls, vm: VM, state: RunState, result: RunResult, now: float) -> RunRecord:
@@ -72,7 +73,7 @@ class RunRecord:
                    snapshot_seconds=state.snapshot_seconds, restic_seconds=summary.get("restic_seconds"),
                    restic_snapshots=state.restic_snapshots if ok else (),
                    data_added=summary.get("data_added"), total_bytes=summary.get("total_bytes"),
-                   files=summary.get("files"))
+                   files=summary.get("files"), error="" if ok else state.error)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
