@@ -25,10 +25,9 @@ test-unit:
 test-vm:
 	$(PYTHON) -m pytest -ra tests/vm
 
-# The fleet suite (single-node Ceph RGW and an SFTP server, about 14 minutes): outside `make test` until
-# the CI budget has room for it.
+# The fleet suite alone (single-node Ceph RGW and an SFTP server, about 14 minutes).
 test-fleet: deps
-	XENBACKUP_TESTVM_EXTRA=fleet $(PYTHON) -m pytest -ra tests/vm -k TestFleet
+	$(PYTHON) -m pytest -ra tests/vm -k TestFleet
 
 # Boot the xen flavour and run the demo inside, streaming its output.
 demo: deps

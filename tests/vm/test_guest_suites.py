@@ -42,6 +42,11 @@ class TestHostFlavour(GuestSuite):
     pass
 
 
+@pytest.mark.testvm("faults")
+class TestFaults(GuestSuite):
+    pass
+
+
 @pytest.mark.testvm("xen")
 class TestXenFlavour(GuestSuite):
     pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from xbtestbed.config import REPO_ROOT, Flavour, InfraError, Install, Settings, 
 from xbtestbed.guestrun import GuestRequest, GuestRun, _set_aside
 from xbtestbed.image import Image, deb822_to_one_line, describe_build_failure, image_key, one_line_entries
 from xbtestbed.junit import Outcome, parse_junit, results_for
-from xbtestbed.pytest_support import FlavourResults
+from xbtestbed.pytest_support import FlavourResults, boot_order
 from xbtestbed.qemu import BLANK_DISK_SERIALS, Machine
 from xbtestbed.suites import SUITES, GuestCase, guest_cases, pytest_arguments, scan_file
 
@@ -63,6 +64,7 @@ def test_whole_suite_runs_the_directory_and_a_subset_runs_node_ids() -> None:
         "--ignore=tests/vm/guest/kvm",
         "--ignore=tests/vm/guest/package",
         "--ignore=tests/vm/guest/fleet",
+        "--ignore=tests/vm/guest/faults",
     ]
     assert pytest_arguments(xen, guest_cases(xen)) == ["tests/vm/guest/xen"]
     case = guest_cases(host)[0]
@@ -152,7 +154,7 @@ def test_request_env_is_bash_that_round_trips_arguments(tmp_path: Path) -> None:
 def test_one_suite_keeps_install_sh_proven_and_the_others_install_the_deb() -> None:
     assert {name: suite.install for name, suite in SUITES.items()} == {
         "host": Install.DEB, "xen": Install.DEB, "kvm": Install.DEB, "package": Install.DEB, "powercut": Install.SCRIPT,
-        "fleet": Install.DEB}
+        "fleet": Install.DEB, "faults": Install.DEB}
     request = GuestRequest.pytest(Flavour.HOST, ["tests/vm/guest/powercut"], "powercut", Install.SCRIPT)
     assert "XBTEST_INSTALL=script\n" in request.env_text(600)
 
@@ -253,9 +255,31 @@ def test_a_power_cut_sets_the_boot_logs_aside_and_empties_the_results_share(tmp_
     assert list(results.iterdir()) == []
 
 
-def test_only_the_fleet_suite_waits_to_be_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert [name for name, suite in SUITES.items() if not suite.in_default_run] == ["fleet"]
+def test_every_suite_is_in_the_default_run_and_extra_ones_can_be_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert [name for name, suite in SUITES.items() if not suite.in_default_run] == []
     monkeypatch.delenv("XENBACKUP_TESTVM_EXTRA", raising=False)
     assert Settings.from_environment().extra_suites == frozenset()
     monkeypatch.setenv("XENBACKUP_TESTVM_EXTRA", " fleet, ")
     assert Settings.from_environment().extra_suites == {"fleet"}
+
+
+def test_two_guests_share_two_cores_one_vcpu_each_and_one_boot_by_hand_gets_both(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("XENBACKUP_TESTVM_PARALLEL", raising=False)
+    settings = Settings.from_environment()
+    assert settings.parallel == min(2, settings.cores)
+    two = replace(settings, cores=2, parallel=2)
+    assert two.vcpus() == 1
+    assert replace(two, parallel=1).vcpus() == 2
+    assert replace(two, cores=16).vcpus() == 2 and replace(two, cores=1, parallel=1).vcpus() == 1
+    disks = [tmp_path / f"{serial}.raw" for serial in BLANK_DISK_SERIALS]
+    for flavour in Flavour:
+        machine = Machine(flavour=flavour, image=Image(tmp_path / "key", "key"), overlay=tmp_path / "o.qcow2",
+                          blank_disks=disks, source_share=tmp_path, results_share=tmp_path / "r", guest_timeout=600,
+                          vcpus=two.vcpus())
+        argv = " ".join(machine.command())
+        assert "-smp 1 " in argv
+        assert ("dom0_max_vcpus=1 " in argv) == (flavour is Flavour.XEN)
+    # The order that keeps two lanes even: the longest suites first.
+    assert boot_order(list(SUITES))[:3] == ["host", "faults", "fleet"]
+    assert sorted(boot_order(list(SUITES))) == sorted(SUITES)

@@ -19,6 +19,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from .config import VM_DIR, Flavour, InfraError, Install, Settings
@@ -75,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(argv)
 
     try:
-        settings = Settings.from_environment()
+        # One boot by hand has the machine's cores to itself.
+        settings = replace(Settings.from_environment(), parallel=1)
         if options.command == "build":
             image, built = ensure_image(settings, settings.artifacts_dir / "image-build.log", report)
             report(f"image {image.directory} {'built' if built else 'already cached'}")

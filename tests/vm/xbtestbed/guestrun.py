@@ -174,6 +174,7 @@ def _boot(request: GuestRequest, settings: Settings, run: GuestRun, say: Report,
             guest_timeout=guest_limit,
             cpu=request.cpu,
             memory_mib=request.memory_mib,
+            vcpus=settings.vcpus(),
         )
         (run.artifacts / "qemu-command.txt").write_text(shlex.join(machine.command()) + "\n")
         for boot in range(1, MAX_BOOTS + 1):

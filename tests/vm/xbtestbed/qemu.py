@@ -58,6 +58,8 @@ class Machine:
     """The host flavour's -cpu model; None is HOST_CPU (the xen flavour has its own)."""
     memory_mib: int | None = None
     """The host flavour's RAM; None means 2048 MiB (the xen flavour always gets 3072)."""
+    vcpus: int = 2
+    """One when two guests share two cores (multi-threaded TCG, one host thread per vCPU)."""
 
     def kernel_arguments(self) -> str:
         # panic=-1 turns a kernel panic into a reboot, which -no-reboot turns
@@ -68,7 +70,7 @@ class Machine:
         argv = [
             QEMU,
             "-accel", "tcg,thread=multi",
-            "-smp", "2",
+            "-smp", str(self.vcpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-serial", "stdio",
             "-nic", "none",
@@ -79,7 +81,8 @@ class Machine:
                 "-m", "3072",
                 "-kernel", os.fspath(self.image.xen),
                 "-append",
-                "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 bootscrub=false",
+                "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M "
+                f"dom0_max_vcpus={self.vcpus} bootscrub=false",
                 "-initrd",
                 f"{self.image.kernel} {self.kernel_arguments()} console=hvc0,{self.image.initrd}",
             ]  # fmt: skip

@@ -38,7 +38,9 @@ class Suite:
 SUITES: dict[str, Suite] = {
     suite.name: suite
     for suite in (
-        Suite("host", Flavour.HOST, "", excluded=("xen", "powercut", "kvm", "package", "fleet")),
+        Suite("host", Flavour.HOST, "", excluded=("xen", "powercut", "kvm", "package", "fleet", "faults")),
+        # The fault matrix is a third of the host flavour's time: its own boot lets it run beside the rest.
+        Suite("faults", Flavour.HOST, "faults"),
         Suite("xen", Flavour.XEN, "xen"),
         # libvirtd and its TCG-in-TCG domain would slow every other host test down, and the domain's
         # boot is paid once for the whole suite.
@@ -53,7 +55,7 @@ SUITES: dict[str, Suite] = {
         # A single-node Ceph (mon, mgr, OSD, radosgw) and an sshd as the fleet's shared repositories, on the
         # host flavour's CPU model (ceph-mon dies of SIGILL on qemu's default one). Ceph's daemons need about
         # 750 MB beside the product and its tests.
-        Suite("fleet", Flavour.HOST, "fleet", memory_mib=3072, in_default_run=False),
+        Suite("fleet", Flavour.HOST, "fleet", memory_mib=3072),
     )
 }
 
