@@ -36,6 +36,19 @@ def test_plan_prints_every_command_and_runs_nothing(cfg_path, no_path_lvm, capsy
     assert any(line.startswith("[mount] mount -t") and "ro," in line for line in lines)
     assert any("restic backup" in line and "--stdin --stdin-filename system-vm1-swap.img" in line for line in lines)
     assert sum(line.startswith("[cleanup] lvremove --yes ") for line in lines) == 2
+    assert not any("layout:segments" in line for line in lines)
+
+
+def test_plan_shows_the_segmented_backup_of_a_thin_origin_when_incrementals_are_on(
+        write_config, tmp_path, no_path_lvm, capsys) -> None:
+    text = CONFIG.format(repo=tmp_path / "repo", pw=tmp_path / "pw", run=tmp_path / "run", state=tmp_path / "state")
+    path = write_config(text.replace("[settings]\n", "[settings]\nthin_incremental = true\n"))
+    assert cli.main(["--config", str(path), "plan", "vm1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    segmented = [line for line in lines if "--tag layout:segments" in line]
+    assert len(segmented) == 1 and "--parent" in segmented[0] and "--stdin" not in segmented[0]
+    assert "xenbackup-base:vm1" in segmented[0]
+    assert f"{tmp_path / 'run'}/vm1/" in segmented[0]
 
 
 def test_config_error_exits_2_lists_all_and_touches_no_lvm(write_config, no_path_lvm, capsys) -> None:

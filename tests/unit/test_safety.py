@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from xenbackup import config as config_mod
 from xenbackup.actions.watch import OverflowWatch, PoolFilling, SnapshotOverflowed, suggested_size
 from xenbackup.lvm import Lvm
 from xenbackup.model import VM, Disk, DiskMode, LvRef, SnapshotRecord, SnapshotSize
@@ -172,13 +173,9 @@ def test_pool_threshold_is_the_vm_s_own(fake_lvm, write_config) -> None:
     OverflowWatch(lvm, cfg.vm("vm2"), [THIN], interval=3600).check()  # 90 % is below vm2's 98 %
 
 
-def test_the_boot_sweep_records_an_interrupted_run(tmp_path: Path, write_config) -> None:
-    from xenbackup import config
-    from xenbackup.actions.context import Context
-    from xenbackup.actions.sweep import sweep_all
-
-    rows = [lv_row("xenvm.xb-vm1-20261126152142", "swi-a-s---", snap="3.0")]
-    rows[0]["lv_tags"] = "xenbackup,xenbackup-vm:vm1"
+def _sweep_host(tmp_path: Path, write_config, rows: list[dict[str, str]], settings: str = "",
+                vms: str = "vm1") -> config_mod.Config:
+    """A host whose lvs lists rows (filtered by the tag asked for), with lvremove and restic recording calls."""
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -210,20 +207,49 @@ esac
     state = tmp_path / "state"
     state.mkdir()
     (state / "vm1.json").write_text(json.dumps({"vm": "vm1", "result": "success", "last_success": 1000.0}))
-    cfg = config.load(str(write_config(f"""
+    vm_tables = "".join(f"""
+        [vm.{vm}]
+        disks = [{{ lv = "system/xenvm", path = "{vm}" }}]""" for vm in vms.split())
+    return config_mod.load(str(write_config(f"""
         [settings]
         runtime_dir = "{tmp_path / 'run'}"
         state_dir = "{state}"
         metrics_file = ""
+        {settings}
         [commands]
         lvs = "{bindir / 'lvs'}"
         lvremove = "{bindir / 'lvremove'}"
         restic = "{bindir / 'restic'}"
         [repository]
         url = "{repo}"
-        [vm.vm1]
-        disks = [{{ lv = "system/xenvm", path = "vm1" }}]
+        {vm_tables}
     """)))
+
+
+def test_the_boot_sweep_removes_bases_whose_vm_left_the_config_or_when_incrementals_are_off(
+        tmp_path: Path, write_config) -> None:
+    from xenbackup.actions.context import Context
+    from xenbackup.actions.sweep import sweep_all
+
+    rows = [lv_row(f"{vm}-disk.xb-{vm}-20261126152142", "Vri---tz-k") for vm in ("vm1", "vm9")]
+    for row, vm in zip(rows, ("vm1", "vm9"), strict=True):
+        row["lv_tags"] = f"xenbackup,xenbackup-base:{vm}"
+    cfg = _sweep_host(tmp_path, write_config, rows, settings="thin_incremental = true")
+    assert sweep_all(Context.from_config(cfg)) == ["system/vm9-disk.xb-vm9-20261126152142"]
+    off = config_mod.load(str(write_config((tmp_path / "xenbackup.toml").read_text().replace(
+        "thin_incremental = true", ""))))
+    assert sweep_all(Context.from_config(off)) == ["system/vm1-disk.xb-vm1-20261126152142"]
+    assert sweep_all(Context.from_config(off)) == []
+
+
+def test_the_boot_sweep_records_an_interrupted_run(tmp_path: Path, write_config) -> None:
+    from xenbackup.actions.context import Context
+    from xenbackup.actions.sweep import sweep_all
+
+    rows = [lv_row("xenvm.xb-vm1-20261126152142", "swi-a-s---", snap="3.0")]
+    rows[0]["lv_tags"] = "xenbackup,xenbackup-vm:vm1"
+    cfg = _sweep_host(tmp_path, write_config, rows)
+    repo, state = tmp_path / "repo", tmp_path / "state"
     assert sweep_all(Context.from_config(cfg)) == ["system/xenvm.xb-vm1-20261126152142"]
     record = json.loads((state / "vm1.json").read_text())
     assert record["result"] == "interrupted" and record["last_success"] == 1000.0

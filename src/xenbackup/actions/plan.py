@@ -69,6 +69,14 @@ def plan(ctx: Context, vm: VM) -> list[PlannedCommand]:
         else:
             argv = ctx.restic.backup_argv([], tags_r, ctx.host, stdin_filename=f"{disk.slug}.img")
             note = f"stdin from /dev/{disk.lv.vg}/{snapshot_name(vm.name, disk, stamp)}"
+            if ctx.cfg.settings.thin_incremental:
+                out.append(PlannedCommand("backup", tuple(argv), note + " (a classic origin)"))
+                argv = ctx.restic.backup_argv([ctx.store.mountpoint(vm.name, disk.slug)],
+                                              [*tags_r, names.SEGMENTED_TAG], ctx.host,
+                                              options=["--parent", "<the base run's restic snapshot>"])
+                note = ("a thin origin instead: its snapshot as segment files (FUSE); thin_delta against the base "
+                        f"tagged {names.lv_base_tag(vm.name)} says which changed, restic takes the others from "
+                        "the parent unread (--force instead of --parent without a usable base)")
         out.append(PlannedCommand("backup", tuple(argv), note))
     if vm.domain_config and carrier is None:
         config_tags = names.restic_tags(ctx.host, vm.name, names.CONFIG_DISK, names.CONFIG_DISK, run_id)

@@ -54,7 +54,17 @@ def sweep_all(ctx: Context) -> list[str]:
             except Busy:
                 log.info("a run of %s is in progress; not sweeping it", vm.name)
     known = {vm.lv_tag for vm in ctx.cfg.vms.values()}
+    # A base is kept only for the next incremental run: once its VM has left the config, or incrementals are
+    # off, it would hold pool space as its origin diverges, for ever.
+    bases = {names.lv_base_tag(vm) for vm in ctx.cfg.vms} if ctx.cfg.settings.thin_incremental else set()
     for lv in ctx.lvm.tagged(names.TAG):
+        base_tags = [t for t in lv.tags if t.startswith(names.LV_BASE_TAG_PREFIX)]
+        if base_tags and not bases.intersection(base_tags):
+            ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries)
+            removed.append(str(lv.ref))
+            journal.event(log, logging.WARNING, "removed the incremental base %s: its VM is no longer "
+                          "configured or thin_incremental is off", MessageId.STALE_REMOVED, lv.ref, snapshot=lv.ref)
+            continue
         vm_tags = [t for t in lv.tags if t.startswith(names.LV_VM_TAG_PREFIX)]
         if vm_tags and not known.intersection(vm_tags):
             ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries)
