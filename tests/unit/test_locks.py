@@ -260,3 +260,46 @@ def test_cleanup_forgets_an_overflowed_run_within_its_own_short_wait(repo, quick
         holder.wait()
     assert time.monotonic() - start < 10
     assert CLEANUP_LOCK_WAIT < 300, "cleanup's wait must leave room inside TimeoutStopSec=5min"
+
+
+def test_a_good_run_after_a_failed_one_clears_the_lock_the_failure_could_not(tmp_path: Path, repo) -> None:
+    # Measured in the fleet suite: radosgw went down mid-backup, restic died with its lock still in the
+    # bucket, and that run's cleanup could not reach the repository to clear it. The next run succeeded under
+    # its shared lock, and `restic check` then met the dead lock.
+    from xenbackup import config
+    from xenbackup.actions.backup import step_cleanup
+    from xenbackup.actions.context import Context
+    from xenbackup.actions.record import RunResult
+
+    restic, env = repo
+    holder = _backup_holding_lock(restic, env)
+    holder.kill()
+    holder.wait()
+    assert len(_lock_files(restic)) == 1
+    lvs = tmp_path / "lvs"  # no snapshot of ours is left anywhere
+    lvs.write_text("#!/bin/sh\necho '{\"report\": [{\"lv\": []}]}'\n")
+    lvs.chmod(0o755)
+    path = tmp_path / "xenbackup.toml"
+    path.write_text(f"""
+[commands]
+lvs = "{lvs}"
+[repository]
+url = "{restic.cfg.url}"
+password_file = "{restic.cfg.password_file}"
+cache_dir = "{restic.cfg.cache_dir}"
+[settings]
+runtime_dir = "{tmp_path / 'run'}"
+state_dir = "{tmp_path / 'state'}"
+metrics_file = ""
+[vm.vm1]
+hypervisor = "none"
+disks = [{{ lv = "system/vm1", mode = "block" }}]
+""")
+    ctx = Context.from_config(config.load(str(path)))
+    vm = ctx.cfg.vm("vm1")
+    ctx.store.write_record("vm1", {"vm": "vm1", "result": "success", "finished": 1.0})
+    assert step_cleanup(ctx, vm, RunResult.SUCCESS) == 0
+    assert len(_lock_files(restic)) == 1, "after a good run, a good run does not list the locks"
+    ctx.store.write_record("vm1", {"vm": "vm1", "result": "exit-code", "finished": 2.0})
+    assert step_cleanup(ctx, vm, RunResult.SUCCESS) == 0
+    assert _lock_files(restic) == set()

@@ -400,7 +400,10 @@ def _cleanup(ctx: Context, vm: VM, result: RunResult | None) -> int:
             log.error("cleanup failed, a snapshot may be left: %s", exc)
             code = 1
         state = ctx.store.load(vm.name) or state
-        if result is not RunResult.SUCCESS:
+        if result is not RunResult.SUCCESS or last_run_failed(ctx, vm):
+            # A failed run's restic may have died with its lock still in the repository, and its cleanup
+            # may not have reached the repository either (a remote one that was down); a good run's shared
+            # lock never meets it, but check, prune and forget would.
             clear_stale_locks(ctx)
         if state is not None and state.overflowed:
             try:
@@ -413,6 +416,12 @@ def _cleanup(ctx: Context, vm: VM, result: RunResult | None) -> int:
             code = 1
         _finish(ctx, vm, state, result, code)
         return code
+
+
+def last_run_failed(ctx: Context, vm: VM) -> bool:
+    """Whether the VM's last recorded run (before this one) did not succeed."""
+    previous = ctx.store.read_record(vm.name)
+    return previous is not None and previous.get("result") != RunResult.SUCCESS.value
 
 
 def note_failure(ctx: Context, vm: VM, exc: BaseException) -> None:
