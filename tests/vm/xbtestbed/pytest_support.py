@@ -6,7 +6,7 @@ import queue
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -177,6 +177,9 @@ def boot_suite(config: pytest.Config, suite: Suite) -> FlavourResults:
     call waits for its own suite, printing the progress of all of them meanwhile."""
     session = state(config)
     settings = Settings.from_environment()
+    if 0 < len(session.suites) < settings.parallel:
+        # Fewer suites than lanes: each guest gets the cores the missing ones would have had.
+        settings = replace(settings, parallel=len(session.suites))
     write = terminal_writer(config)
     write("")
     if settings.parallel > 1 and suite.name in session.suites:
