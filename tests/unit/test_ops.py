@@ -94,6 +94,12 @@ def test_status_sees_a_failure_pid1_recorded_after_ours() -> None:
     assert s.result == "exit-code" and not s.ok
 
 
+def test_status_json_says_why_the_last_run_failed() -> None:
+    failed = {**RECORD, "result": "exit-code", "error": "restic failed with exit code 1 on repository r: Fatal: x"}
+    assert vm_status("vm1", failed, None, None, 48, 1001.0).as_json()["error"].endswith("Fatal: x")
+    assert vm_status("vm1", {**RECORD, "error": ""}, None, None, 48, 1001.0).as_json()["error"] == ""
+
+
 def test_never_run_vm_is_not_a_failure() -> None:
     assert vm_status("vm9", None, None, None, 48, 0.0).ok
 

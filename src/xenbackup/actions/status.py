@@ -30,6 +30,8 @@ class VmStatus:
     unit_exit_status: int | None
     active_state: str
     stale: bool
+    error: str = ""
+    """Why the last run failed, as its cleanup recorded it."""
 
     @property
     def ok(self) -> bool:
@@ -64,6 +66,7 @@ def vm_status(name: str, record: Mapping[str, Any] | None, unit: UnitState | Non
         next_run=_usec(timer.next_elapse_usec) if timer else None,
         unit_result=unit.result if unit else "", unit_exit_status=unit.exec_main_status if unit else None,
         active_state=unit.active_state if unit else "", stale=stale and result != "never",
+        error=str(rec.get("error") or "") if result != "success" else "",
     )
 
 
