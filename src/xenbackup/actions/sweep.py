@@ -59,19 +59,16 @@ def sweep_all(ctx: Context) -> list[str]:
     bases = {names.lv_base_tag(vm) for vm in ctx.cfg.vms} if ctx.cfg.settings.thin_incremental else set()
     for lv in ctx.lvm.tagged(names.TAG):
         base_tags = [t for t in lv.tags if t.startswith(names.LV_BASE_TAG_PREFIX)]
-        if base_tags and not bases.intersection(base_tags):
-            ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries)
-            removed.append(str(lv.ref))
-            journal.event(log, logging.WARNING, "removed the incremental base %s: its VM is no longer "
-                          "configured or thin_incremental is off", MessageId.STALE_REMOVED, lv.ref, snapshot=lv.ref)
-            continue
         vm_tags = [t for t in lv.tags if t.startswith(names.LV_VM_TAG_PREFIX)]
-        if vm_tags and not known.intersection(vm_tags):
-            ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries)
-            removed.append(str(lv.ref))
-            journal.event(log, logging.WARNING, "removed stale snapshot %s of an unconfigured VM",
-                          MessageId.STALE_REMOVED,
-                                 lv.ref, snapshot=lv.ref)
+        if base_tags and not bases.intersection(base_tags):
+            why = "removed the incremental base %s: its VM is no longer configured or thin_incremental is off"
+        elif vm_tags and not known.intersection(vm_tags):
+            why = "removed stale snapshot %s of an unconfigured VM"
+        else:
+            continue
+        ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries)
+        removed.append(str(lv.ref))
+        journal.event(log, logging.WARNING, why, MessageId.STALE_REMOVED, lv.ref, snapshot=lv.ref)
     # A thin pool's metadata snapshot survives a reboot; a run killed while holding one must not keep it.
     pools(ctx).release_leftovers()
     # At boot the network may not be up; the next run clears a remote repository's locks anyway.
