@@ -106,7 +106,7 @@ def main() -> int:
 
         verbs: list[tuple[str, list[str]]] = [
             (f"step {step}", [py, str(cli_probe), "step", step, "vm000"])
-            for step in ("snapshot", "mount", "backup", "cleanup")
+            for step in ("prepare", "backup", "cleanup")
         ]
         verbs += [("status", [py, str(cli_probe), "status", "--json"])]
         print(f"python {sys.version.split()[0]}; interpreter start (python3 -c pass): "

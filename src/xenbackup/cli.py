@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
-# Each verb imports its own action modules: a unit runs four steps, each a fresh interpreter, and
+# Each verb imports its own action modules: a unit runs three steps, each a fresh interpreter, and
 # the step that makes snapshots has no use for restore, prune or status code.
 from . import config as config_mod
 from . import journal, names, systemd
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("vm", type=_vm_name)
 
     s = sub.add_parser("step", help="one step of xenbackup@.service (used by the unit)")
-    s.add_argument("step", choices=["snapshot", "mount", "backup", "cleanup"])
+    # prepare = snapshot + mount in one process, the unit's ExecStartPre=; the two halves stay for drop-ins.
+    s.add_argument("step", choices=["prepare", "snapshot", "mount", "backup", "cleanup"])
     s.add_argument("vm", type=_vm_name)
 
     ls = sub.add_parser("list", help="list backups with time, size and mode")
@@ -139,8 +140,8 @@ def _cmd_step(cfg: Config, args: argparse.Namespace) -> int:
     with journal.context(vm=vm.name):
         if args.step == "cleanup":
             return backup_mod.step_cleanup(ctx, vm)
-        step = {"snapshot": backup_mod.step_snapshot, "mount": backup_mod.step_mount,
-                "backup": backup_mod.step_backup}[args.step]
+        step = {"prepare": backup_mod.step_prepare, "snapshot": backup_mod.step_snapshot,
+                "mount": backup_mod.step_mount, "backup": backup_mod.step_backup}[args.step]
         try:
             step(ctx, vm)
         except BaseException as exc:

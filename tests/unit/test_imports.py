@@ -48,6 +48,9 @@ NEVER_IN_A_STEP = ("xenbackup.actions.restore", "xenbackup.actions.ops", "xenbac
                    "xenbackup.actions.hostcheck", "pystemd", "urllib.request", "xml.etree.ElementTree")
 
 
+READ_PATH_ONLY = ("xenbackup.progress", "xenbackup.segfs", "xenbackup.actions.incremental")
+
+
 def loaded_by(tmp_path: Path, *argv: str) -> tuple[int, set[str]]:
     cfg = tmp_path / "xenbackup.toml"
     cfg.write_text(CONFIG.format(tmp=tmp_path))
@@ -61,13 +64,16 @@ def loaded_by(tmp_path: Path, *argv: str) -> tuple[int, set[str]]:
     return out["rc"], set(out["modules"])
 
 
-@pytest.mark.parametrize("step", ["snapshot", "mount", "backup", "cleanup"])
+@pytest.mark.parametrize("step", ["prepare", "snapshot", "mount", "backup", "cleanup"])
 def test_a_unit_step_never_imports_restore_prune_or_dbus_code(tmp_path: Path, step: str) -> None:
     rc, mods = loaded_by(tmp_path, "step", step, "vm1")
     # Every step reached its action: snapshot fails at the missing lvs, the others find no run state.
     assert "xenbackup.actions.backup" in mods
     assert rc in (0, 1), rc
     assert sorted(m for m in NEVER_IN_A_STEP if m in mods) == []
+    if step != "backup":
+        # Only the backup step reads data: progress and the segment view are its own.
+        assert sorted(m for m in READ_PATH_ONLY if m in mods) == []
 
 
 def test_status_imports_no_backup_or_restic_code(tmp_path: Path) -> None:

@@ -257,3 +257,65 @@ def test_cleanup_s_verdict_says_why_the_step_failed(tools: Path, caplog) -> None
     assert state is not None and state.error == ""
     assert backup.step_cleanup(ctx, vm, RunResult.SUCCESS) == 0
     assert ctx.store.read_record("db1")["error"] == ""
+
+
+def test_prepare_snapshots_and_readies_the_disks_in_one_call(tools: Path) -> None:
+    """The unit's ExecStartPre=: one process takes the snapshots and waits for their device links."""
+    cfg = write_cfg(tools)
+    state = backup.step_prepare(Context.from_config(cfg), cfg.vm("db1"))
+    seen = calls(tools)
+    assert seen.index("udevadm wait") > max(i for i, c in enumerate(seen) if c == "lvcreate --snapshot")
+    assert state.phase == "backup" and len(state.snapshots) == 2
+    saved = Context.from_config(cfg).store.load("db1")
+    assert saved is not None and saved.phase == "backup"
+
+
+def files_vm(tools: Path, monkeypatch: pytest.MonkeyPatch, mount: str = "", password: str = "") -> config.Config:
+    """vm.web1: one files-mode disk, with blkid, mount, umount and dmsetup as recorders on PATH."""
+    bindir = tools / "bin"
+    for name, body in {"blkid": "echo TYPE=xfs", "mount": mount, "umount": "",
+                       "dmsetup": "echo '0 100 snapshot 16/2097152 16'"}.items():
+        (bindir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {tools / "calls"}\n{body}\n')
+        (bindir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ.get('PATH', '')}")
+    lvs = json.loads((tools / "lvs.json").read_text())
+    row = {**lvs["report"][0]["lv"][0], "lv_name": "web1-root", "lv_path": "/dev/system/web1-root"}
+    (tools / "lvs.json").write_text(json.dumps({"report": [{"lv": [row]}]}))
+    return write_cfg(tools, '[vm.web1]\nsnapshot_size = "256M"\nconsistency = "none"\n'
+                            'disks = [{ lv = "system/web1-root", mode = "files", path = "." }]', password=password)
+
+
+def test_prepare_whose_mount_fails_removes_the_snapshot(tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure in the mount half aborts the job, and the snapshot of the first half must not outlive it."""
+    cfg = files_vm(tools, monkeypatch, mount="echo 'mount: wrong fs type' >&2; exit 32")
+    with pytest.raises(Exception, match="wrong fs type"):
+        backup.step_prepare(Context.from_config(cfg), cfg.vm("web1"))
+    seen = calls(tools)
+    assert seen.index("lvremove --yes") > seen.index("mount -t")
+    assert "system/web1-root.xb-web1" in (tools / "calls").read_text().split("lvremove --yes ")[1]
+
+
+def test_the_backup_step_removes_its_snapshots_once_stored_and_cleanup_finds_none(
+        tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The snapshot's life ends when restic is done, not after cleanup's interpreter start."""
+    from xenbackup.actions.record import RunResult
+
+    # The fake mount leaves one file on the mount point, for restic to store.
+    cfg = files_vm(tools, monkeypatch, mount='for t; do :; done; echo data > "$t/file"', password="secret\n")
+    ctx = Context.from_config(cfg)
+    vm = cfg.vm("web1")
+    backup.step_prepare(ctx, vm)
+    (tools / "calls").write_text("")
+    state = backup.step_backup(ctx, vm)
+    seen = calls(tools)
+    # The overflow watch's last look (after restic) comes before the removal; no second look is needed.
+    looks = [c for c in seen if c.split()[0] in ("dmsetup", "lvremove")]
+    assert looks[-2:] == ["dmsetup status", "lvremove --yes"] and looks.count("lvremove --yes") == 1
+    assert state.snapshots == () and state.snapshot_seconds is not None and len(state.restic_snapshots) == 1
+    (tools / "calls").write_text("")
+    assert backup.step_cleanup(ctx, vm, RunResult.SUCCESS) == 0
+    # Cleanup only looks for other tagged leftovers.
+    assert calls(tools) == ["lvs --reportformat"]
+    record = ctx.store.read_record("web1")
+    assert record is not None and record["result"] == "success"
+    assert record["snapshot_seconds"] == state.snapshot_seconds

@@ -28,8 +28,7 @@ def test_service_runs_the_recipe_in_order() -> None:
     d = directives("xenbackup@.service")
     execs = [(k, v) for k, v in d if k.startswith("Exec")]
     assert execs == [
-        ("ExecStartPre", "xenbackup step snapshot %i"),
-        ("ExecStartPre", "xenbackup step mount %i"),
+        ("ExecStartPre", "xenbackup step prepare %i"),
         ("ExecStart", "xenbackup step backup %i"),
         ("ExecStopPost", "xenbackup step cleanup %i"),
     ]

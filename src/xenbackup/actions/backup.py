@@ -10,22 +10,24 @@ import threading
 import time
 from contextlib import ExitStack
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from .. import journal, names
 from ..journal import MessageId
 from ..lvm import LvmError, VolumeGroup
 from ..model import VM, Consistency, Disk, DiskMode, SnapshotRecord, snapshot_name
 from ..mount import mounts_below
-from ..progress import Reporter
 from ..repository import BackupSummary, RepositoryError, Restic
 from ..run import CommandError
 from ..state import Busy, Owner, RunState, new_run_id
 from .context import Context, StepError
-from .incremental import SegmentedBackup, backup_thin, keep_base, pools
 from .record import RunRecord, RunResult, save_record
 from .sweep import clear_stale_locks, resume_paused, sweep_stale
 from .watch import OverflowWatch, SnapshotOverflowed
 from .window import PauseTooLong, ResumeFailed, choose, quiesced
+
+if TYPE_CHECKING:
+    from .incremental import SegmentedBackup
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +178,16 @@ def step_mount(ctx: Context, vm: VM) -> RunState:
         return state
 
 
+def step_prepare(ctx: Context, vm: VM) -> RunState:
+    """The unit's one `ExecStartPre=`: snapshot, then mount, in one process.
+
+    Every interpreter start after `lvcreate` lengthens the snapshot's life (about a second under
+    emulation), and a classic snapshot costs the VM's writes for as long as it lives.
+    """
+    step_snapshot(ctx, vm)
+    return step_mount(ctx, vm)
+
+
 # --- backup -----------------------------------------------------------------------------------
 
 class _Current:
@@ -202,6 +214,10 @@ class _Current:
 
 def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord, current: _Current,
                  with_config: str | None = None) -> BackupSummary | SegmentedBackup:
+    # Only the backup step reads data: the other steps need no progress or segment code.
+    from ..progress import Reporter
+    from .incremental import backup_thin
+
     disk = _disk(vm, state, rec.disk_slug)
     tags = names.restic_tags(ctx.host, vm.name, str(disk.lv), disk.mode.value, state.run_id)
     if with_config:
@@ -261,11 +277,18 @@ def step_backup(ctx: Context, vm: VM) -> RunState:
             raise
         state = replace(state, peak_fill=watch.peak, phase="cleanup")
         ctx.store.save(state)
-        return state
+        # Stored: the snapshots go now rather than after cleanup's interpreter start, since every second of
+        # a classic snapshot costs the VM's writes. The watch's last look came after restic had read
+        # everything, so a snapshot invalidated from here on spoils nothing that was read.
+        with ctx.store.lock(vm.name):
+            release_own(ctx, vm, state, judge=False)
+            return ctx.store.load(vm.name) or state
 
 
 def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunState:
     """Back up every disk and the domain config; record each restic snapshot as it appears."""
+    from .incremental import SegmentedBackup, keep_base
+
     totals: dict[str, float] = {"data_added": 0, "total_bytes": 0, "files": 0, "restic_seconds": 0.0}
     config = vm.domain_config if vm.domain_config and os.path.isfile(vm.domain_config) else None
     # The config rides in the first files-mode disk's run where it can: a restic run of its own costs
@@ -309,30 +332,44 @@ def release(ctx: Context, vm: VM, state: RunState | None) -> list[str]:
     removed: list[str] = []
     if state is not None and state.paused and resume_paused(ctx, vm, state):
         state = replace(state, paused="")
+    if state is not None:
+        removed = release_own(ctx, vm, state)
     for entry in mounts_below(ctx.store.mount_root(vm.name)):
         ctx.mounter.umount(entry.target)
         log.info("unmounted %s", entry.target)
-    # The run's own snapshots go first, judged by the kernel's counters: the `lvs` that finds what else
-    # carries our tag scans every PV, and need not run while this run's snapshots still cost the VM.
-    if state is not None and not state.overflowed and _any_invalid(ctx, state):
+    for lv in ctx.lvm.tagged(vm.lv_tag):
+        if ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries):
+            removed.append(str(lv.ref))
+            log.info("removed snapshot %s", lv.ref)
+    ctx.pools().release_leftovers()
+    ctx.slots.release(vm.name)
+    return removed
+
+
+def release_own(ctx: Context, vm: VM, state: RunState, judge: bool = True) -> list[str]:
+    """Unmount and remove the snapshots the run state names, judged first by the kernel's counters.
+
+    The run state then names none: a later cleanup has nothing of this run's left to spawn for. The `lvs`
+    that finds whatever else carries our tag scans every PV, and is left to cleanup, after the snapshots
+    stopped costing the VM."""
+    removed: list[str] = []
+    for entry in mounts_below(ctx.store.mount_root(vm.name)):
+        ctx.mounter.umount(entry.target)
+        log.info("unmounted %s", entry.target)
+    if judge and not state.overflowed and _any_invalid(ctx, state):
         state = replace(state, overflowed=True)
         ctx.store.save(state)
-    own = [rec.lv for rec in state.snapshots] if state else []
-    for ref in own:
-        if ctx.lvm.remove(ref, ctx.cfg.settings.lvremove_retries):
-            removed.append(str(ref))
-            log.info("removed snapshot %s", ref)
-    if state is not None and state.snapshot_created is not None and state.snapshot_seconds is None:
+    for rec in state.snapshots:
+        if ctx.lvm.remove(rec.lv, ctx.cfg.settings.lvremove_retries):
+            removed.append(str(rec.lv))
+            log.info("removed snapshot %s", rec.lv)
+    state = replace(ctx.store.load(vm.name) or state, snapshots=(), overflowed=state.overflowed)
+    if state.snapshot_created is not None and state.snapshot_seconds is None:
         seconds = round(time.time() - state.snapshot_created, 3)
         log.info("the snapshots of %s existed for %.1f s", vm.name, seconds,
                  extra={"fields": {"snapshot_seconds": f"{seconds:.2f}"}})
-        ctx.store.save(replace(ctx.store.load(vm.name) or state, snapshot_seconds=seconds))
-    for lv in ctx.lvm.tagged(vm.lv_tag):
-        if lv.ref not in own and ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries):
-            removed.append(str(lv.ref))
-            log.info("removed snapshot %s", lv.ref)
-    pools(ctx).release_leftovers()
-    ctx.slots.release(vm.name)
+        state = replace(state, snapshot_seconds=seconds)
+    ctx.store.save(state)
     return removed
 
 
@@ -472,8 +509,7 @@ def backup_foreground(ctx: Context, vm: VM) -> None:
     """`xenbackup backup VM`: the unit's steps in sequence, with cleanup on every outcome."""
     result = RunResult.EXIT_CODE
     try:
-        step_snapshot(ctx, vm)
-        step_mount(ctx, vm)
+        step_prepare(ctx, vm)
         step_backup(ctx, vm)
         result = RunResult.SUCCESS
     except KeyboardInterrupt as exc:
@@ -489,4 +525,4 @@ def backup_foreground(ctx: Context, vm: VM) -> None:
 
 
 __all__ = ["Busy", "LvmError", "SnapshotOverflowed", "backup_foreground", "note_failure", "step_backup", "step_cleanup",
-           "step_mount", "step_snapshot"]
+           "step_mount", "step_prepare", "step_snapshot"]

@@ -14,6 +14,7 @@ from ..mount import Mounter
 from ..repository import Restic
 from ..run import CommandError
 from ..state import Slots, StateStore
+from ..thinpool import ThinPools
 
 
 class StepError(Exception):
@@ -45,6 +46,10 @@ class Context:
             slots=Slots(cfg.settings.runtime_dir, cfg.settings.max_parallel),
             host=cfg.repository.hostname,
         )
+
+    def pools(self) -> ThinPools:
+        """Thin pools' metadata snapshots: the sweep and cleanup release what a killed run left reserved."""
+        return ThinPools(self.cfg.commands, self.cfg.settings.state_dir)
 
     def hypervisor(self, vm: VM) -> Hypervisor:
         return hv_mod.for_vm(vm, self.cfg.commands)

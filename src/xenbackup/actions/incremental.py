@@ -31,7 +31,6 @@ from ..thin import (
     segment_count,
     why_not_incremental,
 )
-from ..thinpool import ThinPools
 from .context import Context, StepError
 
 log = logging.getLogger(__name__)
@@ -45,10 +44,6 @@ class SegmentedBackup:
     bytes_read: int
     changed: int | None
     """Segments read because they changed; None for a full read."""
-
-
-def pools(ctx: Context) -> ThinPools:
-    return ThinPools(ctx.cfg.commands, ctx.cfg.settings.state_dir)
 
 
 def base_path(ctx: Context, vm: str, slug: str) -> str:
@@ -69,7 +64,7 @@ def load_base(ctx: Context, vm: str, slug: str) -> Base | None:
 def _delta_segments(ctx: Context, vm: VM, disk: Disk, rec: SnapshotRecord, base: Base | None,
                     device_bytes: int) -> tuple[frozenset[int] | None, str]:
     """The changed segments, or None and why the whole device must be read."""
-    tp = pools(ctx)
+    tp = ctx.pools()
     origin = tp.lv(disk.lv)
     snap = tp.lv(rec.lv)
     if origin is None or snap is None or origin.pool_ref is None or snap.thin_id is None:
@@ -132,7 +127,7 @@ def backup_thin(ctx: Context, vm: VM, disk: Disk, rec: SnapshotRecord, tags: lis
     if changed is not None and summary.files_unmodified < len(segments) - len(changed):
         log.warning("restic re-read segments thin_delta reported unchanged (%d of %d taken unread)",
                     summary.files_unmodified, len(segments) - len(changed))
-    snap = pools(ctx).lv(rec.lv)
+    snap = ctx.pools().lv(rec.lv)
     if snap is None or snap.thin_id is None or snap.pool_ref is None:
         raise StepError(f"the snapshot {rec.lv} vanished during its backup")
     new_base = Base(origin=str(disk.lv), origin_bytes=device_bytes, lv=str(rec.lv), thin_id=snap.thin_id,
@@ -147,7 +142,7 @@ def keep_base(ctx: Context, vm: VM, disk: Disk, run_id: str, base: Base) -> None
     The record is written first: a crash before the retag leaves the snapshot with its run tags, the
     cleanup removes it, and the next run finds the base gone and reads everything."""
     write_atomic(base_path(ctx, vm.name, disk.slug), base.to_json())
-    tp = pools(ctx)
+    tp = ctx.pools()
     ref = LvRef.parse(base.lv)
     tp.keep_as_base(ref, vm.name, run_id)
     for old in tp.bases(vm.name):

@@ -11,7 +11,6 @@ from ..model import VM
 from ..mount import mounts_below
 from ..state import Busy, RunState
 from .context import Context
-from .incremental import pools
 from .record import record_interrupted
 from .window import resume_left
 
@@ -30,7 +29,7 @@ def sweep_stale(ctx: Context, vm: VM) -> list[str]:
         journal.event(log, logging.WARNING, "removed stale snapshot %s left by an earlier run",
                       MessageId.STALE_REMOVED,
                              lv.ref, snapshot=lv.ref)
-    pools(ctx).release_leftovers()
+    ctx.pools().release_leftovers()
     return removed
 
 
@@ -70,7 +69,7 @@ def sweep_all(ctx: Context) -> list[str]:
         removed.append(str(lv.ref))
         journal.event(log, logging.WARNING, why, MessageId.STALE_REMOVED, lv.ref, snapshot=lv.ref)
     # A thin pool's metadata snapshot survives a reboot; a run killed while holding one must not keep it.
-    pools(ctx).release_leftovers()
+    ctx.pools().release_leftovers()
     # At boot the network may not be up; the next run clears a remote repository's locks anyway.
     if removed and ctx.cfg.repository.is_local:
         clear_stale_locks(ctx)
