@@ -211,12 +211,14 @@ def resolve(vm: VM, domain_disks: Sequence[DomainDisk], lvs: Sequence[LogicalVol
     return tuple(out)
 
 
-def discover(vm: VM, hypervisor: DomainReader, lvm: Lvm, probe: Probe) -> tuple[Disk, ...]:
-    """The VM's disks: as configured, or else read from its domain definition."""
+def discover(vm: VM, hypervisor: DomainReader, lvm: Lvm, probe: Probe,
+             volumes: Sequence[LogicalVolume] | None = None) -> tuple[Disk, ...]:
+    """The VM's disks: as configured, or else read from its domain definition (mapped onto `volumes`, the
+    LVs the caller's `lvs` saw, else onto what LVM lists now)."""
     if not vm.discovers_disks:
         return vm.disks
     domain_disks = hypervisor.disks(vm.name, vm.domain_config)
-    return resolve(vm, domain_disks, lvm.all(), probe)
+    return resolve(vm, domain_disks, lvm.all() if volumes is None else list(volumes), probe)
 
 
 class DomainReader(Protocol):

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 LV_FIELDS = ("lv_name,vg_name,lv_attr,lv_size,origin,origin_size,snap_percent,data_percent,"
              "metadata_percent,lv_tags,pool_lv,lv_path,lv_kernel_major,lv_kernel_minor")
 VG_FIELDS = "vg_name,vg_size,vg_free,vg_extent_size"
+# A VG's own fields beside each of its LVs: one `lvs` answers what `lvs` and `vgs` answered in two.
+VG_FIELDS_PER_LV = "vg_size,vg_free,vg_extent_size"
 
 
 class LvmError(Exception):
@@ -148,6 +150,40 @@ def parse_vgs(stdout: str) -> list[VolumeGroup]:
 
 
 @dataclass(frozen=True)
+class Overview:
+    """Every LV, and each VG that holds one, as one `lvs` saw them: what a run checks before its window.
+
+    Each `lvs` or `vgs` scans every PV's metadata; one scan here replaces a sweep's, an origin's and a VG's."""
+
+    volumes: tuple[LogicalVolume, ...]
+    groups: tuple[VolumeGroup, ...]
+
+    def lv(self, ref: LvRef) -> LogicalVolume | None:
+        return next((lv for lv in self.volumes if lv.ref == ref), None)
+
+    def tagged(self, tag: str) -> list[LogicalVolume]:
+        return [lv for lv in self.volumes if tag in lv.tags]
+
+    def vg(self, name: str) -> VolumeGroup:
+        found = next((vg for vg in self.groups if vg.name == name), None)
+        if found is None:
+            raise LvmError(f"volume group {name} not found")
+        return found
+
+
+def parse_overview(stdout: str) -> Overview:
+    """Parse `lvs ... -o LV_FIELDS,VG_FIELDS_PER_LV` of every LV."""
+    groups: dict[str, VolumeGroup] = {}
+    for row in _rows("lvs", stdout, "lv"):
+        try:
+            groups.setdefault(row["vg_name"], VolumeGroup(row["vg_name"], _num(row["vg_size"]), _num(row["vg_free"]),
+                                                          _num(row["vg_extent_size"])))
+        except (KeyError, ValueError) as exc:
+            raise MalformedReport("lvs", f"bad row {row!r}: {exc}") from None
+    return Overview(tuple(parse_lvs(stdout)), tuple(groups.values()))
+
+
+@dataclass(frozen=True)
 class SnapshotStatus:
     """A classic snapshot's fill as the kernel counts it (`dmsetup status`)."""
 
@@ -217,6 +253,11 @@ class Lvm:
     def lvs_argv(self, selection: Sequence[str]) -> list[str]:
         return [self.cmd["lvs"], "--reportformat", "json", "--units", "b", "--nosuffix",
                 "-o", LV_FIELDS, *selection]
+
+    def overview(self) -> Overview:
+        argv = self.lvs_argv(())
+        argv[argv.index(LV_FIELDS)] = f"{LV_FIELDS},{VG_FIELDS_PER_LV}"
+        return parse_overview(run(argv).stdout)
 
     def lvs(self, *selection: str) -> list[LogicalVolume]:
         return parse_lvs(run(self.lvs_argv(selection)).stdout)

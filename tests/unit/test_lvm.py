@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from xenbackup.lvm import Lvm, MalformedReport, parse_lvs, parse_vgs
+from xenbackup.lvm import Lvm, LvmError, MalformedReport, parse_lvs, parse_overview, parse_vgs
 from xenbackup.model import LvRef, SnapshotSize
 
 CMDS = {n: n for n in ("lvs", "vgs", "lvcreate", "lvremove", "lvextend", "udevadm")}
@@ -31,6 +33,24 @@ def test_parse_recorded_thin_report(data) -> None:
 def test_parse_vgs(data) -> None:
     (vg,) = parse_vgs((data / "vgs.json").read_text())
     assert (vg.name, vg.free, vg.extent_size) == ("system", 2143289344, 4 << 20)
+
+
+def test_one_lvs_overview_answers_for_lvs_and_vgs(data) -> None:
+    """The recorded classic report, each row with its VG's fields as `-o ...,vg_size,vg_free,vg_extent_size`
+    prints them."""
+    report = json.loads((data / "lvs-classic.json").read_text())
+    (vg,) = json.loads((data / "vgs.json").read_text())["report"][0]["vg"]
+    for row in report["report"][0]["lv"]:
+        row.update({k: vg[k] for k in ("vg_size", "vg_free", "vg_extent_size")})
+    seen = parse_overview(json.dumps(report))
+    assert seen.lv(LvRef("system", "xenvm")) is not None and seen.lv(LvRef("other", "xenvm")) is None
+    assert [lv.name for lv in seen.tagged("xenbackup-vm:vm1")] == ["xenvm.xb-vm1-20261126200000"]
+    assert (seen.vg("system").free, seen.vg("system").extent_size) == (2143289344, 4 << 20)
+    with pytest.raises(LvmError, match="volume group gone not found"):
+        seen.vg("gone")
+    # Without the VG's fields it is not an overview.
+    with pytest.raises(MalformedReport, match="vg_size"):
+        parse_overview((data / "lvs-classic.json").read_text())
 
 
 @pytest.mark.parametrize("text", ["", "not json", '{"report": 3}', '{"report": [{"lv": [1]}]}',

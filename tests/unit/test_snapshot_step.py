@@ -17,7 +17,8 @@ from xenbackup.repository import RepositoryError
 LVS = {"report": [{"lv": [
     {"lv_name": n, "vg_name": "system", "lv_attr": "-wi-ao----", "lv_size": str(1 << 30), "origin": "",
      "origin_size": "", "snap_percent": "", "data_percent": "", "metadata_percent": "", "lv_tags": "",
-     "pool_lv": "", "lv_path": f"/dev/system/{n}", "lv_kernel_major": "254", "lv_kernel_minor": str(i)}
+     "pool_lv": "", "lv_path": f"/dev/system/{n}", "lv_kernel_major": "254", "lv_kernel_minor": str(i),
+     "vg_size": str(8 << 30), "vg_free": str(6 << 30), "vg_extent_size": str(4 << 20)}
     for i, n in enumerate(("db1-root", "db1-data"))]}]}
 VGS = {"report": [{"vg": [{"vg_name": "system", "vg_size": str(8 << 30), "vg_free": str(6 << 30),
                            "vg_extent_size": str(4 << 20)}]}]}
@@ -105,6 +106,8 @@ def test_both_snapshots_are_made_inside_one_pause(tools: Path) -> None:
         "xl pause", "lvcreate --snapshot", "guest paused", "lvcreate --snapshot", "guest paused", "xl unpause"]
     # Nothing but snapshot creation inside the window: lvs/vgs ran before it.
     assert all(c.split()[0] not in ("lvs", "vgs") for c in window)
+    # One `lvs` (each scans every PV) answered for the sweep, both origins and the VG's free space.
+    assert [c for c in seen if c.split()[0] in ("lvs", "vgs")] == ["lvs --reportformat"]
     assert state.consistency == "pause" and state.paused == "" and state.pause_seconds is not None
     assert [d.source for d in state.disks] == ["config", "config"]
     assert not (tools / "paused").exists()
@@ -137,6 +140,21 @@ def test_a_wrong_repository_password_fails_before_lvm(tools: Path) -> None:
     ctx.restic.init()
     (tools / "password").write_text("wrong\n")
     (tools / "calls").write_text("")
+    with pytest.raises(RepositoryError, match="wrong password"):
+        backup.step_snapshot(ctx, cfg.vm("db1"))
+    assert not any(c.startswith(("lvcreate", "xl pause")) for c in calls(tools))
+
+
+def test_a_missing_origin_is_reported_even_when_the_password_is_wrong_too(tools: Path) -> None:
+    """The repository is opened while the origins are checked; the origin's error is the step's."""
+    (tools / "lvs.json").write_text(json.dumps({"report": [{"lv": []}]}))
+    cfg = write_cfg(tools, password="right\n")
+    ctx = Context.from_config(cfg)
+    ctx.restic.init()
+    (tools / "password").write_text("wrong\n")
+    with pytest.raises(backup.StepError, match="does not exist"):
+        backup.step_snapshot(ctx, cfg.vm("db1"))
+    (tools / "lvs.json").write_text(json.dumps(LVS))
     with pytest.raises(RepositoryError, match="wrong password"):
         backup.step_snapshot(ctx, cfg.vm("db1"))
     assert not any(c.startswith(("lvcreate", "xl pause")) for c in calls(tools))
@@ -314,8 +332,8 @@ def test_the_backup_step_removes_its_snapshots_once_stored_and_cleanup_finds_non
     assert state.snapshots == () and state.snapshot_seconds is not None and len(state.restic_snapshots) == 1
     (tools / "calls").write_text("")
     assert backup.step_cleanup(ctx, vm, RunResult.SUCCESS) == 0
-    # Cleanup only looks for other tagged leftovers.
-    assert calls(tools) == ["lvs --reportformat"]
+    # Nothing of a finished run is left for cleanup to spawn LVM for.
+    assert not (tools / "calls").read_text()
     record = ctx.store.read_record("web1")
     assert record is not None and record["result"] == "success"
     assert record["snapshot_seconds"] == state.snapshot_seconds

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .. import journal, names
 from ..journal import MessageId
-from ..lvm import LvmError, VolumeGroup
+from ..lvm import LvmError, Overview, VolumeGroup
 from ..model import VM, Consistency, Disk, DiskMode, SnapshotRecord, snapshot_name
 from ..mount import mounts_below
 from ..repository import BackupSummary, RepositoryError, Restic
@@ -34,28 +36,56 @@ log = logging.getLogger(__name__)
 
 # --- snapshot ---------------------------------------------------------------------------------
 
-def claim(ctx: Context, vm: VM) -> RunState:
-    """Take ownership of the VM for a new run, clearing a dead run's leftovers first."""
+def in_background(call: Callable[[], None]) -> Callable[..., None]:
+    """Start `call` on a thread, in the caller's journal context. The returned function waits for it and
+    raises what it raised, unless told `wait=False`."""
+    context = contextvars.copy_context()
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            context.run(call)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="xenbackup-background", daemon=True)
+    thread.start()
+
+    def finish(wait: bool = True) -> None:
+        if wait:
+            thread.join()
+            if errors:
+                raise errors[0]
+
+    return finish
+
+
+def claim(ctx: Context, vm: VM) -> tuple[RunState, Overview]:
+    """Take ownership of the VM for a new run, clearing a dead run's leftovers first.
+
+    Returns LVM's overview after that, for the checks before the snapshot window."""
     old = ctx.store.load(vm.name)
     me = Owner.current()
     if old is not None and old.owner != me and old.owner.alive():
         raise Busy(f"a backup of {vm.name} is already running ({old.owner.describe()}, run {old.run_id})")
     if old is not None:
         resume_paused(ctx, vm, old)
-    sweep_stale(ctx, vm)
+    seen = ctx.lvm.overview()
+    if sweep_stale(ctx, vm, seen.tagged(vm.lv_tag)):
+        seen = ctx.lvm.overview()  # the removed snapshots' space is free again
     state = RunState(vm=vm.name, run_id=new_run_id(), owner=me, started=time.time())
     ctx.store.save(state)
-    return state
+    return state, seen
 
 
-def preflight(ctx: Context, vm: VM, disks: tuple[Disk, ...]) -> dict[str, bool]:
+def preflight(seen: Overview, vm: VM, disks: tuple[Disk, ...]) -> dict[str, bool]:
     """Check every origin and the free space before creating anything. Returns thin-ness per disk."""
     problems: list[str] = []
     thin: dict[str, bool] = {}
     need: dict[str, int] = {}
     vgs: dict[str, VolumeGroup] = {}
     for disk in disks:
-        lv = ctx.lvm.lv(disk.lv)
+        lv = seen.lv(disk.lv)
         if lv is None:
             problems.append(f"logical volume {disk.lv} does not exist")
             continue
@@ -65,7 +95,7 @@ def preflight(ctx: Context, vm: VM, disks: tuple[Disk, ...]) -> dict[str, bool]:
         thin[str(disk.lv)] = lv.is_thin
         if not lv.is_thin:
             if disk.lv.vg not in vgs:
-                vgs[disk.lv.vg] = ctx.lvm.vg(disk.lv.vg)
+                vgs[disk.lv.vg] = seen.vg(disk.lv.vg)
             vg = vgs[disk.lv.vg]
             need[vg.name] = need.get(vg.name, 0) + vm.snapshot_size.bytes_needed(lv.size, vg.size, vg.free)
     for vg_name, needed in need.items():
@@ -81,22 +111,31 @@ def preflight(ctx: Context, vm: VM, disks: tuple[Disk, ...]) -> dict[str, bool]:
 
 def step_snapshot(ctx: Context, vm: VM) -> RunState:
     with journal.context(phase="snapshot"), ctx.store.lock(vm.name):
-        state = claim(ctx, vm)
+        state, seen = claim(ctx, vm)
         journal.event(log, logging.INFO, "backup of %s started (run %s)", MessageId.STARTED, vm.name,
                       state.run_id, run=state.run_id)
         ctx.slots.acquire(vm.name, state.owner)
-        # Everything that can fail or take time happens before the guest is paused.
-        disks = ctx.disks(vm)
-        for disk in disks:
-            if disk.source != "config":
-                log.info("disk %s (%s mode) found in the domain definition: %s", disk.lv, disk.mode, disk.source)
-        thin = preflight(ctx, vm, disks)
-        # A run that cannot store anything (wrong password, repository gone) must never touch LVM.
-        open_repository(ctx)
-        hv = ctx.hypervisor(vm)
-        method = choose(vm.consistency, vm.hypervisor, len(disks), lambda: hv.agent_answers(vm.name))
-        if method is Consistency.FREEZE and not hv.agent_answers(vm.name):
-            raise StepError(f"consistency = \"freeze\" but the qemu guest agent of {vm.name} does not answer")
+        # Everything that can fail or take time happens before the guest is paused. A run that cannot store
+        # anything (wrong password, repository gone) must never touch LVM: restic decrypts the repository's
+        # key meanwhile (its key derivation alone costs about half a second), and is waited for before lvcreate.
+        repository_opened = in_background(lambda: open_repository(ctx))
+        try:
+            disks = ctx.disks(vm, seen.volumes)
+            for disk in disks:
+                if disk.source != "config":
+                    log.info("disk %s (%s mode) found in the domain definition: %s", disk.lv, disk.mode,
+                             disk.source)
+            thin = preflight(seen, vm, disks)
+            hv = ctx.hypervisor(vm)
+            method = choose(vm.consistency, vm.hypervisor, len(disks), lambda: hv.agent_answers(vm.name))
+            if method is Consistency.FREEZE and not hv.agent_answers(vm.name):
+                raise StepError(f"consistency = \"freeze\" but the qemu guest agent of {vm.name} does not answer")
+        except BaseException:
+            # This error is the one to report. restic, reading only, is not waited for: a remote repository
+            # that does not answer would hold a stop request up for restic's minute of retries.
+            repository_opened(wait=False)
+            raise
+        repository_opened()
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
         tags = names.lv_tags(vm.name, state.run_id)
         planned = [(disk, snapshot_name(vm.name, disk, stamp), thin[str(disk.lv)]) for disk in disks]
@@ -327,8 +366,9 @@ def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunS
 
 # --- cleanup ----------------------------------------------------------------------------------
 
-def release(ctx: Context, vm: VM, state: RunState | None) -> list[str]:
-    """Unmount and remove this run's snapshots, and anything else tagged for the VM. Idempotent."""
+def release(ctx: Context, vm: VM, state: RunState | None, leftovers: bool = True) -> list[str]:
+    """Unmount and remove this run's snapshots, and (with `leftovers`) anything else tagged for the VM.
+    Idempotent."""
     removed: list[str] = []
     if state is not None and state.paused and resume_paused(ctx, vm, state):
         state = replace(state, paused="")
@@ -337,7 +377,7 @@ def release(ctx: Context, vm: VM, state: RunState | None) -> list[str]:
     for entry in mounts_below(ctx.store.mount_root(vm.name)):
         ctx.mounter.umount(entry.target)
         log.info("unmounted %s", entry.target)
-    for lv in ctx.lvm.tagged(vm.lv_tag):
+    for lv in ctx.lvm.tagged(vm.lv_tag) if leftovers else ():
         if ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries):
             removed.append(str(lv.ref))
             log.info("removed snapshot %s", lv.ref)
@@ -430,8 +470,12 @@ def _cleanup(ctx: Context, vm: VM, result: RunResult | None) -> int:
             return 0
         code = 0
         try:
-            removed = release(ctx, vm, state)
-            if not removed:
+            # A run whose every step succeeded recorded each snapshot before using it, and its backup step
+            # removed them: the `lvs` that scans every PV for other leftovers is for runs that broke off
+            # (the next run's start and the boot sweep look as well).
+            finished = result is RunResult.SUCCESS and state is not None and state.phase == "cleanup"
+            removed = release(ctx, vm, state, leftovers=not finished)
+            if not removed and not finished:
                 log.info("no snapshot to remove")
         except Exception as exc:
             log.error("cleanup failed, a snapshot may be left: %s", exc)

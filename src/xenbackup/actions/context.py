@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .. import hypervisor as hv_mod
 from ..config import Config
 from ..discovery import DiscoveryError, SystemProbe, discover
 from ..hypervisor import Hypervisor, HypervisorError
-from ..lvm import Lvm, LvmError
+from ..lvm import LogicalVolume, Lvm, LvmError
 from ..model import VM, Disk
 from ..mount import Mounter
 from ..repository import Restic
@@ -54,12 +55,12 @@ class Context:
     def hypervisor(self, vm: VM) -> Hypervisor:
         return hv_mod.for_vm(vm, self.cfg.commands)
 
-    def disks(self, vm: VM) -> tuple[Disk, ...]:
+    def disks(self, vm: VM, volumes: Sequence[LogicalVolume] | None = None) -> tuple[Disk, ...]:
         """The VM's disks: as configured, else read from its domain definition and mapped to LVs."""
         if not vm.discovers_disks:
             return vm.disks
         try:
-            disks = discover(vm, self.hypervisor(vm), self.lvm, SystemProbe(self.cfg.command("losetup")))
+            disks = discover(vm, self.hypervisor(vm), self.lvm, SystemProbe(self.cfg.command("losetup")), volumes)
         except (DiscoveryError, HypervisorError, LvmError) as exc:
             raise StepError(str(exc)) from None
         except CommandError as exc:

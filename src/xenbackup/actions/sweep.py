@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 
 from .. import journal, names
 from ..journal import MessageId
+from ..lvm import LogicalVolume
 from ..model import VM
 from ..mount import mounts_below
 from ..state import Busy, RunState
@@ -17,13 +19,14 @@ from .window import resume_left
 log = logging.getLogger(__name__)
 
 
-def sweep_stale(ctx: Context, vm: VM) -> list[str]:
-    """Unmount and remove what an earlier crashed run of this VM left. Only tagged LVs are touched."""
+def sweep_stale(ctx: Context, vm: VM, tagged: Sequence[LogicalVolume] | None = None) -> list[str]:
+    """Unmount and remove what an earlier crashed run of this VM left. Only tagged LVs are touched: those
+    given (found by the caller's own `lvs`), else those LVM lists now."""
     removed: list[str] = []
     for entry in mounts_below(ctx.store.mount_root(vm.name)):
         log.warning("unmounting leftover mount %s", entry.target)
         ctx.mounter.umount(entry.target)
-    for lv in ctx.lvm.tagged(vm.lv_tag):
+    for lv in ctx.lvm.tagged(vm.lv_tag) if tagged is None else tagged:
         ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries)
         removed.append(str(lv.ref))
         journal.event(log, logging.WARNING, "removed stale snapshot %s left by an earlier run",
