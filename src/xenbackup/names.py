@@ -85,6 +85,7 @@ def restic_filter(vm: str | None = None, *, run_id: str | None = None, disk: str
 
 SERVICE_TIMERS = ("xenbackup-prune.timer", "xenbackup-verify.timer")
 TIMER_PATTERN = "xenbackup@*.timer"
+SERVICE_PATTERN = "xenbackup@*.service"
 
 
 def escape_instance(name: str) -> str:

@@ -281,8 +281,16 @@ def test_status_asks_systemd_about_every_unit_in_one_systemctl_show(fake_bin) ->
     from xenbackup import systemd
 
     systemctl = fake_bin("systemctl", stdout=SHOW_UNITS)
+    # PID 1 holds both units (list-units, as systemd 252 prints it with --plain; the failed one's glyph too).
+    (fake_bin.dir / "systemctl").write_text(
+        f'#!/bin/sh\necho "systemctl $*" >> {fake_bin.calls}\n'
+        'case "$1" in list-units) printf "%s\\n" "● xenbackup@vm1.service loaded failed failed xenbackup: VM vm1" '
+        '"xenbackup@web\\\\x2d01.service not-found inactive dead xenbackup@web\\\\x2d01.service" '
+        '"xenbackup@gone.service loaded inactive dead xenbackup: VM gone" ;;\n'
+        f'*) cat {fake_bin.dir.parent / "systemctl.stdout"} ;; esac\n')
     units = systemd.unit_states(["xenbackup@vm1.service", "xenbackup@web\\x2d01.service"], str(systemctl))
     assert fake_bin.calls.read_text().splitlines() == [
+        "systemctl list-units --all --plain --no-legend --no-pager -- xenbackup@*.service",
         "systemctl show --all --timestamp=unix -p Id,LoadState,ActiveState,Result,ExecMainStatus,ExecMainPID,"
         "InvocationID,InactiveExitTimestamp,InactiveEnterTimestamp -- xenbackup@vm1.service "
         "xenbackup@web\\x2d01.service"]
@@ -296,6 +304,19 @@ def test_status_asks_systemd_about_every_unit_in_one_systemctl_show(fake_bin) ->
     timers = systemd.timer_states(systemctl=str(fake_bin("systemctl", stdout=SHOW_TIMERS)))
     assert timers == {"xenbackup@vm1.timer": TimerState("xenbackup@vm1.timer", 1764532800_000000,
                                                         1764446400_000000)}
+
+
+def test_status_asks_pid_1_to_load_no_unit_it_does_not_hold(fake_bin) -> None:
+    """`show` would load each of 100 template instances; one that PID 1 does not hold is inactive, no result."""
+    from xenbackup import systemd
+
+    systemctl = fake_bin("systemctl", stdout="")
+    units = systemd.unit_states([f"xenbackup@vm{i}.service" for i in range(100)], str(systemctl))
+    assert fake_bin.calls.read_text().splitlines() == [
+        "systemctl list-units --all --plain --no-legend --no-pager -- xenbackup@*.service"]
+    assert units["xenbackup@vm7.service"] == systemd.not_loaded("xenbackup@vm7.service")
+    assert (units["xenbackup@vm7.service"].active_state, units["xenbackup@vm7.service"].result) == (
+        "inactive", "success")
 
 
 def test_status_falls_back_to_d_bus_when_systemctl_cannot_answer(fake_bin, monkeypatch) -> None:
