@@ -25,8 +25,28 @@ ROOT_INODE = 1
 FIRST_SEGMENT_INODE = 16
 
 
+# The kernel reads a FUSE file ahead in requests no larger than the mount's read-ahead (128 KiB by default),
+# and each request is a round trip through this process: 4 MiB cuts the trips for restic's sequential reads.
+READ_AHEAD_KIB = 4096
+
+
 class SegmentFsError(Exception):
     pass
+
+
+def raise_read_ahead(mountpoint: str, kib: int = READ_AHEAD_KIB, mountinfo: str = "/proc/self/mountinfo",
+                     sysfs: str = "/sys/class/bdi") -> bool:
+    """Set the FUSE mount's read-ahead through its backing device info (found without touching the mount,
+    which may not be served yet). False, and logged, where it cannot be set: reads are then only slower."""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+            devnum = next(fields[2] for line in f if len(fields := line.split()) > 4 and fields[4] == mountpoint)
+        with open(os.path.join(sysfs, devnum, "read_ahead_kb"), "w", encoding="ascii") as f:
+            f.write(str(kib))
+        return True
+    except (OSError, StopIteration) as exc:
+        log.debug("cannot raise the read-ahead of %s: %r", mountpoint, exc)
+        return False
 
 
 def available() -> str | None:
@@ -153,6 +173,7 @@ def segment_view(device: str, mountpoint: str, segments: Sequence[Segment],
 
     thread = threading.Thread(target=serve, name="segfs", daemon=True)
     thread.start()
+    raise_read_ahead(mountpoint)
     try:
         yield ops
     finally:
