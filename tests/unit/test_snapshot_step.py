@@ -337,3 +337,27 @@ def test_the_backup_step_removes_its_snapshots_once_stored_and_cleanup_finds_non
     record = ctx.store.read_record("web1")
     assert record is not None and record["result"] == "success"
     assert record["snapshot_seconds"] == state.snapshot_seconds
+
+
+def test_a_snapshot_still_busy_after_the_backup_is_left_to_cleanup_and_the_backup_stands(
+        tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backup step's early removal failing must not fail the stored backup: cleanup retries and judges."""
+    from xenbackup.actions.record import RunResult
+
+    cfg = files_vm(tools, monkeypatch, mount='for t; do :; done; echo data > "$t/file"', password="secret\n")
+    ctx = Context.from_config(cfg)
+    ctx.lvm.sleep = lambda seconds: None  # lvremove's retries, without their waits
+    vm = cfg.vm("web1")
+    backup.step_prepare(ctx, vm)
+    (tools / "bin" / "lvremove").write_text(
+        f'#!/bin/sh\necho "lvremove $*" >> {tools / "calls"}\n'
+        'echo "  Logical volume system/web1-root.xb-web1 in use." >&2; exit 5\n')
+    state = backup.step_backup(ctx, vm)
+    assert len(state.snapshots) == 1 and len(state.restic_snapshots) == 1
+    assert backup.step_cleanup(ctx, vm, RunResult.SUCCESS) == 1
+    record = ctx.store.read_record("web1")
+    assert record is not None and record["result"] == "cleanup-failed"
+    from xenbackup import names
+
+    kept = ctx.restic.snapshots(names.restic_filter("web1"))
+    assert [s.id[:8] for s in kept] == list(state.restic_snapshots), "the stored backup was forgotten"

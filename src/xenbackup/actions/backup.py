@@ -320,7 +320,11 @@ def step_backup(ctx: Context, vm: VM) -> RunState:
         # a classic snapshot costs the VM's writes. The watch's last look came after restic had read
         # everything, so a snapshot invalidated from here on spoils nothing that was read.
         with ctx.store.lock(vm.name):
-            release_own(ctx, vm, state, judge=False)
+            try:
+                release_own(ctx, vm, state, judge=False)
+            except Exception as exc:
+                # The data is stored; a snapshot still busy is cleanup's to retry, and its verdict to give.
+                log.warning("could not remove the snapshots of %s yet (%s); cleanup tries again", vm.name, exc)
             return ctx.store.load(vm.name) or state
 
 
