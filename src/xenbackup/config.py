@@ -262,7 +262,7 @@ SETTINGS_OPTS: dict[str, Opt] = {
     "verify_restore_test": Opt(p_bool, True, "`xenbackup verify` also test-restores every VM's latest backup"),
     "thin_incremental": Opt(p_bool, False,
                             "block-mode disks on thin LVs: keep the last snapshot as a base and let restic read "
-                            "only the 64 MiB segments thin_delta reports changed"),
+                            "only the 16 MiB segments thin_delta reports changed"),
 }
 
 NOTIFY_OPTS: dict[str, Opt] = {

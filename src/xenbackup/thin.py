@@ -7,9 +7,10 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-SEGMENT_SIZE = 64 * 1024 * 1024
-"""Bytes per segment file: small enough that 1 % of change touches few of them, large enough that a 2 TiB
-disk is a directory of 32768 files, which restic walks in a second."""
+SEGMENT_SIZE = 16 * 1024 * 1024
+"""Bytes per segment file: small enough that writes scattered over the disk leave most segments untouched
+(10 % of a disk rewritten in 4 MiB clusters touched every 64 MiB segment, see BENCHMARKS.md), large enough
+that a 500 GiB disk is a directory of 32000 files, which restic walks in a second."""
 
 SECTOR = 512
 

@@ -68,7 +68,9 @@ SCRIPT = textwrap.dedent("""
 
 def test_restic_reads_only_the_changed_segment(tmp_path: Path) -> None:
     assert PYTHON is not None
-    size = 3 * 64 * 1024 * 1024 - 12345  # three segments, the last one short
+    from xenbackup.thin import SEGMENT_SIZE
+
+    size = 3 * SEGMENT_SIZE - 12345  # three segments, the last one short
     (tmp_path / "dev.img").write_bytes(os.urandom(size))
     (tmp_path / "run.py").write_text(SCRIPT)
     out = subprocess.run([PYTHON, str(tmp_path / "run.py"), str(tmp_path)], env={**os.environ, "PYTHONPATH": str(SRC)},
@@ -79,6 +81,6 @@ def test_restic_reads_only_the_changed_segment(tmp_path: Path) -> None:
     assert (r["first"]["files_new"], r["read1"]) == (3, size)
     # restic's own verdict: two segments taken from the parent unread, one read again.
     assert (r["second"]["files_unmodified"], r["second"]["files_changed"]) == (2, 1)
-    assert r["read2"] == 64 * 1024 * 1024
+    assert r["read2"] == SEGMENT_SIZE
     # The segments, dumped in name order, are the device as it was at the second backup.
     assert r["dumped"] == r["device"]
