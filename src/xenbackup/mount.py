@@ -22,6 +22,7 @@ class MountEntry:
     source: str
     target: str
     fstype: str
+    devnum: str = ""  # "major:minor" of the mounted filesystem, as mountinfo gives it
 
 
 def mount_options(fstype: str, journal_dirty: bool, extra: Sequence[str] = ()) -> list[str]:
@@ -63,7 +64,8 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
         parts, rparts = left.split(), right.split()
         if not sep or len(parts) < 5 or len(rparts) < 2:
             continue
-        entries.append(MountEntry(source=_unescape(rparts[1]), target=_unescape(parts[4]), fstype=rparts[0]))
+        entries.append(MountEntry(source=_unescape(rparts[1]), target=_unescape(parts[4]), fstype=rparts[0],
+                                  devnum=parts[2]))
     return entries
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from . import names
+from .mount import mounts
 from .thin import Segment
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,7 @@ def raise_read_ahead(mountpoint: str, kib: int = READ_AHEAD_KIB, mountinfo: str 
     """Set the FUSE mount's read-ahead through its backing device info (found without touching the mount,
     which may not be served yet). False, and logged, where it cannot be set: reads are then only slower."""
     try:
-        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
-            devnum = next(fields[2] for line in f if len(fields := line.split()) > 4 and fields[4] == mountpoint)
+        devnum = next(m.devnum for m in mounts(mountinfo) if m.target == mountpoint)
         with open(os.path.join(sysfs, devnum, "read_ahead_kb"), "w", encoding="ascii") as f:
             f.write(str(kib))
         return True
