@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from . import mount
 from .lvm import LogicalVolume, Lvm
 from .model import VM, Disk, DiskMode, DomainDisk
 from .run import CommandError, run
@@ -105,21 +106,13 @@ def parse_losetup(stdout: str) -> dict[DevNum, str]:
     return out
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \\ooo.
-    return field.encode().decode("unicode_escape") if "\\" in field else field
-
-
 def parse_mountinfo(text: str) -> dict[DevNum, str]:
     """Where each device's whole filesystem (root "/") is mounted; the first mount wins."""
     out: dict[DevNum, str] = {}
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) < 5 or ":" not in fields[2]:
-            continue
-        major, minor = fields[2].split(":", 1)
-        if fields[3] == "/":
-            out.setdefault((int(major), int(minor)), _unescape(fields[4]))
+    for entry in mount.parse_mountinfo(text):
+        major, sep, minor = entry.devnum.partition(":")
+        if sep and entry.root == "/":
+            out.setdefault((int(major), int(minor)), entry.target)
     return out
 
 

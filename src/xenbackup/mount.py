@@ -23,6 +23,7 @@ class MountEntry:
     target: str
     fstype: str
     devnum: str = ""  # "major:minor" of the mounted filesystem, as mountinfo gives it
+    root: str = "/"  # the directory of that filesystem mounted here ("/" unless a bind mount of a subtree)
 
 
 def mount_options(fstype: str, journal_dirty: bool, extra: Sequence[str] = ()) -> list[str]:
@@ -65,7 +66,7 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
         if not sep or len(parts) < 5 or len(rparts) < 2:
             continue
         entries.append(MountEntry(source=_unescape(rparts[1]), target=_unescape(parts[4]), fstype=rparts[0],
-                                  devnum=parts[2]))
+                                  devnum=parts[2], root=_unescape(parts[3])))
     return entries
 
 
