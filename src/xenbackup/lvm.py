@@ -117,22 +117,26 @@ def _rows(command: str, stdout: str, kind: str) -> list[Mapping[str, Any]]:
     return rows
 
 
+def _lv_of(row: Mapping[str, Any]) -> LogicalVolume:
+    return LogicalVolume(
+        vg=row["vg_name"], name=row["lv_name"], attr=row["lv_attr"], size=_num(row["lv_size"]),
+        origin=row.get("origin", ""), origin_size=_num(row.get("origin_size", "")),
+        snap_percent=_pct(row.get("snap_percent", "")),
+        data_percent=_pct(row.get("data_percent", "")),
+        metadata_percent=_pct(row.get("metadata_percent", "")),
+        tags=tuple(t for t in str(row.get("lv_tags", "")).split(",") if t),
+        pool=row.get("pool_lv", ""),
+        kernel_major=_devnum_part(row.get("lv_kernel_major", "")),
+        kernel_minor=_devnum_part(row.get("lv_kernel_minor", "")),
+    )
+
+
 def parse_lvs(stdout: str) -> list[LogicalVolume]:
     """Parse `lvs --reportformat json --units b --nosuffix -o LV_FIELDS` output."""
     out = []
     for row in _rows("lvs", stdout, "lv"):
         try:
-            out.append(LogicalVolume(
-                vg=row["vg_name"], name=row["lv_name"], attr=row["lv_attr"], size=_num(row["lv_size"]),
-                origin=row.get("origin", ""), origin_size=_num(row.get("origin_size", "")),
-                snap_percent=_pct(row.get("snap_percent", "")),
-                data_percent=_pct(row.get("data_percent", "")),
-                metadata_percent=_pct(row.get("metadata_percent", "")),
-                tags=tuple(t for t in str(row.get("lv_tags", "")).split(",") if t),
-                pool=row.get("pool_lv", ""),
-                kernel_major=_devnum_part(row.get("lv_kernel_major", "")),
-                kernel_minor=_devnum_part(row.get("lv_kernel_minor", "")),
-            ))
+            out.append(_lv_of(row))
         except (KeyError, ValueError) as exc:
             raise MalformedReport("lvs", f"bad row {row!r}: {exc}") from None
     return out
@@ -173,14 +177,16 @@ class Overview:
 
 def parse_overview(stdout: str) -> Overview:
     """Parse `lvs ... -o LV_FIELDS,VG_FIELDS_PER_LV` of every LV."""
+    volumes: list[LogicalVolume] = []
     groups: dict[str, VolumeGroup] = {}
     for row in _rows("lvs", stdout, "lv"):
         try:
+            volumes.append(_lv_of(row))
             groups.setdefault(row["vg_name"], VolumeGroup(row["vg_name"], _num(row["vg_size"]), _num(row["vg_free"]),
                                                           _num(row["vg_extent_size"])))
         except (KeyError, ValueError) as exc:
             raise MalformedReport("lvs", f"bad row {row!r}: {exc}") from None
-    return Overview(tuple(parse_lvs(stdout)), tuple(groups.values()))
+    return Overview(tuple(volumes), tuple(groups.values()))
 
 
 @dataclass(frozen=True)
@@ -250,14 +256,15 @@ class Lvm:
         self.cmd = commands
         self.sleep = sleep
 
-    def lvs_argv(self, selection: Sequence[str]) -> list[str]:
+    def lvs_argv(self, selection: Sequence[str], fields: str = LV_FIELDS) -> list[str]:
         return [self.cmd["lvs"], "--reportformat", "json", "--units", "b", "--nosuffix",
-                "-o", LV_FIELDS, *selection]
+                "-o", fields, *selection]
+
+    def overview_argv(self) -> list[str]:
+        return self.lvs_argv((), f"{LV_FIELDS},{VG_FIELDS_PER_LV}")
 
     def overview(self) -> Overview:
-        argv = self.lvs_argv(())
-        argv[argv.index(LV_FIELDS)] = f"{LV_FIELDS},{VG_FIELDS_PER_LV}"
-        return parse_overview(run(argv).stdout)
+        return parse_overview(run(self.overview_argv()).stdout)
 
     def lvs(self, *selection: str) -> list[LogicalVolume]:
         return parse_lvs(run(self.lvs_argv(selection)).stdout)

@@ -37,6 +37,9 @@ def test_plan_prints_every_command_and_runs_nothing(cfg_path, no_path_lvm, capsy
     assert any("restic backup" in line and "--stdin --stdin-filename system-vm1-swap.img" in line for line in lines)
     assert sum(line.startswith("[cleanup] lvremove --yes ") for line in lines) == 2
     assert not any("layout:segments" in line for line in lines)
+    # The run's one `lvs` before the window, as the snapshot step spawns it.
+    reports = [line for line in lines if line.startswith("[snapshot] lvs ")]
+    assert len(reports) == 1 and "vg_free" in reports[0] and "@" not in reports[0]
 
 
 def test_plan_shows_the_segmented_backup_of_a_thin_origin_when_incrementals_are_on(

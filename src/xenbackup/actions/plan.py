@@ -28,14 +28,13 @@ def plan(ctx: Context, vm: VM) -> list[PlannedCommand]:
     stamp = "<YYYYmmddHHMMSS>"
     run_id = "<run-id>"
     tags = names.lv_tags(vm.name, run_id)
-    out.append(PlannedCommand("snapshot", tuple(ctx.lvm.lvs_argv([f"@{vm.lv_tag}"])),
-                              "find leftovers of a crashed run (removed if found)"))
+    out.append(PlannedCommand("snapshot", tuple(ctx.lvm.overview_argv()),
+                              "every LV and its VG: leftovers of a crashed run (removed if found), the origins "
+                              "and the free space"))
     disks = ctx.disks(vm)
     for disk in disks:
         where = "configured" if disk.source == "config" else f"found in the domain definition: {disk.source}"
         out.append(PlannedCommand("disks", (str(disk.lv), disk.mode.value, disk.path), where))
-    for disk in disks:
-        out.append(PlannedCommand("snapshot", tuple(ctx.lvm.lvs_argv([str(disk.lv)])), "check the origin"))
     pause, resume = _window_argv(ctx, vm, len(disks))
     if pause:
         out.append(PlannedCommand("snapshot", pause, f"{vm.consistency}: hold the guest still; at most "
