@@ -378,9 +378,8 @@ def release(ctx: Context, vm: VM, state: RunState | None, leftovers: bool = True
         state = replace(state, paused="")
     if state is not None:
         removed = release_own(ctx, vm, state)
-    for entry in mounts_below(ctx.store.mount_root(vm.name)):
-        ctx.mounter.umount(entry.target)
-        log.info("unmounted %s", entry.target)
+    else:
+        _unmount_all(ctx, vm)
     for lv in ctx.lvm.tagged(vm.lv_tag) if leftovers else ():
         if ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries):
             removed.append(str(lv.ref))
@@ -390,6 +389,12 @@ def release(ctx: Context, vm: VM, state: RunState | None, leftovers: bool = True
     return removed
 
 
+def _unmount_all(ctx: Context, vm: VM) -> None:
+    for entry in mounts_below(ctx.store.mount_root(vm.name)):
+        ctx.mounter.umount(entry.target)
+        log.info("unmounted %s", entry.target)
+
+
 def release_own(ctx: Context, vm: VM, state: RunState, judge: bool = True) -> list[str]:
     """Unmount and remove the snapshots the run state names, judged first by the kernel's counters.
 
@@ -397,9 +402,7 @@ def release_own(ctx: Context, vm: VM, state: RunState, judge: bool = True) -> li
     that finds whatever else carries our tag scans every PV, and is left to cleanup, after the snapshots
     stopped costing the VM."""
     removed: list[str] = []
-    for entry in mounts_below(ctx.store.mount_root(vm.name)):
-        ctx.mounter.umount(entry.target)
-        log.info("unmounted %s", entry.target)
+    _unmount_all(ctx, vm)
     if judge and not state.overflowed and _any_invalid(ctx, state):
         state = replace(state, overflowed=True)
         ctx.store.save(state)
