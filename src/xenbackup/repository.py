@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import re
-import secrets
+import shutil
 import socket
 import subprocess
 import time
@@ -164,6 +165,41 @@ _VERSION = re.compile(r"restic (\d+)\.(\d+)\.(\d+)")
 _retry_lock_support: dict[str, bool] = {}
 
 
+def _binary_identity(program: str) -> str | None:
+    """The restic binary as found on PATH, with what changes when it is replaced (an upgrade)."""
+    path = shutil.which(program)
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{os.path.realpath(path)}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _read_json(path: str | None) -> dict[str, object]:
+    try:
+        with open(path or "", encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: str, data: dict[str, object]) -> None:
+    """Best effort: a cache that cannot be written costs one `restic version` next time, nothing more."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("cannot keep restic's version in %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 @dataclass(frozen=True)
 class Progress:
     percent: float | None
@@ -278,9 +314,10 @@ def open_failure(stderr: str, sftp: bool = False) -> str:
 
 class Restic:
     def __init__(self, cfg: RepositoryConfig, restic: str = "restic",
-                 credentials_dir: str | None = None) -> None:
+                 credentials_dir: str | None = None, version_cache: str | None = None) -> None:
         self.cfg = cfg
         self.bin = restic
+        self.version_cache = version_cache
         self.host = cfg.hostname
         # restic records the kernel's host name in its locks, whatever --host says.
         self.machine = socket.gethostname()
@@ -291,7 +328,7 @@ class Restic:
     def waiting_at_most(self, seconds: int) -> Restic:
         """The same repository with a shorter lock wait, for steps that systemd gives little time (cleanup)."""
         shorter = Restic(replace(self.cfg, lock_wait=min(seconds, self.cfg.lock_wait)), self.bin,
-                         self.credentials_dir)
+                         self.credentials_dir, self.version_cache)
         shorter._extra_env = self._extra_env
         return shorter
 
@@ -317,6 +354,8 @@ class Restic:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
+            import secrets  # only here: it loads OpenSSL, which no backup step needs
+
             f.write(secrets.token_urlsafe(32) + "\n")
         log.warning("generated a new repository password in %s: keep a copy off this host, "
                     "without it the backups cannot be read", path)
@@ -360,13 +399,25 @@ class Restic:
         return [self.bin, *self.global_args(), *args]
 
     def has_retry_lock(self) -> bool:
-        """Whether this restic waits for locks itself (--retry-lock); asked once per binary and process."""
+        """Whether this restic waits for locks itself (--retry-lock).
+
+        Asked once per binary: the answer is kept in version_cache under the binary's identity, so the
+        backup step, inside the snapshot's lifetime, spawns no `restic version` that an earlier step asked."""
         known = _retry_lock_support.get(self.bin)
-        if known is None:
+        if known is not None:
+            return known
+        identity = _binary_identity(self.bin)
+        cached = _read_json(self.version_cache) if self.version_cache and identity else {}
+        found = cached.get(identity) if identity else None
+        if isinstance(found, bool):
+            known = found
+        else:
             out = run([self.bin, "version"], check=False).stdout
             m = _VERSION.search(out)
             known = m is not None and tuple(int(g) for g in m.groups()) >= RETRY_LOCK_SINCE
-            _retry_lock_support[self.bin] = known
+            if self.version_cache and identity and m is not None:
+                _write_json(self.version_cache, {identity: known})
+        _retry_lock_support[self.bin] = known
         return known
 
     def _masked(self, exc: CommandError) -> CommandError:

@@ -239,6 +239,10 @@ class StateStore:
     def _repositories_path(self) -> str:
         return os.path.join(self.state_dir, "repositories.json")
 
+    def restic_version_path(self) -> str:
+        """Which restic binaries wait for locks themselves, asked once per binary (see Restic.has_retry_lock)."""
+        return os.path.join(self.state_dir, "restic-version.json")
+
     def known_repositories(self) -> list[str]:
         """Repository URLs this host has stored backups in."""
         try:

@@ -226,6 +226,28 @@ def test_restic_0_16_waits_itself_with_retry_lock(tmp_path: Path) -> None:
         "version", "snapshots --json --host xen-a", "check"]
 
 
+def test_restic_version_is_asked_once_per_binary_across_processes(tmp_path: Path) -> None:
+    """The snapshot step asks; the backup step, a new process inside the snapshot's life, reads the answer.
+    A replaced binary (an upgrade) is asked again."""
+    from xenbackup import repository
+
+    cfg = RepositoryConfig(url="sftp:b@h:/r", password_file=str(tmp_path / "pw"), environment_file=None,
+                           cache_dir=str(tmp_path / "c"), host="xen-a", compression="auto", lock_wait=60)
+    fake = _fake_restic(tmp_path, "0.16.4")
+    cache = str(tmp_path / "state" / "restic-version.json")
+
+    def fresh_process_asks() -> list[str]:
+        repository._retry_lock_support.clear()
+        (tmp_path / "calls-0.16.4").unlink(missing_ok=True)
+        Restic(cfg, str(fake), credentials_dir="", version_cache=cache).snapshots()
+        return (tmp_path / "calls-0.16.4").read_text().splitlines()
+
+    assert fresh_process_asks()[0] == "version"
+    assert fresh_process_asks() == ["--retry-lock 60s snapshots --json --host xen-a"]
+    fake.write_text(fake.read_text().replace("0.16.4 compiled", "0.14.0 compiled") + "\n")
+    assert fresh_process_asks() == ["version", "snapshots --json --host xen-a"]
+
+
 def test_a_shorter_wait_for_cleanup_never_lengthens_it(repo, quick_retries) -> None:
     restic, env = repo
     assert restic.waiting_at_most(60).cfg.lock_wait == 30

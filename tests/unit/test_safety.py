@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,27 @@ def test_invalid_snapshot_aborts_and_fails(fake_lvm) -> None:
     with pytest.raises(SnapshotOverflowed, match="system/snap overflowed"):
         watch.check()
     assert aborted == [True] and watch.peak == 100.0
+
+
+def test_the_first_look_runs_beside_restic_and_still_stops_it(fake_lvm, tmp_path: Path) -> None:
+    """Entering the watch spawns nothing: restic starts at once. A snapshot already invalid is found by the
+    thread's first look, which stops restic, and the last look fails the run."""
+    lvm, set_rows, calls = fake_lvm
+    set_rows(lv_row("snap", "swi-I-s---", dm="0 2097152 snapshot Invalid\n"))
+    gate = tmp_path / "gate"
+    dmsetup = Path(lvm.cmd["dmsetup"])
+    # dmsetup waits for the test to open the gate (10 s at most, so a look taken before restic's start fails
+    # the test instead of hanging it): until then the look has not been taken.
+    dmsetup.write_text(f'#!/bin/sh\nfor i in $(seq 200); do [ -e {gate} ] && break; sleep 0.05; done\n'
+                       + dmsetup.read_text().removeprefix("#!/bin/sh\n"))
+    aborted = threading.Event()
+    watch = OverflowWatch(lvm, VM1, [CLASSIC], interval=3600, on_abort=aborted.set)
+    with watch:
+        assert not calls.exists() and not aborted.is_set()  # entered while the first look still waits
+        gate.touch()
+        assert aborted.wait(30)
+        with pytest.raises(SnapshotOverflowed, match="system/snap overflowed"):
+            watch.check()
 
 
 def test_thin_pool_nearly_full_stops_the_run(fake_lvm) -> None:

@@ -294,6 +294,10 @@ def open_repository(ctx: Context) -> None:
                               "a new one")
     ctx.restic.ensure_initialized()
     ctx.store.remember_repository(url)
+    if ctx.cfg.repository.lock_wait:
+        # Asked now, beside LVM, and remembered: the backup step then spawns no `restic version` while the
+        # snapshot lives.
+        ctx.restic.has_retry_lock()
 
 
 def step_backup(ctx: Context, vm: VM) -> RunState:

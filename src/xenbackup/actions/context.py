@@ -38,12 +38,13 @@ class Context:
 
     @classmethod
     def from_config(cls, cfg: Config) -> Context:
+        store = StateStore(cfg.settings.runtime_dir, cfg.settings.state_dir)
         return cls(
             cfg=cfg,
             lvm=Lvm(cfg.commands),
             mounter=Mounter(cfg.commands),
-            restic=Restic(cfg.repository, cfg.command("restic")),
-            store=StateStore(cfg.settings.runtime_dir, cfg.settings.state_dir),
+            restic=Restic(cfg.repository, cfg.command("restic"), version_cache=store.restic_version_path()),
+            store=store,
             slots=Slots(cfg.settings.runtime_dir, cfg.settings.max_parallel),
             host=cfg.repository.hostname,
         )

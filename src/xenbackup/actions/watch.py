@@ -50,8 +50,10 @@ class OverflowWatch:
         self._lock = threading.Lock()
 
     def __enter__(self) -> OverflowWatch:
+        # The first look runs on the thread, beside restic's start, not before it: each second before restic
+        # is a second more of the snapshot's life. A snapshot already invalid stops restic from there, and
+        # check()'s last look, after restic, decides.
         if self.snapshots:
-            self.poll()
             self._thread.start()
         return self
 
@@ -62,11 +64,13 @@ class OverflowWatch:
             self._thread.join(timeout=30)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        while True:
             try:
                 self.poll()
             except CommandError as exc:
                 log.warning("cannot read snapshot fill: %s", exc)
+            if self._stop.wait(self.interval):
+                return
 
     def poll(self) -> None:
         with self._lock:
