@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 # Each verb imports its own action modules: a unit runs three steps, each a fresh interpreter, and
 # the step that makes snapshots has no use for restore, prune or status code.
 from . import config as config_mod
-from . import journal, names, systemd
+from . import journal, names
 from .config import Config, ConfigError
 from .run import CommandError, mask_url
 from .state import Busy
@@ -309,6 +309,7 @@ def _cmd_verify(cfg: Config, args: argparse.Namespace) -> int:
 def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     import json
 
+    from . import systemd
     from .actions import status as status_mod
 
     systemctl = cfg.command("systemctl")
@@ -370,8 +371,9 @@ SYSTEMD_CHECKED_VERBS = ("check-config", "reload")
 
 # The failures main() reports in one line, by module. A module that was never imported cannot have raised
 # its error, so looking them up lazily keeps each verb's imports its own.
-FAILURES = (("actions.context", "StepError"), ("actions.context", "RestoreError"), ("lvm", "LvmError"),
-            ("mount", "MountError"), ("repository", "RepositoryError"), ("hypervisor", "HypervisorError"))
+FAILURES = (("systemd", "SystemdUnavailable"), ("actions.context", "StepError"), ("actions.context", "RestoreError"),
+            ("lvm", "LvmError"), ("mount", "MountError"), ("repository", "RepositoryError"),
+            ("hypervisor", "HypervisorError"))
 
 
 def _loaded(module: str, name: str) -> type[BaseException] | None:
@@ -382,7 +384,7 @@ def _loaded(module: str, name: str) -> type[BaseException] | None:
 
 def _failures() -> tuple[type[BaseException], ...]:
     lazy = [t for module, name in FAILURES if (t := _loaded(module, name)) is not None]
-    return (CommandError, systemd.SystemdUnavailable, OSError, *lazy)
+    return (CommandError, OSError, *lazy)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -312,7 +311,8 @@ class RepositoryConfig:
     @property
     def hostname(self) -> str:
         """The host name restic records in snapshots and filters them by."""
-        return self.host or socket.gethostname()
+        # The kernel's host name, as gethostname(2) returns it; without the socket module's import cost.
+        return self.host or os.uname().nodename
 
     @property
     def display_url(self) -> str:

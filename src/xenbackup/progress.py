@@ -7,7 +7,6 @@ import sys
 import time
 from collections.abc import Callable
 
-from . import systemd
 from .model import format_bytes
 from .repository import Progress
 
@@ -62,6 +61,8 @@ class Reporter:
             self._drawn = True
             return
         if now - self._last_notify >= 1:
+            from . import systemd  # not before restic's first line: each import before it lengthens the snapshot's life
+
             systemd.notify_status(text)
             self._last_notify = now
         if now - self._last_log >= self.journal_interval:

@@ -8,15 +8,12 @@ import logging
 import os
 import random
 import re
-import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import IO, TypeVar
-from urllib.parse import urlsplit
 
 from .config import RepositoryConfig
 from .model import Retention
@@ -141,6 +138,8 @@ def sftp_command(cfg: RepositoryConfig) -> str | None:
     if not cfg.url.startswith("sftp:") or not (cfg.sftp_identity or cfg.sftp_known_hosts or cfg.sftp_options):
         return None
     if cfg.url.startswith("sftp://"):
+        from urllib.parse import urlsplit  # with ipaddress: for sftp: URLs only
+
         parts = urlsplit(cfg.url)
         user, host, port = parts.username, parts.hostname, parts.port
     else:
@@ -166,15 +165,19 @@ _retry_lock_support: dict[str, bool] = {}
 
 
 def _binary_identity(program: str) -> str | None:
-    """The restic binary as found on PATH, with what changes when it is replaced (an upgrade)."""
-    path = shutil.which(program)
-    if path is None:
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return f"{os.path.realpath(path)}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    """The restic binary as exec finds it on PATH, with what changes when it is replaced (an upgrade).
+
+    Not shutil.which: shutil loads the bz2 and lzma modules, a cost the backup step would pay in the snapshot's
+    lifetime."""
+    dirs = [""] if "/" in program else os.get_exec_path()
+    for path in (os.path.join(d, program) for d in dirs):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if os.access(path, os.X_OK):
+            return f"{os.path.realpath(path)}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    return None
 
 
 def _read_json(path: str | None) -> dict[str, object]:
@@ -320,7 +323,7 @@ class Restic:
         self.version_cache = version_cache
         self.host = cfg.hostname
         # restic records the kernel's host name in its locks, whatever --host says.
-        self.machine = socket.gethostname()
+        self.machine = os.uname().nodename
         self.credentials_dir = credentials_dir if credentials_dir is not None else os.environ.get(
             "CREDENTIALS_DIRECTORY")
         self._extra_env: dict[str, str] | None = None

@@ -361,3 +361,47 @@ def test_a_snapshot_still_busy_after_the_backup_is_left_to_cleanup_and_the_backu
 
     kept = ctx.restic.snapshots(names.restic_filter("web1"))
     assert [s.id[:8] for s in kept] == list(state.restic_snapshots), "the stored backup was forgotten"
+
+
+# Runs `xenbackup step backup` in a fresh interpreter, as the unit does, and notes every module loaded at the
+# moment restic's backup is spawned: what is imported before that lengthens the snapshot's life.
+BEFORE_RESTIC_PROBE = """
+import json, sys
+before = set(sys.modules)  # the interpreter's own and site's: not ours to answer for
+from xenbackup import cli
+out = sys.argv.pop(1)
+def hook(event, args):
+    if event == "subprocess.Popen" and "backup" in list(args[1]) and not hook.seen:
+        hook.seen = True
+        with open(out, "w") as f:
+            json.dump(sorted(set(sys.modules) - before), f)
+hook.seen = False
+sys.addaudithook(hook)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+# Code of the other steps, of other disk kinds, or for after restic's first line.
+NOT_BEFORE_RESTIC = ("xenbackup.actions.record", "xenbackup.actions.status", "xenbackup.actions.sweep",
+                     "xenbackup.actions.window", "xenbackup.actions.incremental", "xenbackup.thin",
+                     "xenbackup.thinpool", "xenbackup.segfs", "xenbackup.discovery", "xenbackup.systemd",
+                     "socket", "secrets", "urllib.parse", "shutil", "pystemd")
+
+
+def test_the_backup_step_starts_restic_before_importing_what_it_does_not_need_for_that(
+        tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")  # one run across two processes
+    cfg = files_vm(tools, monkeypatch, mount='for t; do :; done; echo data > "$t/file"', password="secret\n")
+    backup.step_prepare(Context.from_config(cfg), cfg.vm("web1"))
+    probe, seen = tools / "probe.py", tools / "modules.json"
+    probe.write_text(BEFORE_RESTIC_PROBE)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    done = subprocess.run([sys.executable, str(probe), str(seen), "--config", str(tools / "xenbackup.toml"),
+                           "step", "backup", "web1"], env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    loaded = set(json.loads(seen.read_text()))
+    assert "xenbackup.repository" in loaded and "xenbackup.actions.watch" in loaded
+    assert sorted(m for m in NOT_BEFORE_RESTIC if m in loaded) == []

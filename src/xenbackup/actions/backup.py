@@ -23,13 +23,14 @@ from ..repository import BackupSummary, RepositoryError, Restic
 from ..run import CommandError
 from ..state import Busy, Owner, RunState, new_run_id
 from .context import Context, StepError
-from .record import RunRecord, RunResult, save_record
-from .sweep import clear_stale_locks, resume_paused, sweep_stale
-from .watch import OverflowWatch, SnapshotOverflowed
-from .window import PauseTooLong, ResumeFailed, choose, quiesced
 
+# Each step is a fresh interpreter that pays for every module it imports, and a module the backup step
+# imports before restic starts lengthens the snapshot's life: so the sweep and the run record (snapshot and
+# cleanup steps), the pause window (snapshot step) and the overflow watch (backup step) are imported where
+# they are used.
 if TYPE_CHECKING:
     from .incremental import SegmentedBackup
+    from .record import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def claim(ctx: Context, vm: VM) -> tuple[RunState, Overview]:
     """Take ownership of the VM for a new run, clearing a dead run's leftovers first.
 
     Returns LVM's overview after that, for the checks before the snapshot window."""
+    from .sweep import resume_paused, sweep_stale
+
     old = ctx.store.load(vm.name)
     me = Owner.current()
     if old is not None and old.owner != me and old.owner.alive():
@@ -110,6 +113,8 @@ def preflight(seen: Overview, vm: VM, disks: tuple[Disk, ...]) -> dict[str, bool
 
 
 def step_snapshot(ctx: Context, vm: VM) -> RunState:
+    from .window import PauseTooLong, ResumeFailed, choose, quiesced
+
     with journal.context(phase="snapshot"), ctx.store.lock(vm.name):
         state, seen = claim(ctx, vm)
         journal.event(log, logging.INFO, "backup of %s started (run %s)", MessageId.STARTED, vm.name,
@@ -253,9 +258,9 @@ class _Current:
 
 def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord, current: _Current,
                  with_config: str | None = None) -> BackupSummary | SegmentedBackup:
-    # Only the backup step reads data: the other steps need no progress or segment code.
+    # Only the backup step reads data: the other steps need no progress code, and only a thin disk's run
+    # the segment code.
     from ..progress import Reporter
-    from .incremental import backup_thin
 
     disk = _disk(vm, state, rec.disk_slug)
     tags = names.restic_tags(ctx.host, vm.name, str(disk.lv), disk.mode.value, state.run_id)
@@ -264,6 +269,8 @@ def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord, cur
     reporter = Reporter(f"{vm.name} {disk.lv}", ctx.cfg.settings.progress_interval)
     try:
         if disk.mode is DiskMode.BLOCK and rec.thin and ctx.cfg.settings.thin_incremental:
+            from .incremental import backup_thin
+
             return backup_thin(ctx, vm, disk, rec, tags, reporter, current.set)
         if disk.mode is DiskMode.FILES:
             if not rec.mountpoint:
@@ -301,6 +308,8 @@ def open_repository(ctx: Context) -> None:
 
 
 def step_backup(ctx: Context, vm: VM) -> RunState:
+    from .watch import OverflowWatch, SnapshotOverflowed
+
     with journal.context(phase="backup"):
         with ctx.store.lock(vm.name):
             state = _own_state(ctx, vm)
@@ -334,8 +343,6 @@ def step_backup(ctx: Context, vm: VM) -> RunState:
 
 def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunState:
     """Back up every disk and the domain config; record each restic snapshot as it appears."""
-    from .incremental import SegmentedBackup, keep_base
-
     totals: dict[str, float] = {"data_added": 0, "total_bytes": 0, "files": 0, "restic_seconds": 0.0}
     config = vm.domain_config if vm.domain_config and os.path.isfile(vm.domain_config) else None
     # The config rides in the first files-mode disk's run where it can: a restic run of its own costs
@@ -345,10 +352,12 @@ def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunS
                     and names.config_rides_along(d.path, config)), None)
     for rec in state.snapshots:
         result = _backup_disk(ctx, vm, state, rec, current, config if rec.disk_slug == carrier else None)
-        summary = result.summary if isinstance(result, SegmentedBackup) else result
+        summary = result if isinstance(result, BackupSummary) else result.summary
         state = replace(state, restic_snapshots=(*state.restic_snapshots, summary.snapshot_id), summary=totals)
         ctx.store.save(state)
-        if isinstance(result, SegmentedBackup):
+        if not isinstance(result, BackupSummary):
+            from .incremental import keep_base
+
             keep_base(ctx, vm, _disk(vm, state, rec.disk_slug), state.run_id, result.base)
             # From here on the snapshot is the base: no cleanup may remove it as this run's.
             state = replace(state, snapshots=tuple(s for s in state.snapshots if s.name != rec.name))
@@ -377,6 +386,8 @@ def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunS
 def release(ctx: Context, vm: VM, state: RunState | None, leftovers: bool = True) -> list[str]:
     """Unmount and remove this run's snapshots, and (with `leftovers`) anything else tagged for the VM.
     Idempotent."""
+    from .sweep import resume_paused
+
     removed: list[str] = []
     if state is not None and state.paused and resume_paused(ctx, vm, state):
         state = replace(state, paused="")
@@ -470,6 +481,9 @@ def step_cleanup(ctx: Context, vm: VM, result: RunResult | None = None) -> int:
 
 
 def _cleanup(ctx: Context, vm: VM, result: RunResult | None) -> int:
+    from .record import RunResult
+    from .sweep import clear_stale_locks
+
     with journal.context(phase="cleanup"), ctx.store.lock(vm.name):
         result = result or RunResult.parse(os.environ.get("SERVICE_RESULT"))
         detail = " ".join(f"{k}={os.environ[k]}" for k in ("EXIT_CODE", "EXIT_STATUS") if k in os.environ)
@@ -512,6 +526,8 @@ def _cleanup(ctx: Context, vm: VM, result: RunResult | None) -> int:
 
 def last_run_failed(ctx: Context, vm: VM) -> bool:
     """Whether the VM's last recorded run (before this one) did not succeed."""
+    from .record import RunResult
+
     previous = ctx.store.read_record(vm.name)
     return previous is not None and previous.get("result") != RunResult.SUCCESS.value
 
@@ -530,6 +546,8 @@ def note_failure(ctx: Context, vm: VM, exc: BaseException) -> None:
 
 
 def _finish(ctx: Context, vm: VM, state: RunState | None, result: RunResult, cleanup_code: int) -> None:
+    from .record import RunRecord, RunResult, save_record
+
     if result is RunResult.SUCCESS and cleanup_code != 0:
         result = RunResult.CLEANUP_FAILED
     if state is None:
@@ -562,6 +580,8 @@ def _finish(ctx: Context, vm: VM, state: RunState | None, result: RunResult, cle
 
 def backup_foreground(ctx: Context, vm: VM) -> None:
     """`xenbackup backup VM`: the unit's steps in sequence, with cleanup on every outcome."""
+    from .record import RunResult
+
     result = RunResult.EXIT_CODE
     try:
         step_prepare(ctx, vm)
@@ -579,5 +599,5 @@ def backup_foreground(ctx: Context, vm: VM) -> None:
             raise StepError("the backup succeeded but its snapshot could not be removed")
 
 
-__all__ = ["Busy", "LvmError", "SnapshotOverflowed", "backup_foreground", "note_failure", "step_backup", "step_cleanup",
+__all__ = ["Busy", "LvmError", "backup_foreground", "note_failure", "step_backup", "step_cleanup",
            "step_mount", "step_prepare", "step_snapshot"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .. import hypervisor as hv_mod
 from ..config import Config
-from ..discovery import DiscoveryError, SystemProbe, discover
 from ..hypervisor import Hypervisor, HypervisorError
 from ..lvm import LogicalVolume, Lvm, LvmError
 from ..model import VM, Disk
@@ -15,7 +15,9 @@ from ..mount import Mounter
 from ..repository import Restic
 from ..run import CommandError
 from ..state import Slots, StateStore
-from ..thinpool import ThinPools
+
+if TYPE_CHECKING:
+    from ..thinpool import ThinPools
 
 
 class StepError(Exception):
@@ -51,6 +53,8 @@ class Context:
 
     def pools(self) -> ThinPools:
         """Thin pools' metadata snapshots: the sweep and cleanup release what a killed run left reserved."""
+        from ..thinpool import ThinPools  # its thin_delta parsing is no concern of a backup step
+
         return ThinPools(self.cfg.commands, self.cfg.settings.state_dir)
 
     def hypervisor(self, vm: VM) -> Hypervisor:
@@ -60,6 +64,8 @@ class Context:
         """The VM's disks: as configured, else read from its domain definition and mapped to LVs."""
         if not vm.discovers_disks:
             return vm.disks
+        from ..discovery import DiscoveryError, SystemProbe, discover
+
         try:
             disks = discover(vm, self.hypervisor(vm), self.lvm, SystemProbe(self.cfg.command("losetup")), volumes)
         except (DiscoveryError, HypervisorError, LvmError) as exc:

@@ -11,7 +11,6 @@ from typing import Any
 from ..model import VM
 from ..state import RunState
 from .context import Context
-from .status import write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +89,8 @@ def save_record(ctx: Context, record: RunRecord) -> RunRecord:
     last = record.finished if record.result is RunResult.SUCCESS else previous.get("last_success")
     record = replace(record, last_success=last)
     ctx.store.write_record(record.vm, record.to_json())
+    from .status import write_metrics  # the status table's code: only a run's end needs it
+
     try:
         write_metrics(ctx.cfg)
     except OSError as exc:
