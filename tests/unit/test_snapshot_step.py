@@ -405,3 +405,42 @@ def test_the_backup_step_starts_restic_before_importing_what_it_does_not_need_fo
     loaded = set(json.loads(seen.read_text()))
     assert "xenbackup.repository" in loaded and "xenbackup.actions.watch" in loaded
     assert sorted(m for m in NOT_BEFORE_RESTIC if m in loaded) == []
+
+
+AT_EXIT_PROBE = """
+import json, sys
+before = set(sys.modules)
+from xenbackup import cli
+out = sys.argv.pop(1)
+rc = cli.main(sys.argv[1:])
+with open(out, "w") as f:
+    json.dump(sorted(set(sys.modules) - before), f)
+sys.exit(rc)
+"""
+
+
+def test_cleanup_of_a_finished_run_loads_no_lvm_or_restic_code(tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It spawns nothing for LVM or the repository, so it pays for none of their modules either."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+    cfg = files_vm(tools, monkeypatch, mount='for t; do :; done; echo data > "$t/file"', password="secret\n")
+    ctx = Context.from_config(cfg)
+    backup.step_prepare(ctx, cfg.vm("web1"))
+    backup.step_backup(ctx, cfg.vm("web1"))
+    (tools / "calls").write_text("")
+    probe, seen = tools / "probe.py", tools / "modules.json"
+    probe.write_text(AT_EXIT_PROBE)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src"), "SERVICE_RESULT": "success"}
+    done = subprocess.run([sys.executable, str(probe), str(seen), "--config", str(tools / "xenbackup.toml"),
+                           "step", "cleanup", "web1"], env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert not (tools / "calls").read_text()
+    loaded = set(json.loads(seen.read_text()))
+    assert "xenbackup.actions.record" in loaded
+    assert sorted(m for m in ("xenbackup.lvm", "xenbackup.repository", "xenbackup.hypervisor",
+                              "xenbackup.actions.watch", "xenbackup.progress") if m in loaded) == [], done.stderr
+    record = ctx.store.read_record("web1")
+    assert record is not None and record["result"] == "success"

@@ -16,19 +16,19 @@ from typing import TYPE_CHECKING
 
 from .. import journal, names
 from ..journal import MessageId
-from ..lvm import LvmError, Overview, VolumeGroup
 from ..model import VM, Consistency, Disk, DiskMode, SnapshotRecord, snapshot_name
 from ..mount import mounts_below
-from ..repository import BackupSummary, RepositoryError, Restic
 from ..run import CommandError
 from ..state import Busy, Owner, RunState, new_run_id
 from .context import Context, StepError
 
 # Each step is a fresh interpreter that pays for every module it imports, and a module the backup step
-# imports before restic starts lengthens the snapshot's life: so the sweep and the run record (snapshot and
-# cleanup steps), the pause window (snapshot step) and the overflow watch (backup step) are imported where
-# they are used.
+# imports before restic starts lengthens the snapshot's life. So the sweep and the run record (snapshot and
+# cleanup steps), the pause window (snapshot step), the overflow watch (backup step) and the LVM and restic
+# adapters (not needed by the cleanup of a run that finished) are imported where they are used.
 if TYPE_CHECKING:
+    from ..lvm import Overview, VolumeGroup
+    from ..repository import BackupSummary, Restic
     from .incremental import SegmentedBackup
     from .record import RunResult
 
@@ -294,6 +294,8 @@ def open_repository(ctx: Context) -> None:
     A local repository that held this host's backups and is gone now is an unmounted or lost disk; a new
     empty repository in its place would fill the wrong filesystem and hide the loss.
     """
+    from ..repository import RepositoryError
+
     url = ctx.cfg.repository.url
     if ctx.cfg.repository.is_local and url in ctx.store.known_repositories() and not ctx.restic.is_initialized():
         raise RepositoryError(f"repository {url} held backups of this host but is not there now (is its disk "
@@ -343,6 +345,8 @@ def step_backup(ctx: Context, vm: VM) -> RunState:
 
 def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunState:
     """Back up every disk and the domain config; record each restic snapshot as it appears."""
+    from ..repository import BackupSummary
+
     totals: dict[str, float] = {"data_added": 0, "total_bytes": 0, "files": 0, "restic_seconds": 0.0}
     config = vm.domain_config if vm.domain_config and os.path.isfile(vm.domain_config) else None
     # The config rides in the first files-mode disk's run where it can: a restic run of its own costs
@@ -384,8 +388,8 @@ def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunS
 # --- cleanup ----------------------------------------------------------------------------------
 
 def release(ctx: Context, vm: VM, state: RunState | None, leftovers: bool = True) -> list[str]:
-    """Unmount and remove this run's snapshots, and (with `leftovers`) anything else tagged for the VM.
-    Idempotent."""
+    """Unmount and remove this run's snapshots; with `leftovers`, also anything else tagged for the VM and
+    the thin pools' metadata snapshots a killed run left reserved. Idempotent."""
     from .sweep import resume_paused
 
     removed: list[str] = []
@@ -395,11 +399,12 @@ def release(ctx: Context, vm: VM, state: RunState | None, leftovers: bool = True
         removed = release_own(ctx, vm, state)
     else:
         _unmount_all(ctx, vm)
-    for lv in ctx.lvm.tagged(vm.lv_tag) if leftovers else ():
-        if ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries):
-            removed.append(str(lv.ref))
-            log.info("removed snapshot %s", lv.ref)
-    ctx.pools().release_leftovers()
+    if leftovers:
+        for lv in ctx.lvm.tagged(vm.lv_tag):
+            if ctx.lvm.remove(lv.ref, ctx.cfg.settings.lvremove_retries):
+                removed.append(str(lv.ref))
+                log.info("removed snapshot %s", lv.ref)
+        ctx.pools().release_leftovers()
     ctx.slots.release(vm.name)
     return removed
 
@@ -436,9 +441,12 @@ def release_own(ctx: Context, vm: VM, state: RunState, judge: bool = True) -> li
 
 
 def _any_invalid(ctx: Context, state: RunState) -> bool:
-    for rec in state.snapshots:
-        if rec.thin:
-            continue
+    classic = [rec for rec in state.snapshots if not rec.thin]
+    if not classic:
+        return False
+    from ..lvm import LvmError
+
+    for rec in classic:
         try:
             status = ctx.lvm.snapshot_status(rec.lv)
             invalid = status is not None and status.invalid
@@ -599,5 +607,5 @@ def backup_foreground(ctx: Context, vm: VM) -> None:
             raise StepError("the backup succeeded but its snapshot could not be removed")
 
 
-__all__ = ["Busy", "LvmError", "backup_foreground", "note_failure", "step_backup", "step_cleanup",
+__all__ = ["Busy", "backup_foreground", "note_failure", "step_backup", "step_cleanup",
            "step_mount", "step_prepare", "step_snapshot"]

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
-from .. import hypervisor as hv_mod
 from ..config import Config
-from ..hypervisor import Hypervisor, HypervisorError
-from ..lvm import LogicalVolume, Lvm, LvmError
 from ..model import VM, Disk
-from ..mount import Mounter
-from ..repository import Restic
 from ..run import CommandError
 from ..state import Slots, StateStore
 
 if TYPE_CHECKING:
+    from ..hypervisor import Hypervisor
+    from ..lvm import LogicalVolume, Lvm
+    from ..mount import Mounter
+    from ..repository import Restic
     from ..thinpool import ThinPools
 
 
@@ -30,26 +30,41 @@ class RestoreError(Exception):
 
 @dataclass
 class Context:
+    """The adapters are built, and their modules imported, on first use: each unit step is a fresh
+    interpreter, and the cleanup of a run that finished asks neither LVM nor the repository anything."""
+
     cfg: Config
-    lvm: Lvm
-    mounter: Mounter
-    restic: Restic
     store: StateStore
     slots: Slots
     host: str
 
     @classmethod
     def from_config(cls, cfg: Config) -> Context:
-        store = StateStore(cfg.settings.runtime_dir, cfg.settings.state_dir)
         return cls(
             cfg=cfg,
-            lvm=Lvm(cfg.commands),
-            mounter=Mounter(cfg.commands),
-            restic=Restic(cfg.repository, cfg.command("restic"), version_cache=store.restic_version_path()),
-            store=store,
+            store=StateStore(cfg.settings.runtime_dir, cfg.settings.state_dir),
             slots=Slots(cfg.settings.runtime_dir, cfg.settings.max_parallel),
             host=cfg.repository.hostname,
         )
+
+    @cached_property
+    def lvm(self) -> Lvm:
+        from ..lvm import Lvm
+
+        return Lvm(self.cfg.commands)
+
+    @cached_property
+    def mounter(self) -> Mounter:
+        from ..mount import Mounter
+
+        return Mounter(self.cfg.commands)
+
+    @cached_property
+    def restic(self) -> Restic:
+        from ..repository import Restic
+
+        return Restic(self.cfg.repository, self.cfg.command("restic"),
+                      version_cache=self.store.restic_version_path())
 
     def pools(self) -> ThinPools:
         """Thin pools' metadata snapshots: the sweep and cleanup release what a killed run left reserved."""
@@ -58,13 +73,17 @@ class Context:
         return ThinPools(self.cfg.commands, self.cfg.settings.state_dir)
 
     def hypervisor(self, vm: VM) -> Hypervisor:
-        return hv_mod.for_vm(vm, self.cfg.commands)
+        from ..hypervisor import for_vm
+
+        return for_vm(vm, self.cfg.commands)
 
     def disks(self, vm: VM, volumes: Sequence[LogicalVolume] | None = None) -> tuple[Disk, ...]:
         """The VM's disks: as configured, else read from its domain definition and mapped to LVs."""
         if not vm.discovers_disks:
             return vm.disks
         from ..discovery import DiscoveryError, SystemProbe, discover
+        from ..hypervisor import HypervisorError
+        from ..lvm import LvmError
 
         try:
             disks = discover(vm, self.hypervisor(vm), self.lvm, SystemProbe(self.cfg.command("losetup")), volumes)

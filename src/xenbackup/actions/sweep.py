@@ -5,16 +5,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from .. import journal, names
 from ..journal import MessageId
-from ..lvm import LogicalVolume
 from ..model import VM
 from ..mount import mounts_below
 from ..state import Busy, RunState
 from .context import Context
 from .record import record_interrupted
-from .window import resume_left
+
+if TYPE_CHECKING:
+    from ..lvm import LogicalVolume
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ def resume_paused(ctx: Context, vm: VM, state: RunState) -> bool:
     run or boot sweep tries again."""
     if not state.paused:
         return True
+    from .window import resume_left  # the hypervisor adapter, for the rare run that broke off mid-pause
+
     try:
         resume_left(ctx.hypervisor(vm), vm.name, state.paused)
     except Exception as exc:
