@@ -48,6 +48,9 @@ echo 'name = "vm1"' > /etc/xen-vm1.cfg
 
 pw=/root/bench-pw
 echo bench-password > "$pw"
+# The guest's script runs without $HOME: restic by hand would then run without its local cache, which the
+# unit has (CacheDirectory=); borg finds root's home itself.
+export XDG_CACHE_HOME=/root/.cache
 export RESTIC_PASSWORD_FILE=$pw BORG_PASSPHRASE=bench-password BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes
 export BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
 
