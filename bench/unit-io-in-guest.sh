@@ -8,29 +8,7 @@ set -euo pipefail
 export LC_ALL=C
 results=${XBTEST_RESULTS:-/mnt/results}
 rounds=${1:-3}
-disk=/dev/disk/by-id/virtio-xbtest1
-
-wipefs -aq "$disk"
-pvcreate -q "$disk"
-vgcreate -q system "$disk"
-lvcreate -q -y -L 512M -n xenvm system
-mkfs.ext4 -q /dev/system/xenvm
-mkdir -p /srv/xenvm
-mount /dev/system/xenvm /srv/xenvm
-# Real files of mixed sizes: the guest's own Python library.
-cp -a /usr/lib/python3.11 /srv/xenvm/vm1
-sync
-echo bench-password > /root/bench-pw
-mkdir -p /etc/xenbackup
-cat > /etc/xenbackup/xenbackup.toml <<TOML
-[repository]
-url = "/var/tmp/xb-repo"
-password_file = "/root/bench-pw"
-[vm.vm1]
-snapshot_size = "256M"
-disks = [{ lv = "system/xenvm", mode = "files", path = "vm1" }]
-TOML
-xenbackup init >/dev/null
+. "$(dirname "$0")/python-library-layout.sh"
 systemctl start xenbackup@vm1.service  # the first run: everything after it is unchanged
 
 dropin=/run/systemd/system/xenbackup@vm1.service.d

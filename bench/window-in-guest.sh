@@ -7,28 +7,12 @@
 set -euo pipefail
 export LC_ALL=C
 results=${XBTEST_RESULTS:-/mnt/results}
-disk=/dev/disk/by-id/virtio-xbtest1
-wipefs -aq "$disk"; pvcreate -q "$disk"; vgcreate -q system "$disk"
-lvcreate -q -y -L 512M -n xenvm system
-mkfs.ext4 -q /dev/system/xenvm
-mkdir -p /srv/xenvm /mnt/vmbackup; mount /dev/system/xenvm /srv/xenvm
-cp -a /usr/lib/python3.11 /srv/xenvm/vm1
-sync
-echo bench-password > /root/bench-pw
+. "$(dirname "$0")/python-library-layout.sh"
+mkdir -p /mnt/vmbackup
 # The guest's script runs without $HOME: restic by hand would then run without its local cache, which the
-# unit has (CacheDirectory=); borg finds root's home itself.
+# unit has (CacheDirectory=).
 export XDG_CACHE_HOME=/root/.cache
 export RESTIC_PASSWORD_FILE=/root/bench-pw
-mkdir -p /etc/xenbackup
-cat > /etc/xenbackup/xenbackup.toml <<TOML
-[repository]
-url = "/var/tmp/xb-repo"
-password_file = "/root/bench-pw"
-[vm.vm1]
-snapshot_size = "256M"
-disks = [{ lv = "system/xenvm", mode = "files", path = "vm1" }]
-TOML
-xenbackup init >/dev/null
 restic -q -r /var/tmp/bare-repo init >/dev/null
 TIMEFORMAT=%R
 {
