@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from typing import IO, TypeVar
 from .config import RepositoryConfig
 from .model import Retention
 from .run import CommandError, Completed, fatal_lines, run, stream, stream_bytes, url_secrets
+from .state import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -180,27 +180,13 @@ def _binary_identity(program: str) -> str | None:
     return None
 
 
-def _read_json(path: str | None) -> dict[str, object]:
+def _read_json(path: str) -> dict[str, object]:
     try:
-        with open(path or "", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _write_json(path: str, data: dict[str, object]) -> None:
-    """Best effort: a cache that cannot be written costs one `restic version` next time, nothing more."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.debug("cannot keep restic's version in %s: %s", path, exc)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
 
 
 @dataclass(frozen=True)
@@ -409,9 +395,8 @@ class Restic:
         known = _retry_lock_support.get(self.bin)
         if known is not None:
             return known
-        identity = _binary_identity(self.bin)
-        cached = _read_json(self.version_cache) if self.version_cache and identity else {}
-        found = cached.get(identity) if identity else None
+        identity = _binary_identity(self.bin) if self.version_cache else None
+        found = _read_json(self.version_cache).get(identity) if self.version_cache and identity else None
         if isinstance(found, bool):
             known = found
         else:
@@ -419,7 +404,11 @@ class Restic:
             m = _VERSION.search(out)
             known = m is not None and tuple(int(g) for g in m.groups()) >= RETRY_LOCK_SINCE
             if self.version_cache and identity and m is not None:
-                _write_json(self.version_cache, {identity: known})
+                try:
+                    write_atomic(self.version_cache, json.dumps({identity: known}))
+                except OSError as exc:
+                    # A cache that cannot be written costs one `restic version` next time, nothing more.
+                    log.debug("cannot keep restic's version in %s: %s", self.version_cache, exc)
         _retry_lock_support[self.bin] = known
         return known
 
