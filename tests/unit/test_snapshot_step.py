@@ -363,8 +363,24 @@ def test_a_snapshot_still_busy_after_the_backup_is_left_to_cleanup_and_the_backu
     assert [s.id[:8] for s in kept] == list(state.restic_snapshots), "the stored backup was forgotten"
 
 
-# Runs `xenbackup step backup` in a fresh interpreter, as the unit does, and notes every module loaded at the
-# moment restic's backup is spawned: what is imported before that lengthens the snapshot's life.
+def step_in_fresh_interpreter(tools: Path, probe_text: str, step: str, **env: str) -> set[str]:
+    """Run `xenbackup step STEP web1` as the unit does, in a fresh interpreter with `probe_text` wrapped
+    around cli.main; returns the modules the probe wrote down."""
+    import subprocess
+    import sys
+
+    probe, seen = tools / "probe.py", tools / "modules.json"
+    probe.write_text(probe_text)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src"), **env}
+    done = subprocess.run([sys.executable, str(probe), str(seen), "--config", str(tools / "xenbackup.toml"),
+                           "step", step, "web1"], env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(seen.read_text()))
+
+
+# Notes every module loaded at the moment restic's backup is spawned: what is imported before that lengthens
+# the snapshot's life.
 BEFORE_RESTIC_PROBE = """
 import json, sys
 before = set(sys.modules)  # the interpreter's own and site's: not ours to answer for
@@ -389,20 +405,10 @@ NOT_BEFORE_RESTIC = ("xenbackup.actions.record", "xenbackup.actions.status", "xe
 
 def test_the_backup_step_starts_restic_before_importing_what_it_does_not_need_for_that(
         tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import subprocess
-    import sys
-
     monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")  # one run across two processes
     cfg = files_vm(tools, monkeypatch, mount='for t; do :; done; echo data > "$t/file"', password="secret\n")
     backup.step_prepare(Context.from_config(cfg), cfg.vm("web1"))
-    probe, seen = tools / "probe.py", tools / "modules.json"
-    probe.write_text(BEFORE_RESTIC_PROBE)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
-    done = subprocess.run([sys.executable, str(probe), str(seen), "--config", str(tools / "xenbackup.toml"),
-                           "step", "backup", "web1"], env=env, capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert done.returncode == 0, done.stderr
-    loaded = set(json.loads(seen.read_text()))
+    loaded = step_in_fresh_interpreter(tools, BEFORE_RESTIC_PROBE, "backup")
     assert "xenbackup.repository" in loaded and "xenbackup.actions.watch" in loaded
     assert sorted(m for m in NOT_BEFORE_RESTIC if m in loaded) == []
 
@@ -421,26 +427,16 @@ sys.exit(rc)
 
 def test_cleanup_of_a_finished_run_loads_no_lvm_or_restic_code(tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """It spawns nothing for LVM or the repository, so it pays for none of their modules either."""
-    import subprocess
-    import sys
-
     monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
     cfg = files_vm(tools, monkeypatch, mount='for t; do :; done; echo data > "$t/file"', password="secret\n")
     ctx = Context.from_config(cfg)
     backup.step_prepare(ctx, cfg.vm("web1"))
     backup.step_backup(ctx, cfg.vm("web1"))
     (tools / "calls").write_text("")
-    probe, seen = tools / "probe.py", tools / "modules.json"
-    probe.write_text(AT_EXIT_PROBE)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src"), "SERVICE_RESULT": "success"}
-    done = subprocess.run([sys.executable, str(probe), str(seen), "--config", str(tools / "xenbackup.toml"),
-                           "step", "cleanup", "web1"], env=env, capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert done.returncode == 0, done.stderr
+    loaded = step_in_fresh_interpreter(tools, AT_EXIT_PROBE, "cleanup", SERVICE_RESULT="success")
     assert not (tools / "calls").read_text()
-    loaded = set(json.loads(seen.read_text()))
     assert "xenbackup.actions.record" in loaded
     assert sorted(m for m in ("xenbackup.lvm", "xenbackup.repository", "xenbackup.hypervisor",
-                              "xenbackup.actions.watch", "xenbackup.progress") if m in loaded) == [], done.stderr
+                              "xenbackup.actions.watch", "xenbackup.progress") if m in loaded) == []
     record = ctx.store.read_record("web1")
     assert record is not None and record["result"] == "success"
