@@ -163,9 +163,11 @@ for m in "${methods[@]}"; do
         log "$m run $run: $secs s"
         if [ $run = 1 ]; then t1[$m]=$secs; else t2[$m]=$secs; fi
         case $m in
-        xenbackup_*) if [ $run = 1 ]; then life1[$m]=$(lifetime); else life2[$m]=$(lifetime); fi ;;
-        bare_restic) if [ $run = 1 ]; then life1[$m]=$(cat /tmp/bare-lifetime); else life2[$m]=$(cat /tmp/bare-lifetime); fi ;;
+        xenbackup_*) life=$(lifetime) ;;
+        bare_restic) life=$(cat /tmp/bare-lifetime) ;;
+        *) life="" ;;
         esac
+        if [ $run = 1 ]; then life1[$m]=$life; else life2[$m]=$life; fi
     done
     if [ "$m" = xenbackup_unit ]; then
         journalctl -u xenbackup@vm1.service -o json MESSAGE_ID=14a99ce9301e4006b02b2ce251777ef6 |
