@@ -128,9 +128,9 @@ class JournalHandler(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__()
-        from pystemd import journal  # lazily: unit tests and non-systemd hosts never import it
+        from . import pystemd_modules  # lazily: unit tests and non-systemd hosts never import pystemd
 
-        self._sendv = journal.sendv
+        self._sendv = pystemd_modules.load("journal").sendv
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

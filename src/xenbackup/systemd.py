@@ -18,9 +18,9 @@ def notify_status(text: str) -> None:
     if not os.environ.get("NOTIFY_SOCKET"):
         return
     try:
-        from pystemd import daemon
+        from .pystemd_modules import load
 
-        daemon.notify(False, f"STATUS={text}")
+        load("daemon").notify(False, f"STATUS={text}")
     except Exception as exc:  # progress reporting must never break a backup
         log.debug("sd_notify failed: %s", exc)
 
@@ -48,9 +48,9 @@ class SystemdUnavailable(Exception):
 def query_unit(name: str, bus: Any = None) -> UnitState:
     """The unit's properties from PID 1 over D-Bus; raises SystemdUnavailable when it cannot be asked."""
     try:
-        from pystemd.systemd1 import Unit
+        from .pystemd_modules import load
 
-        unit = Unit(name.encode(), bus=bus)
+        unit = load("systemd1").Unit(name.encode(), bus=bus)
         unit.load()
         svc = unit.Service
         return UnitState(
@@ -69,7 +69,8 @@ def query_unit(name: str, bus: Any = None) -> UnitState:
 
 SHOW_UNIT = ("Id", "LoadState", "ActiveState", "Result", "ExecMainStatus", "ExecMainPID", "InvocationID",
              "InactiveExitTimestamp", "InactiveEnterTimestamp")
-SHOW_TIMER = ("Id", "NextElapseUSecRealtime", "LastTriggerUSec")
+# A service and a timer in one show: each prints the properties it has.
+SHOW_OVERVIEW = (*SHOW_UNIT, "NextElapseUSecRealtime", "LastTriggerUSec")
 
 
 def parse_show(stdout: str) -> list[dict[str, str]]:
@@ -119,25 +120,12 @@ def not_loaded(name: str) -> UnitState:
                      invocation_id="", inactive_exit_usec=0, inactive_enter_usec=0)
 
 
-def _loaded(systemctl: str, units: Sequence[str]) -> list[str]:
-    """Which of these units PID 1 holds now (list-units never loads one).
-
-    One pattern rather than the names: an escaped name (web\\x2d01) is no pattern for itself."""
-    from .run import run
-
-    out = run([systemctl, "list-units", "--all", "--plain", "--no-legend", "--no-pager", "--",
-               names.SERVICE_PATTERN]).stdout
-    wanted = set(units)
-    # A failed unit's line may start with a status glyph; the unit's name is the first word that is one.
-    return [word for line in out.splitlines() for word in line.split()[:2] if word in wanted]
-
-
 def _system_bus() -> Any:
     """An open pystemd connection to the system bus, or None (logged) when there is none."""
     try:
-        from pystemd.dbuslib import DBus
+        from .pystemd_modules import load
 
-        bus = DBus()
+        bus = load("dbuslib").DBus()
         bus.open()
         return bus
     except Exception as exc:
@@ -145,21 +133,30 @@ def _system_bus() -> Any:
         return None
 
 
-def unit_states(units: Sequence[str], systemctl: str = "systemctl") -> dict[str, UnitState | None]:
-    """unit_state of many units in one `systemctl show`: `xenbackup status` asks for every VM's, and over
-    pystemd each unit cost an introspection and a call per property (25 s for 100 VMs under emulation)."""
+def overview(services: Sequence[str], systemctl: str = "systemctl") -> tuple[dict[str, UnitState | None],
+                                                                          dict[str, TimerState]]:
+    """unit_state of each service, and every loaded xenbackup timer, from one `systemctl show`.
+
+    `xenbackup status` asks for every VM's: over pystemd each unit cost an introspection and a call per
+    property (25 s for 100 VMs under emulation). The show names patterns, not units: a named unit is loaded
+    by PID 1 to be shown (100 template instances took 10 s under emulation), and a pattern matches only the
+    units PID 1 holds. One that it does not hold has not failed or run since it was garbage-collected.
+    """
     from .run import CommandError
 
-    if not units:
-        return {}
     try:
-        # `show` makes PID 1 load every unit it names (100 template instances took 10 s under emulation);
-        # only a unit in its memory has anything to tell, so ask which those are first.
-        loaded = _loaded(systemctl, units)
-        found = {b["Id"]: _unit_from_show(b) for b in _show(systemctl, SHOW_UNIT, loaded)} if loaded else {}
-        return {name: found.get(name) if name in loaded else not_loaded(name) for name in units}
+        blocks = _show(systemctl, SHOW_OVERVIEW, [names.SERVICE_PATTERN, names.TIMER_PATTERN])
+        found = {b["Id"]: _unit_from_show(b) for b in blocks if b["Id"].endswith(".service")}
+        timers = {b["Id"]: _timer_from_show(b) for b in blocks if b["Id"].endswith(".timer")}
+        return {name: found.get(name) or not_loaded(name) for name in services}, timers
     except (CommandError, KeyError, ValueError) as exc:
         log.debug("systemctl show failed (%s); asking over D-Bus", exc)
+    return _units_over_dbus(services), _timers_over_dbus(names.TIMER_PATTERN)
+
+
+def _units_over_dbus(units: Sequence[str]) -> dict[str, UnitState | None]:
+    if not units:
+        return {}
     bus = _system_bus()
     if bus is None:
         return dict.fromkeys(units)
@@ -255,28 +252,25 @@ class TimerState:
     last_trigger_usec: int
 
 
-def timer_states(pattern: str = names.TIMER_PATTERN, systemctl: str = "systemctl") -> dict[str, TimerState]:
-    """Loaded timers matching pattern with their next elapse (realtime µs): one `systemctl show`, else D-Bus."""
-    from .run import CommandError
+def _timer_from_show(b: dict[str, str]) -> TimerState:
+    return TimerState(name=b["Id"], next_elapse_usec=_show_usec(b.get("NextElapseUSecRealtime", "")),
+                      last_trigger_usec=_show_usec(b.get("LastTriggerUSec", "")))
 
-    try:
-        return {b["Id"]: TimerState(name=b["Id"], next_elapse_usec=_show_usec(b.get("NextElapseUSecRealtime", "")),
-                                    last_trigger_usec=_show_usec(b.get("LastTriggerUSec", "")))
-                for b in _show(systemctl, SHOW_TIMER, [pattern])}
-    except (CommandError, KeyError, ValueError) as exc:
-        log.debug("systemctl show failed (%s); asking over D-Bus", exc)
+
+def _timers_over_dbus(pattern: str) -> dict[str, TimerState]:
     bus = _system_bus()
     if bus is None:
         return {}
-    from pystemd.systemd1 import Manager, Unit
+    from .pystemd_modules import load
 
+    systemd1 = load("systemd1")
     try:
-        manager = Manager(bus=bus)
+        manager = systemd1.Manager(bus=bus)
         manager.load()
         out: dict[str, TimerState] = {}
         for row in manager.Manager.ListUnitsByPatterns([], [pattern.encode()]):
             name = _text(row[0])
-            unit = Unit(name.encode(), bus=bus)
+            unit = systemd1.Unit(name.encode(), bus=bus)
             unit.load()
             out[name] = TimerState(name=name, next_elapse_usec=int(unit.Timer.NextElapseUSecRealtime),
                                    last_trigger_usec=int(unit.Timer.LastTriggerUSec))
@@ -301,9 +295,9 @@ class UnitFileState:
 def unit_file_state(name: str) -> UnitFileState:
     """A unit's load, active and enablement state; raises SystemdUnavailable when PID 1 cannot be asked."""
     try:
-        from pystemd.systemd1 import Unit
+        from .pystemd_modules import load
 
-        unit = Unit(name.encode())
+        unit = load("systemd1").Unit(name.encode())
         unit.load()
         return UnitFileState(name=name, load_state=_text(unit.Unit.LoadState),
                              active_state=_text(unit.Unit.ActiveState),
@@ -314,9 +308,9 @@ def unit_file_state(name: str) -> UnitFileState:
 
 def _manager_call(what: str, call: Callable[[Any], Any]) -> Any:
     try:
-        from pystemd.systemd1 import Manager
+        from .pystemd_modules import load
 
-        manager = Manager()
+        manager = load("systemd1").Manager()
         manager.load()
         return call(manager.Manager)
     except Exception as exc:

@@ -51,15 +51,20 @@ NEVER_IN_A_STEP = ("xenbackup.actions.restore", "xenbackup.actions.ops", "xenbac
 READ_PATH_ONLY = ("xenbackup.progress", "xenbackup.segfs", "xenbackup.actions.incremental")
 
 
-def loaded_by(tmp_path: Path, *argv: str) -> tuple[int, set[str]]:
+def loaded_by(tmp_path: Path, *argv: str, under_journal: bool = False) -> tuple[int, set[str]]:
     cfg = tmp_path / "xenbackup.toml"
     cfg.write_text(CONFIG.format(tmp=tmp_path))
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     env.pop("JOURNAL_STREAM", None)
-    subprocess.run([sys.executable, str(probe), "--config", str(cfg), *argv], env=env, check=False,
-                   capture_output=True, timeout=60)
+    with open(tmp_path / "stderr", "wb") as stderr:
+        if under_journal:
+            # As systemd starts a unit's process: stderr is journald's stream, and JOURNAL_STREAM names it.
+            st = os.fstat(stderr.fileno())
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        subprocess.run([sys.executable, str(probe), "--config", str(cfg), *argv], env=env, check=False,
+                       stdout=subprocess.DEVNULL, stderr=stderr, timeout=60)
     out = json.loads((tmp_path / "probe.py.out").read_text())
     return out["rc"], set(out["modules"])
 
@@ -74,6 +79,19 @@ def test_a_unit_step_never_imports_restore_prune_or_dbus_code(tmp_path: Path, st
     if step != "backup":
         # Only the backup step reads data: progress and the segment view are its own.
         assert sorted(m for m in READ_PATH_ONLY if m in mods) == []
+
+
+# pystemd's D-Bus object layer: its package __init__ imports these, and lxml with them.
+PYSTEMD_DBUS_LAYER = ("pystemd.base", "pystemd.DBus", "pystemd.systemd1", "pystemd.machine1", "lxml.etree")
+
+
+@pytest.mark.parametrize("step", ["prepare", "backup", "cleanup"])
+def test_a_step_logging_to_the_journal_loads_pystemd_journal_but_not_its_dbus_layer(tmp_path: Path,
+                                                                                     step: str) -> None:
+    rc, mods = loaded_by(tmp_path, "step", step, "vm1", under_journal=True)
+    assert rc in (0, 1), rc
+    assert "pystemd.journal" in mods
+    assert sorted(m for m in PYSTEMD_DBUS_LAYER if m in mods) == []
 
 
 def test_status_imports_no_backup_or_restic_code(tmp_path: Path) -> None:
