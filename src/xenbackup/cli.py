@@ -52,74 +52,96 @@ def _vm_name(text: str) -> str:
     return names.unescape_instance(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with `only`, just that verb's parser: a unit step pays for each one it builds."""
     p = argparse.ArgumentParser(prog="xenbackup", description="Live backups of Xen/KVM VMs on LVM with restic.")
     p.add_argument("--config", help="config file (default: $XENBACKUP_CONFIG or "
                                      f"{config_mod.DEFAULT_CONFIG})")
     p.add_argument("--debug", action="store_true", help="log every command and show tracebacks")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    b = sub.add_parser("backup", help="back up a VM now, in the foreground (same steps as the unit)")
-    b.add_argument("vm", type=_vm_name)
+    def verb(name: str, help: str) -> argparse.ArgumentParser | None:
+        return sub.add_parser(name, help=help) if only in (None, name) else None
 
-    s = sub.add_parser("step", help="one step of xenbackup@.service (used by the unit)")
-    # prepare = snapshot + mount in one process, the unit's ExecStartPre=; the two halves stay for drop-ins.
-    s.add_argument("step", choices=["prepare", "snapshot", "mount", "backup", "cleanup"])
-    s.add_argument("vm", type=_vm_name)
+    if b := verb("backup", "back up a VM now, in the foreground (same steps as the unit)"):
+        b.add_argument("vm", type=_vm_name)
 
-    ls = sub.add_parser("list", help="list backups with time, size and mode")
-    ls.add_argument("vm", nargs="?", type=_vm_name)
-    ls.add_argument("--json", action="store_true")
-    hosts = ls.add_mutually_exclusive_group()
-    hosts.add_argument("--host", action="append", metavar="NAME",
-                       help="list host NAME's backups instead of this host's (repeatable)")
-    hosts.add_argument("--all-hosts", action="store_true", help="list the backups of every host")
+    if s := verb("step", "one step of xenbackup@.service (used by the unit)"):
+        # prepare = snapshot + mount in one process, the unit's ExecStartPre=; the two halves stay for drop-ins.
+        s.add_argument("step", choices=["prepare", "snapshot", "mount", "backup", "cleanup"])
+        s.add_argument("vm", type=_vm_name)
 
-    pl = sub.add_parser("plan", help="dry run: print every command a backup would run, change nothing")
-    pl.add_argument("vm", type=_vm_name)
+    if ls := verb("list", "list backups with time, size and mode"):
+        ls.add_argument("vm", nargs="?", type=_vm_name)
+        ls.add_argument("--json", action="store_true")
+        hosts = ls.add_mutually_exclusive_group()
+        hosts.add_argument("--host", action="append", metavar="NAME",
+                           help="list host NAME's backups instead of this host's (repeatable)")
+        hosts.add_argument("--all-hosts", action="store_true", help="list the backups of every host")
 
-    r = sub.add_parser("restore", help="restore a VM: stop it, restore over the original, verify, start it")
-    r.add_argument("vm", type=_vm_name)
-    r.add_argument("--snapshot", default="latest", help="run ID or restic snapshot ID (default: latest)")
-    r.add_argument("--host", metavar="NAME", help="restore a backup another host made (disaster recovery)")
-    where = r.add_mutually_exclusive_group()
-    where.add_argument("--in-place", action="store_true", help="restore over the VM's own files or LV (default)")
-    where.add_argument("--to", dest="to_path", metavar="PATH", help="restore a files-mode disk into PATH instead")
-    where.add_argument("--to-lv", metavar="VG/LV", help="write a block-mode image to another LV")
-    r.add_argument("--disk", metavar="VG/LV", help="restore only this disk of the VM")
-    r.add_argument("--flatten", action="store_true", help="put every file straight into the target directory")
-    r.add_argument("--include", nargs="+", default=[], metavar="PATH", help="restore only these paths")
-    r.add_argument("--stop", action="store_true", help="shut the VM down first if it is running")
-    r.add_argument("--no-start", action="store_true", help="leave the VM stopped afterwards")
-    r.add_argument("--with-config", action="store_true", help="also restore the saved domain config")
-    r.add_argument("--delete", action="store_true", help="delete files in the target that are not in the backup")
-    r.add_argument("--dry-run", action="store_true", help="print every step, change nothing")
+    if pl := verb("plan", "dry run: print every command a backup would run, change nothing"):
+        pl.add_argument("vm", type=_vm_name)
 
-    pr = sub.add_parser("prune", help="apply the retention policy: restic forget per VM, then restic prune "
-                        "where [repository] prune = true")
-    pr.add_argument("vm", nargs="?", type=_vm_name)
+    if r := verb("restore", "restore a VM: stop it, restore over the original, verify, start it"):
+        r.add_argument("vm", type=_vm_name)
+        r.add_argument("--snapshot", default="latest", help="run ID or restic snapshot ID (default: latest)")
+        r.add_argument("--host", metavar="NAME", help="restore a backup another host made (disaster recovery)")
+        where = r.add_mutually_exclusive_group()
+        where.add_argument("--in-place", action="store_true", help="restore over the VM's own files or LV (default)")
+        where.add_argument("--to", dest="to_path", metavar="PATH", help="restore a files-mode disk into PATH instead")
+        where.add_argument("--to-lv", metavar="VG/LV", help="write a block-mode image to another LV")
+        r.add_argument("--disk", metavar="VG/LV", help="restore only this disk of the VM")
+        r.add_argument("--flatten", action="store_true", help="put every file straight into the target directory")
+        r.add_argument("--include", nargs="+", default=[], metavar="PATH", help="restore only these paths")
+        r.add_argument("--stop", action="store_true", help="shut the VM down first if it is running")
+        r.add_argument("--no-start", action="store_true", help="leave the VM stopped afterwards")
+        r.add_argument("--with-config", action="store_true", help="also restore the saved domain config")
+        r.add_argument("--delete", action="store_true", help="delete files in the target that are not in the backup")
+        r.add_argument("--dry-run", action="store_true", help="print every step, change nothing")
 
-    ve = sub.add_parser("verify", help="restic check, plus a test restore of each VM's latest backup")
-    ve.add_argument("--read-data-subset", metavar="N%|n/t", help="how much pack data restic check reads")
-    ve.add_argument("--restore-test", nargs="*", metavar="VM", type=_vm_name,
-                    help="test-restore these VMs (no names: every VM)")
-    ve.add_argument("--no-check", action="store_true", help="skip restic check")
+    if pr := verb("prune", "apply the retention policy: restic forget per VM, then restic prune where "
+                           "[repository] prune = true"):
+        pr.add_argument("vm", nargs="?", type=_vm_name)
 
-    st = sub.add_parser("status", help="one row per VM: last result, size, peak fill, next run")
-    st.add_argument("--json", action="store_true")
+    if ve := verb("verify", "restic check, plus a test restore of each VM's latest backup"):
+        ve.add_argument("--read-data-subset", metavar="N%|n/t", help="how much pack data restic check reads")
+        ve.add_argument("--restore-test", nargs="*", metavar="VM", type=_vm_name,
+                        help="test-restore these VMs (no names: every VM)")
+        ve.add_argument("--no-check", action="store_true", help="skip restic check")
 
-    no = sub.add_parser("notify", help="send the failure alert for a unit (used by xenbackup-notify@.service)")
-    no.add_argument("unit")
+    if st := verb("status", "one row per VM: last result, size, peak fill, next run"):
+        st.add_argument("--json", action="store_true")
 
-    sub.add_parser("sweep", help="remove snapshots and mounts left by interrupted runs (runs at boot)")
-    cc = sub.add_parser("check-config", help="validate the config and report every problem, including VGs, "
-                                             "LVs and domain configs missing on this host")
-    cc.add_argument("--offline", action="store_true",
-                    help="check the file only, not this host (for a config written for another host)")
-    sub.add_parser("reload", help="after a config change: reload systemd and start or stop the VMs' timers to "
-                                  "match each `schedule` (no reboot needed)")
-    sub.add_parser("init", help="initialise the restic repository (local ones are created on first use)")
+    if no := verb("notify", "send the failure alert for a unit (used by xenbackup-notify@.service)"):
+        no.add_argument("unit")
+
+    verb("sweep", "remove snapshots and mounts left by interrupted runs (runs at boot)")
+    if cc := verb("check-config", "validate the config and report every problem, including VGs, LVs and "
+                                  "domain configs missing on this host"):
+        cc.add_argument("--offline", action="store_true",
+                        help="check the file only, not this host (for a config written for another host)")
+    verb("reload", "after a config change: reload systemd and start or stop the VMs' timers to match each "
+                   "`schedule` (no reboot needed)")
+    verb("init", "initialise the restic repository (local ones are created on first use)")
     return p
+
+
+def named_verb(argv: Sequence[str]) -> str | None:
+    """The verb on this command line when it is surely one, else None (and every parser is built).
+
+    A word is the verb when no option before it takes it as a value: of the global options only --config
+    (or a prefix of it, which argparse accepts) takes one, unless given as --config=FILE.
+    """
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            word = next(words, "")
+        elif word.startswith("-"):
+            if len(word) > 2 and "--config".startswith(word):
+                next(words, None)
+            continue
+        return word if word in VERBS else None
+    return None
 
 
 def _cmd_backup(cfg: Config, args: argparse.Namespace) -> int:
@@ -312,11 +334,11 @@ def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     from . import systemd
     from .actions import status as status_mod
 
-    systemctl = cfg.command("systemctl")
-    units = systemd.unit_states([names.service(n) for n in cfg.vms], systemctl)
-    rows = status_mod.collect(cfg, units, systemd.timer_states(systemctl=systemctl))
+    units, timers = systemd.overview([names.service(n) for n in cfg.vms], cfg.command("systemctl"))
+    rows = status_mod.collect(cfg, units, timers)
     if args.json:
-        print(json.dumps([r.as_json() for r in rows], indent=1))
+        # A VM per line: json's C encoder writes a line at a time, and indenting would need its pure-Python one.
+        print("[\n" + ",\n".join(json.dumps(r.as_json()) for r in rows) + "\n]")
     else:
         print(status_mod.render_table(rows))
     return EXIT_OK if all(r.ok for r in rows) else EXIT_FAILED
@@ -388,7 +410,8 @@ def _failures() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(named_verb(argv)).parse_args(argv)
     journal.setup(debug=args.debug)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)

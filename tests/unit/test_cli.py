@@ -205,3 +205,36 @@ def test_check_config_reports_a_bad_schedule_with_the_other_errors(write_config,
     assert cli.main(["--config", str(path), "check-config", "--offline"]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert "vm.a.snapshot_size: expected a size" in err and "vm.a.schedule: invalid calendar expression" in err
+
+
+@pytest.mark.parametrize(("argv", "verb"), [
+    (["step", "backup", "vm1"], "step"),
+    (["--debug", "status", "--json"], "status"),
+    (["--config", "status", "list"], "list"),          # the file is called "status"
+    (["--conf", "backup", "status"], "status"),         # argparse takes a prefix of --config too
+    (["--config=backup", "init"], "init"),
+    (["--", "sweep"], "sweep"),
+    (["--help"], None), ([], None), (["frobnicate"], None), (["--config", "x"], None),
+])
+def test_the_verb_is_found_without_building_a_parser(argv: list[str], verb: str | None) -> None:
+    assert cli.named_verb(argv) == verb
+
+
+@pytest.mark.parametrize("argv", [
+    ["step", "prepare", "web\\x2d01"], ["--config", "status", "list", "--json", "vm1"],
+    ["--conf", "backup", "status", "--json"], ["--debug", "restore", "vm1", "--to", "/x", "--include", "a", "b"],
+    ["verify", "--restore-test"], ["check-config", "--offline"], ["reload"],
+])
+def test_building_only_the_named_verb_parses_as_the_whole_parser_does(argv: list[str]) -> None:
+    only = cli.build_parser(cli.named_verb(argv))
+    subparsers = next(a for a in only._actions if a.dest == "verb")
+    assert list(subparsers.choices) == [cli.named_verb(argv)]  # type: ignore[union-attr]
+    assert only.parse_args(argv) == cli.build_parser().parse_args(argv)
+
+
+def test_an_unknown_verb_is_told_against_every_verb(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["frobnicate"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'frobnicate'" in err and "'status'" in err and "'step'" in err

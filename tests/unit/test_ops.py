@@ -277,23 +277,18 @@ Id=xenbackup@vm1.timer
 """
 
 
-def test_status_asks_systemd_about_every_unit_in_one_systemctl_show(fake_bin) -> None:
+SHOW_BOTH = ("systemctl show --all --timestamp=unix -p Id,LoadState,ActiveState,Result,ExecMainStatus,ExecMainPID,"
+             "InvocationID,InactiveExitTimestamp,InactiveEnterTimestamp,NextElapseUSecRealtime,LastTriggerUSec -- "
+             "xenbackup@*.service xenbackup@*.timer")
+
+
+def test_status_asks_systemd_about_every_unit_and_timer_in_one_systemctl_show(fake_bin) -> None:
     from xenbackup import systemd
 
-    systemctl = fake_bin("systemctl", stdout=SHOW_UNITS)
-    # PID 1 holds both units (list-units, as systemd 252 prints it with --plain; the failed one's glyph too).
-    (fake_bin.dir / "systemctl").write_text(
-        f'#!/bin/sh\necho "systemctl $*" >> {fake_bin.calls}\n'
-        'case "$1" in list-units) printf "%s\\n" "● xenbackup@vm1.service loaded failed failed xenbackup: VM vm1" '
-        '"xenbackup@web\\\\x2d01.service not-found inactive dead xenbackup@web\\\\x2d01.service" '
-        '"xenbackup@gone.service loaded inactive dead xenbackup: VM gone" ;;\n'
-        f'*) cat {fake_bin.dir.parent / "systemctl.stdout"} ;; esac\n')
-    units = systemd.unit_states(["xenbackup@vm1.service", "xenbackup@web\\x2d01.service"], str(systemctl))
-    assert fake_bin.calls.read_text().splitlines() == [
-        "systemctl list-units --all --plain --no-legend --no-pager -- xenbackup@*.service",
-        "systemctl show --all --timestamp=unix -p Id,LoadState,ActiveState,Result,ExecMainStatus,ExecMainPID,"
-        "InvocationID,InactiveExitTimestamp,InactiveEnterTimestamp -- xenbackup@vm1.service "
-        "xenbackup@web\\x2d01.service"]
+    systemctl = fake_bin("systemctl", stdout=SHOW_UNITS + "\n" + SHOW_TIMERS)
+    units, timers = systemd.overview(["xenbackup@vm1.service", "xenbackup@web\\x2d01.service",
+                                      "xenbackup@vm2.service"], str(systemctl))
+    assert fake_bin.calls.read_text().splitlines() == [SHOW_BOTH]
     assert units["xenbackup@vm1.service"] == UnitState(
         name="xenbackup@vm1.service", load_state="loaded", active_state="failed", result="exit-code",
         exec_main_status=1, invocation_id="6f1e3c5a9d8b4e2f8a7c6b5d4e3f2a1b",
@@ -301,22 +296,24 @@ def test_status_asks_systemd_about_every_unit_in_one_systemctl_show(fake_bin) ->
     web = units["xenbackup@web\\x2d01.service"]
     assert web is not None and web.load_state == "not-found" and web.exec_main_status is None
     assert web.inactive_enter_usec == 0
-    timers = systemd.timer_states(systemctl=str(fake_bin("systemctl", stdout=SHOW_TIMERS)))
+    # Not shown: PID 1 does not hold it.
+    assert units["xenbackup@vm2.service"] == systemd.not_loaded("xenbackup@vm2.service")
     assert timers == {"xenbackup@vm1.timer": TimerState("xenbackup@vm1.timer", 1764532800_000000,
                                                         1764446400_000000)}
 
 
 def test_status_asks_pid_1_to_load_no_unit_it_does_not_hold(fake_bin) -> None:
-    """`show` would load each of 100 template instances; one that PID 1 does not hold is inactive, no result."""
+    """`show` of a name would load each of 100 template instances; `show` of a pattern matches what PID 1
+    holds. One that it does not hold is inactive, with no result."""
     from xenbackup import systemd
 
     systemctl = fake_bin("systemctl", stdout="")
-    units = systemd.unit_states([f"xenbackup@vm{i}.service" for i in range(100)], str(systemctl))
-    assert fake_bin.calls.read_text().splitlines() == [
-        "systemctl list-units --all --plain --no-legend --no-pager -- xenbackup@*.service"]
+    units, timers = systemd.overview([f"xenbackup@vm{i}.service" for i in range(100)], str(systemctl))
+    assert fake_bin.calls.read_text().splitlines() == [SHOW_BOTH]
     assert units["xenbackup@vm7.service"] == systemd.not_loaded("xenbackup@vm7.service")
     assert (units["xenbackup@vm7.service"].active_state, units["xenbackup@vm7.service"].result) == (
         "inactive", "success")
+    assert timers == {}
 
 
 def test_status_falls_back_to_d_bus_when_systemctl_cannot_answer(fake_bin, monkeypatch) -> None:
@@ -334,8 +331,8 @@ def test_status_falls_back_to_d_bus_when_systemctl_cannot_answer(fake_bin, monke
     monkeypatch.setattr(pystemd.dbuslib, "DBus", NoBus)
     systemctl = fake_bin("systemctl", code=1, stderr="System has not been booted with systemd as init system")
     # Neither path can answer: every unit is unknown, none is "dead".
-    assert systemd.unit_states(["xenbackup@vm1.service"], str(systemctl)) == {"xenbackup@vm1.service": None}
-    assert opened == [True]
+    assert systemd.overview(["xenbackup@vm1.service"], str(systemctl)) == ({"xenbackup@vm1.service": None}, {})
+    assert opened == [True, True]
 
 
 def test_a_timespan_where_a_timestamp_belongs_is_not_taken_for_one() -> None:

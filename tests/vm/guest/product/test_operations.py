@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from vmlib.product import Journal, Xb, sh
 
 ONE_VM = """
@@ -47,6 +48,13 @@ def test_generator_turns_schedules_into_timers(seed_layout, xb: Xb, journal: Jou
         for name, expr in schedules.items():
             assert f"xenbackup@{name}.timer" in timers, timers
             assert timer_next(f"xenbackup@{name}.timer") == next_elapse(expr)
+        # status reads the same timers, and the services beside them, in one `systemctl show` of two patterns.
+        rows = {r["vm"]: r for r in status_json()[1]}
+        for name in ("vmb", "vmc"):  # vm1's timer may elapse meanwhile
+            unix = sh("systemctl", "show", "--timestamp=unix", "-p", "NextElapseUSecRealtime", "--value",
+                      f"xenbackup@{name}.timer").stdout.strip()
+            assert rows[name]["next_run"] == pytest.approx(float(unix.removeprefix("@"))), (rows[name], unix)
+        assert rows["vmb"]["active_state"] == "inactive" and rows["vmb"]["result"] == "never"
         deadline = time.monotonic() + 240
         while not xb.snapshots("vm:vm1"):
             assert time.monotonic() < deadline, journal.text("-u", "xenbackup@vm1.service")
