@@ -52,16 +52,38 @@ def _vm_name(text: str) -> str:
     return names.unescape_instance(text)
 
 
+def _columns() -> int:
+    """The terminal's width as shutil.get_terminal_size gives it, without importing shutil."""
+    try:
+        if (columns := int(os.environ["COLUMNS"])) > 0:
+            return columns
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.__stdout__ else 80
+    except (OSError, ValueError):
+        return 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's own, told the width: by default it imports shutil to ask, and with it the bz2 and lzma
+    modules, in every step (argparse builds a formatter for each argument it is given)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_columns() - 2)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The command line; with `only`, just that verb's parser: a unit step pays for each one it builds."""
-    p = argparse.ArgumentParser(prog="xenbackup", description="Live backups of Xen/KVM VMs on LVM with restic.")
+    p = argparse.ArgumentParser(prog="xenbackup", description="Live backups of Xen/KVM VMs on LVM with restic.",
+                                formatter_class=_Formatter)
     p.add_argument("--config", help="config file (default: $XENBACKUP_CONFIG or "
                                      f"{config_mod.DEFAULT_CONFIG})")
     p.add_argument("--debug", action="store_true", help="log every command and show tracebacks")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, help: str) -> argparse.ArgumentParser | None:
-        return sub.add_parser(name, help=help) if only in (None, name) else None
+        return sub.add_parser(name, help=help, formatter_class=_Formatter) if only in (None, name) else None
 
     if b := verb("backup", "back up a VM now, in the foreground (same steps as the unit)"):
         b.add_argument("vm", type=_vm_name)

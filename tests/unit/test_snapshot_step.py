@@ -145,6 +145,30 @@ def test_a_wrong_repository_password_fails_before_lvm(tools: Path) -> None:
     assert not any(c.startswith(("lvcreate", "xl pause")) for c in calls(tools))
 
 
+def test_restic_opens_the_repository_while_lvm_scans_not_after(tools: Path) -> None:
+    """The key check that lvcreate waits for starts before the run's first `lvs`: restic's key derivation and
+    its cold start then overlap LVM's scan instead of following it."""
+    import shutil
+
+    cfg = write_cfg(tools, password="secret\n")
+    Context.from_config(cfg).restic.init()
+    wrapper = tools / "bin" / "restic"
+    wrapper.write_text(f'#!/bin/sh\ntouch {tools / "restic-started"}\nexec {shutil.which("restic")} "$@"\n')
+    wrapper.chmod(0o755)
+    lvs = tools / "bin" / "lvs"
+    # The overview's lvs waits up to 5 s for restic to have started, and notes whether it had.
+    lvs.write_text(lvs.read_text().replace("\n", f"""
+case "$*" in *@*) ;; *) i=0; while [ ! -e {tools}/restic-started ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+  [ -e {tools}/restic-started ] && echo restic >> {tools}/first || echo lvs >> {tools}/first ;; esac
+""", 1))
+    text = (tools / "xenbackup.toml").read_text().replace("[commands]\n", f'[commands]\nrestic = "{wrapper}"\n')
+    (tools / "xenbackup.toml").write_text(text)
+    cfg = config.load(str(tools / "xenbackup.toml"))
+    backup.step_snapshot(Context.from_config(cfg), cfg.vm("db1"))
+    assert (tools / "first").read_text().split() == ["restic"]
+    assert any(c.startswith("lvcreate") for c in calls(tools))
+
+
 def test_a_missing_origin_is_reported_even_when_the_password_is_wrong_too(tools: Path) -> None:
     """The repository is opened while the origins are checked; the origin's error is the step's."""
     (tools / "lvs.json").write_text(json.dumps({"report": [{"lv": []}]}))
@@ -372,7 +396,8 @@ def step_in_fresh_interpreter(tools: Path, probe_text: str, step: str, **env: st
     probe, seen = tools / "probe.py", tools / "modules.json"
     probe.write_text(probe_text)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src"), **env}
-    done = subprocess.run([sys.executable, str(probe), str(seen), "--config", str(tools / "xenbackup.toml"),
+    # -S: what site imports differs by host (a .pth may load shutil); the probe answers for our imports only.
+    done = subprocess.run([sys.executable, "-S", str(probe), str(seen), "--config", str(tools / "xenbackup.toml"),
                            "step", step, "web1"], env=env, capture_output=True, text=True, timeout=120,
                           check=False)
     assert done.returncode == 0, done.stderr

@@ -116,15 +116,16 @@ def step_snapshot(ctx: Context, vm: VM) -> RunState:
     from .window import PauseTooLong, ResumeFailed, choose, quiesced
 
     with journal.context(phase="snapshot"), ctx.store.lock(vm.name):
-        state, seen = claim(ctx, vm)
-        journal.event(log, logging.INFO, "backup of %s started (run %s)", MessageId.STARTED, vm.name,
-                      state.run_id, run=state.run_id)
-        ctx.slots.acquire(vm.name, state.owner)
         # Everything that can fail or take time happens before the guest is paused. A run that cannot store
-        # anything (wrong password, repository gone) must never touch LVM: restic decrypts the repository's
-        # key meanwhile (its key derivation alone costs about half a second), and is waited for before lvcreate.
+        # anything (wrong password, repository gone) must never make a snapshot: restic decrypts the
+        # repository's key meanwhile, and is waited for before lvcreate. It starts first, beside LVM's
+        # scan: its key derivation alone costs about half a second, and reading its binary cold longer.
         repository_opened = in_background(lambda: open_repository(ctx))
         try:
+            state, seen = claim(ctx, vm)
+            journal.event(log, logging.INFO, "backup of %s started (run %s)", MessageId.STARTED, vm.name,
+                          state.run_id, run=state.run_id)
+            ctx.slots.acquire(vm.name, state.owner)
             disks = ctx.disks(vm, seen.volumes)
             for disk in disks:
                 if disk.source != "config":
