@@ -10,6 +10,18 @@ import pytest
 DATA = Path(__file__).parent / "data"
 
 
+@pytest.fixture(autouse=True)
+def no_background_work_outlives_its_test():
+    """A step that fails before lvcreate does not wait for its repository check (the process exits); in
+    one pytest process that thread would run on into the next test, under that test's PATH and fakes."""
+    yield
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.name == "xenbackup-background":
+            thread.join(timeout=120)
+
+
 @pytest.fixture
 def data() -> Path:
     return DATA

@@ -198,6 +198,10 @@ def test_a_run_whose_liveness_systemd_cannot_tell_is_left_alone(cfg_path, tmp_pa
             "cannot read xenbackup@vm1.service over D-Bus: Connection refused by the system bus; "
             "not touching its snapshots") in capsys.readouterr().err
     assert json.loads(state.read_text())["run_id"] == "20261129T100000-42"
+    # Refused before anything started: no key check or repository (and its password) on the refused run's part.
+    import threading
+    assert not any(t.name == "xenbackup-background" for t in threading.enumerate())
+    assert not (tmp_path / "pw").exists()
 
 
 def test_check_config_reports_a_bad_schedule_with_the_other_errors(write_config, capsys) -> None:

@@ -61,16 +61,22 @@ def in_background(call: Callable[[], None]) -> Callable[..., None]:
     return finish
 
 
-def claim(ctx: Context, vm: VM) -> tuple[RunState, Overview]:
-    """Take ownership of the VM for a new run, clearing a dead run's leftovers first.
+def not_busy(ctx: Context, vm: VM) -> RunState | None:
+    """The VM's last run state, unless that run is alive: then Busy, before anything is started."""
+    old = ctx.store.load(vm.name)
+    if old is not None and old.owner != Owner.current() and old.owner.alive():
+        raise Busy(f"a backup of {vm.name} is already running ({old.owner.describe()}, run {old.run_id})")
+    return old
+
+
+def claim(ctx: Context, vm: VM, old: RunState | None) -> tuple[RunState, Overview]:
+    """Take ownership of the VM for a new run (`old` as not_busy found it), clearing a dead run's
+    leftovers first.
 
     Returns LVM's overview after that, for the checks before the snapshot window."""
     from .sweep import resume_paused, sweep_stale
 
-    old = ctx.store.load(vm.name)
     me = Owner.current()
-    if old is not None and old.owner != me and old.owner.alive():
-        raise Busy(f"a backup of {vm.name} is already running ({old.owner.describe()}, run {old.run_id})")
     if old is not None:
         resume_paused(ctx, vm, old)
     seen = ctx.lvm.overview()
@@ -116,13 +122,14 @@ def step_snapshot(ctx: Context, vm: VM) -> RunState:
     from .window import PauseTooLong, ResumeFailed, choose, quiesced
 
     with journal.context(phase="snapshot"), ctx.store.lock(vm.name):
+        old = not_busy(ctx, vm)
         # Everything that can fail or take time happens before the guest is paused. A run that cannot store
         # anything (wrong password, repository gone) must never make a snapshot: restic decrypts the
         # repository's key meanwhile, and is waited for before lvcreate. It starts first, beside LVM's
         # scan: its key derivation alone costs about half a second, and reading its binary cold longer.
         repository_opened = in_background(lambda: open_repository(ctx))
         try:
-            state, seen = claim(ctx, vm)
+            state, seen = claim(ctx, vm, old)
             journal.event(log, logging.INFO, "backup of %s started (run %s)", MessageId.STARTED, vm.name,
                           state.run_id, run=state.run_id)
             ctx.slots.acquire(vm.name, state.owner)
