@@ -152,13 +152,16 @@ def named_verb(argv: Sequence[str]) -> str | None:
     """The verb on this command line when it is surely one, else None (and every parser is built).
 
     A word is the verb when no option before it takes it as a value: of the global options only --config
-    (or a prefix of it, which argparse accepts) takes one, unless given as --config=FILE.
+    (or a prefix of it, which argparse accepts) takes one, unless given as --config=FILE. A help option
+    before the verb asks for the list of every verb.
     """
     words = iter(argv)
     for word in words:
         if word == "--":
             word = next(words, "")
         elif word.startswith("-"):
+            if word == "-h" or (len(word) > 2 and "--help".startswith(word)):
+                return None
             if len(word) > 2 and "--config".startswith(word):
                 next(words, None)
             continue

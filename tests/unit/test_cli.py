@@ -219,6 +219,7 @@ def test_check_config_reports_a_bad_schedule_with_the_other_errors(write_config,
     (["--config=backup", "init"], "init"),
     (["--", "sweep"], "sweep"),
     (["--help"], None), ([], None), (["frobnicate"], None), (["--config", "x"], None),
+    (["-h", "status"], None), (["--he", "status"], None), (["status", "-h"], "status"),
 ])
 def test_the_verb_is_found_without_building_a_parser(argv: list[str], verb: str | None) -> None:
     assert cli.named_verb(argv) == verb
