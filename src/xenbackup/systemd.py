@@ -89,12 +89,24 @@ def parse_show(stdout: str) -> list[dict[str, str]]:
 
 
 def _show_usec(value: str) -> int:
-    """A timestamp as `--timestamp=unix` prints it ("@1764468000"); empty or "n/a" is never (0)."""
+    """A timestamp as `systemctl show` prints it, in µs; empty or "n/a" is never (0).
+
+    `--timestamp=unix` gives "@1764468000" for the *Timestamp properties only: systemd 252 prints a timer's
+    NextElapseUSecRealtime and LastTriggerUSec in its default style, "Mon 2026-12-07 03:15:00 UTC" under the
+    TZ=UTC that _show sets."""
     if value in ("", "n/a"):
         return 0
-    if not value.startswith("@"):
-        raise ValueError(f"not a unix timestamp: {value!r}")
-    return int(float(value[1:]) * 1_000_000)
+    if value.startswith("@"):
+        return int(float(value[1:]) * 1_000_000)
+    words = value.split()
+    if len(words) != 4 or words[3] != "UTC":
+        raise ValueError(f"not a timestamp: {value!r}")
+    import calendar
+
+    date, clock = words[1].split("-"), words[2].split(":")
+    if len(date) != 3 or len(clock) != 3:
+        raise ValueError(f"not a timestamp: {value!r}")
+    return calendar.timegm((*map(int, date), *map(int, clock), 0, 0, 0)) * 1_000_000
 
 
 def _unit_from_show(b: dict[str, str]) -> UnitState:
@@ -110,7 +122,7 @@ def _show(systemctl: str, properties: Sequence[str], units: Sequence[str]) -> li
     from .run import run
 
     return parse_show(run([systemctl, "show", "--all", "--timestamp=unix", "-p", ",".join(properties),
-                           "--", *units]).stdout)
+                           "--", *units], env={"TZ": "UTC"}).stdout)
 
 
 def not_loaded(name: str) -> UnitState:

@@ -271,8 +271,9 @@ InactiveExitTimestamp=
 InactiveEnterTimestamp=n/a
 InvocationID=
 """
-SHOW_TIMERS = """NextElapseUSecRealtime=@1764532800
-LastTriggerUSec=@1764446400
+# systemd 252 prints a timer's times in its default style whatever --timestamp= says (TZ=UTC is set).
+SHOW_TIMERS = """NextElapseUSecRealtime=Sun 2025-11-30 20:00:00 UTC
+LastTriggerUSec=Sat 2025-11-29 20:00:00 UTC
 Id=xenbackup@vm1.timer
 """
 
@@ -286,9 +287,12 @@ def test_status_asks_systemd_about_every_unit_and_timer_in_one_systemctl_show(fa
     from xenbackup import systemd
 
     systemctl = fake_bin("systemctl", stdout=SHOW_UNITS + "\n" + SHOW_TIMERS)
+    # The timers' times are in systemctl's default style, in its TZ: asked for in UTC, so that they parse.
+    systemctl.write_text(systemctl.read_text().replace("\n", f'\necho "TZ=$TZ" >> {fake_bin.dir / "tz"}\n', 1))
     units, timers = systemd.overview(["xenbackup@vm1.service", "xenbackup@web\\x2d01.service",
                                       "xenbackup@vm2.service"], str(systemctl))
     assert fake_bin.calls.read_text().splitlines() == [SHOW_BOTH]
+    assert (fake_bin.dir / "tz").read_text() == "TZ=UTC\n"
     assert units["xenbackup@vm1.service"] == UnitState(
         name="xenbackup@vm1.service", load_state="loaded", active_state="failed", result="exit-code",
         exec_main_status=1, invocation_id="6f1e3c5a9d8b4e2f8a7c6b5d4e3f2a1b",
@@ -339,5 +343,8 @@ def test_a_timespan_where_a_timestamp_belongs_is_not_taken_for_one() -> None:
     from xenbackup import systemd
 
     assert systemd._show_usec("@1764532800") == 1764532800_000000
-    with pytest.raises(ValueError):
-        systemd._show_usec("1d 2h")
+    assert systemd._show_usec("Sun 2025-11-30 20:00:00 UTC") == 1764532800_000000
+    assert systemd._show_usec("n/a") == systemd._show_usec("") == 0
+    for value in ("1d 2h", "Sun 2025-11-30 21:00:00 CET", "Sun 2025-11-30"):
+        with pytest.raises(ValueError):
+            systemd._show_usec(value)
