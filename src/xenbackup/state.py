@@ -217,6 +217,12 @@ class StateStore:
         finally:
             os.close(fd)
 
+    def repository_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Host-wide, around creating a local repository on first use: units of several VMs that start at once
+        on a new host create it (and its password) once, and the others then find it there."""
+        # A VM's name cannot start with a dot, so no VM's lock is this one.
+        return self.lock(".repository")
+
     # --- persistent records ---
 
     def record_path(self, vm: str) -> str:

@@ -169,6 +169,40 @@ case "$*" in *@*) ;; *) i=0; while [ ! -e {tools}/restic-started ] && [ $i -lt 5
     assert any(c.startswith("lvcreate") for c in calls(tools))
 
 
+def test_vms_starting_at_once_on_a_new_host_create_one_repository_and_one_password(tools: Path) -> None:
+    """Each unit checks the repository before LVM, now beside its `lvs`: units of several VMs starting at
+    once on a new host would each create the local repository and its password, and spoil both."""
+    import shutil
+    import threading
+
+    cfg = write_cfg(tools)  # no password file and no repository yet
+    wrapper = tools / "bin" / "restic"
+    # `restic init` takes its time, as it does under emulation: long enough for the others to arrive.
+    wrapper.write_text(f'#!/bin/sh\ncase " $* " in *" init "*) echo init >> {tools / "inits"}; sleep 1 ;; esac\n'
+                       f'exec {shutil.which("restic")} "$@"\n')
+    wrapper.chmod(0o755)
+    text = (tools / "xenbackup.toml").read_text().replace("[commands]\n", f'[commands]\nrestic = "{wrapper}"\n')
+    (tools / "xenbackup.toml").write_text(text)
+    cfg = config.load(str(tools / "xenbackup.toml"))
+    errors: list[BaseException] = []
+
+    def unit() -> None:
+        try:
+            backup.open_repository(Context.from_config(cfg))
+        except BaseException as exc:
+            errors.append(exc)
+
+    units = [threading.Thread(target=unit) for _ in range(3)]
+    for t in units:
+        t.start()
+    for t in units:
+        t.join(timeout=120)
+    assert errors == []
+    assert (tools / "inits").read_text().split() == ["init"]
+    ctx = Context.from_config(cfg)
+    ctx.restic.ensure_initialized()  # the one password opens the one repository
+
+
 def test_a_missing_origin_is_reported_even_when_the_password_is_wrong_too(tools: Path) -> None:
     """The repository is opened while the origins are checked; the origin's error is the step's."""
     (tools / "lvs.json").write_text(json.dumps({"report": [{"lv": []}]}))

@@ -305,11 +305,15 @@ def open_repository(ctx: Context) -> None:
     from ..repository import RepositoryError
 
     url = ctx.cfg.repository.url
-    if ctx.cfg.repository.is_local and url in ctx.store.known_repositories() and not ctx.restic.is_initialized():
-        raise RepositoryError(f"repository {url} held backups of this host but is not there now (is its disk "
-                              "mounted?); not creating a new one there. If it is lost, `xenbackup init` starts "
-                              "a new one")
-    ctx.restic.ensure_initialized()
+    if ctx.cfg.repository.is_local and not ctx.restic.is_initialized():
+        with ctx.store.repository_lock():
+            if url in ctx.store.known_repositories() and not ctx.restic.is_initialized():
+                raise RepositoryError(f"repository {url} held backups of this host but is not there now (is its "
+                                      "disk mounted?); not creating a new one there. If it is lost, `xenbackup "
+                                      "init` starts a new one")
+            ctx.restic.ensure_initialized()
+    else:
+        ctx.restic.ensure_initialized()
     ctx.store.remember_repository(url)
     if ctx.cfg.repository.lock_wait:
         # Asked now, beside LVM, and remembered: the backup step then spawns no `restic version` while the
