@@ -187,10 +187,13 @@ def _cmd_step(cfg: Config, args: argparse.Namespace) -> int:
     with journal.context(vm=vm.name):
         if args.step == "cleanup":
             return backup_mod.step_cleanup(ctx, vm)
-        step = {"prepare": backup_mod.step_prepare, "snapshot": backup_mod.step_snapshot,
-                "mount": backup_mod.step_mount, "backup": backup_mod.step_backup}[args.step]
+        steps = {"prepare": backup_mod.step_prepare, "snapshot": backup_mod.step_snapshot,
+                 "mount": backup_mod.step_mount}
         try:
-            step(ctx, vm)
+            if args.step == "backup":
+                backup_mod.step_backup(ctx, vm, finish=True)
+            else:
+                steps[args.step](ctx, vm)
         except BaseException as exc:
             backup_mod.note_failure(ctx, vm, exc)
             raise
@@ -468,10 +471,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         with journal.context(**journal.context_of(exc)):
             log.error("interrupted (%s); cleanup ran", exc or "SIGINT")
         return EXIT_INTERRUPTED
-
-
-def entry() -> None:
-    sys.exit(main())
 
 
 if __name__ == "__main__":

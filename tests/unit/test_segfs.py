@@ -66,6 +66,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+REREAD_SLACK = 256 << 10
+
+
 def test_restic_reads_only_the_changed_segment(tmp_path: Path) -> None:
     assert PYTHON is not None
     from xenbackup.thin import SEGMENT_SIZE
@@ -78,9 +81,11 @@ def test_restic_reads_only_the_changed_segment(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.splitlines()[-1])
     assert r["listing"] == ["seg-00000000", "seg-00000001", "seg-00000002"]
-    assert (r["first"]["files_new"], r["read1"]) == (3, size)
+    # The kernel may ask for a few pages twice (its page cache of a FUSE file can be reclaimed between
+    # read-ahead and the read, under a loaded machine's memory pressure): a bound far below one segment.
+    assert r["first"]["files_new"] == 3 and size <= r["read1"] < size + REREAD_SLACK
     # restic's own verdict: two segments taken from the parent unread, one read again.
     assert (r["second"]["files_unmodified"], r["second"]["files_changed"]) == (2, 1)
-    assert r["read2"] == SEGMENT_SIZE
+    assert SEGMENT_SIZE <= r["read2"] < SEGMENT_SIZE + REREAD_SLACK
     # The segments, dumped in name order, are the device as it was at the second backup.
     assert r["dumped"] == r["device"]

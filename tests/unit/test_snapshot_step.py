@@ -499,3 +499,124 @@ def test_cleanup_of_a_finished_run_loads_no_lvm_or_restic_code(tools: Path, monk
                               "xenbackup.actions.watch", "xenbackup.progress") if m in loaded) == []
     record = ctx.store.read_record("web1")
     assert record is not None and record["result"] == "success"
+
+
+INVOCATION = "0123456789abcdef0123456789abcdef"
+
+CLEANUP_ENTRY_PROBE = """
+import json, sys
+before = set(sys.modules)
+out = sys.argv.pop(1)
+try:
+    from xenbackup import entry
+    entry.main()
+finally:
+    with open(out, "w") as f:
+        json.dump(sorted(set(sys.modules) - before), f)
+"""
+
+
+def in_a_unit(tools: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The environment systemd gives each step of one invocation of xenbackup@web1.service."""
+    runtime = tools / "run-xenbackup"
+    runtime.mkdir()
+    monkeypatch.setenv("INVOCATION_ID", INVOCATION)
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(runtime))
+    return runtime
+
+
+def test_a_good_run_is_finished_by_its_backup_step_and_its_cleanup_step_loads_nothing(
+        tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cleanup step of a good run costs an interpreter start, not an interpreter with the config loaded."""
+    import subprocess
+    import sys
+
+    runtime = in_a_unit(tools, monkeypatch)
+    cfg = files_vm(tools, monkeypatch, mount='for t; do :; done; echo data > "$t/file"', password="secret\n")
+    ctx = Context.from_config(cfg)
+    vm = cfg.vm("web1")
+    backup.step_prepare(ctx, vm)
+    state = backup.step_backup(ctx, vm, finish=True)
+    record = ctx.store.read_record("web1")
+    assert record is not None and record["result"] == "success" and record["run_id"] == state.run_id
+    assert record["snapshot_seconds"] is not None and len(record["restic_snapshots"]) == 1
+    assert ctx.store.load("web1") is None, "the run state outlived its finished run"
+    marker = runtime / "finished" / INVOCATION
+    assert marker.read_text() == "web1"
+
+    (tools / "calls").write_text("")
+    seen = tools / "modules.json"
+    probe = tools / "probe.py"
+    probe.write_text(CLEANUP_ENTRY_PROBE)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src"), "SERVICE_RESULT": "success",
+           "EXIT_CODE": "exited", "EXIT_STATUS": "0", "XENBACKUP_CONFIG": str(tools / "xenbackup.toml")}
+    done = subprocess.run([sys.executable, "-S", str(probe), str(seen), "step", "cleanup", "web1"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "the backup step of web1 finished the run" in done.stderr
+    loaded = set(json.loads(seen.read_text()))
+    assert sorted(m for m in loaded if m.startswith("xenbackup.")) == ["xenbackup.entry", "xenbackup.handoff"]
+    assert not loaded & {"logging", "argparse", "tomllib", "dataclasses", "subprocess", "typing", "re"}
+    assert not (tools / "calls").read_text() and not marker.exists()
+    assert ctx.store.read_record("web1") == record
+
+
+@pytest.mark.parametrize(("argv", "env", "marker"), [
+    (["step", "cleanup", "web1"], {"SERVICE_RESULT": "exit-code"}, "web1"),   # the unit failed after all
+    (["step", "cleanup", "web1"], {"SERVICE_RESULT": "signal"}, "web1"),
+    (["step", "cleanup", "web1"], {"INVOCATION_ID": "f" * 32}, "web1"),       # another invocation's run
+    (["step", "cleanup", "web2"], {}, "web1"),                                # another VM's run
+    (["step", "cleanup", "web1"], {}, None),                                  # the backup step left it to us
+    (["--debug", "step", "cleanup", "web1"], {}, "web1"),                     # not the unit's own command line
+    (["step", "backup", "web1"], {}, "web1"),
+    (["step", "cleanup", "web1"], {"RUNTIME_DIRECTORY": ""}, "web1"),         # not in a unit
+    (["step", "cleanup", "web1"], {"INVOCATION_ID": "../../etc/passwd"}, "web1"),
+])
+def test_every_other_cleanup_takes_the_full_path(tmp_path: Path, argv: list[str], env: dict[str, str],
+                                                 marker: str | None) -> None:
+    from xenbackup import handoff
+
+    environ = {"INVOCATION_ID": INVOCATION, "RUNTIME_DIRECTORY": str(tmp_path), "SERVICE_RESULT": "success"}
+    if marker is not None:
+        handoff.leave(marker, environ)
+    assert handoff.taken(argv, {**environ, **env}) is None
+    assert handoff.taken(["step", "cleanup", "web1"], environ) == (
+        None if marker is None else
+        "cleanup after result=success: the backup step of web1 finished the run; nothing left to release")
+    assert list((tmp_path / "finished").iterdir() if marker else []) == []
+
+
+def test_a_run_with_more_to_clean_up_is_left_to_the_cleanup_step(tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a failed run, cleanup also clears stale repository locks: the backup step does not finish it."""
+    from xenbackup.actions.record import RunResult
+
+    runtime = in_a_unit(tools, monkeypatch)
+    cfg = files_vm(tools, monkeypatch, mount='for t; do :; done; echo data > "$t/file"', password="secret\n")
+    ctx = Context.from_config(cfg)
+    vm = cfg.vm("web1")
+    Path(ctx.store.state_dir).mkdir(parents=True, exist_ok=True)
+    (Path(ctx.store.state_dir) / "web1.json").write_text(json.dumps({"vm": "web1", "result": "failure"}))
+    backup.step_prepare(ctx, vm)
+    state = backup.step_backup(ctx, vm, finish=True)
+    assert state.phase == "cleanup" and ctx.store.load("web1") is not None
+    assert not (runtime / "finished").exists()
+    monkeypatch.setenv("SERVICE_RESULT", "success")
+    assert backup.step_cleanup(ctx, vm) == 0
+    record = ctx.store.read_record("web1")
+    assert record is not None and record["result"] == RunResult.SUCCESS.value and ctx.store.load("web1") is None
+
+
+def test_a_unit_that_failed_after_its_backup_step_finished_the_run_cleans_up_in_full(
+        tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = in_a_unit(tools, monkeypatch)
+    cfg = files_vm(tools, monkeypatch, mount='for t; do :; done; echo data > "$t/file"', password="secret\n")
+    ctx = Context.from_config(cfg)
+    vm = cfg.vm("web1")
+    backup.step_prepare(ctx, vm)
+    backup.step_backup(ctx, vm, finish=True)
+    assert (runtime / "finished" / INVOCATION).exists()
+    (tools / "calls").write_text("")
+    monkeypatch.setenv("SERVICE_RESULT", "signal")
+    assert backup.step_cleanup(ctx, vm) == 0
+    assert not (runtime / "finished" / INVOCATION).exists()
+    assert "lvs" in (tools / "calls").read_text(), "the full cleanup did not look for leftovers"

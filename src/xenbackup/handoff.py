@@ -1,0 +1,78 @@
+"""A run whose backup step went well is finished by that step; the unit's cleanup step then only confirms it.
+
+Everything cleanup would do after a good run (release the snapshots, write the run record and the metrics,
+log the verdict, clear the run state) the backup step does itself, in the process that already has the
+config and the run loaded. It then leaves a marker named by the unit's invocation in systemd's runtime
+directory. `xenbackup step cleanup VM` that finds its own invocation's marker for that VM, with systemd
+reporting success, has nothing left to do and exits before it loads anything else: a whole interpreter's
+imports and config fewer per run. Every other case (a failed or stopped run, a marker of another
+invocation or VM, no marker, a step run by hand outside a unit) takes the full cleanup.
+
+Only os is imported here: this module runs before the rest of xenbackup is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+# typing and collections cost an interpreter that has nothing else to load more than the rest of this.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _marker(environ: Mapping[str, str]) -> str | None:
+    """`$RUNTIME_DIRECTORY/finished/$INVOCATION_ID`; None outside a systemd unit."""
+    invocation = environ.get("INVOCATION_ID", "")
+    runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if not os.path.isabs(runtime) or len(invocation) != 32 or not _HEX.issuperset(invocation):
+        return None
+    return os.path.join(runtime, "finished", invocation)
+
+
+def possible(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process runs in a unit whose cleanup step can find a marker."""
+    return _marker(environ) is not None
+
+
+def leave(vm: str, environ: Mapping[str, str] = os.environ) -> None:
+    """Tell this invocation's cleanup step that the run of `vm` is finished."""
+    path = _marker(environ)
+    if path is None:
+        raise OSError("not in a systemd unit with a runtime directory")
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as out:
+        out.write(vm)
+    os.replace(temporary, path)
+
+
+def discard(environ: Mapping[str, str] = os.environ) -> None:
+    """Remove this invocation's marker, if any: the full cleanup ran instead."""
+    path = _marker(environ)
+    if path is not None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+
+
+def taken(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> str | None:
+    """For the unit's own `step cleanup VM` of a run its backup step finished: a line for the log, and the
+    marker is consumed. None in every other case, and then the full cleanup runs."""
+    if len(argv) != 3 or list(argv[:2]) != ["step", "cleanup"] or environ.get("SERVICE_RESULT") != "success":
+        return None
+    path = _marker(environ)
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as marker:
+            vm = marker.read()
+    except OSError:
+        return None
+    if vm != argv[2]:
+        return None
+    os.unlink(path)
+    return f"cleanup after result=success: the backup step of {vm} finished the run; nothing left to release"
