@@ -212,7 +212,8 @@ def test_the_domain_config_is_stored_in_the_disk_s_restic_run_and_restored_from_
     state = RunState(vm="vm1", run_id="r2", owner=Owner.current(), started=0.0, snapshots=(
         SnapshotRecord(LvRef("system", "xenvm"), "xenvm.xb-vm1-1", "system-xenvm", mountpoint=str(mnt)),))
 
-    state = backup._store_all(ctx, cfg.vm("vm1"), state, backup._Current())
+    state, alone = backup._store_all(ctx, cfg.vm("vm1"), state, backup._Current())
+    assert alone is None
     ctx.store.clear("vm1")  # the run is over: a restore may take the VM now
 
     (stored,) = ctx.restic.snapshots(names.restic_filter("vm1"), host=ctx.host)

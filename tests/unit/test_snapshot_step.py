@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from xenbackup import config
+from xenbackup import config, names
 from xenbackup.actions import backup
 from xenbackup.actions.context import Context
 from xenbackup.repository import RepositoryError
@@ -415,7 +415,6 @@ def test_a_snapshot_still_busy_after_the_backup_is_left_to_cleanup_and_the_backu
     assert backup.step_cleanup(ctx, vm, RunResult.SUCCESS) == 1
     record = ctx.store.read_record("web1")
     assert record is not None and record["result"] == "cleanup-failed"
-    from xenbackup import names
 
     kept = ctx.restic.snapshots(names.restic_filter("web1"))
     assert [s.id[:8] for s in kept] == list(state.restic_snapshots), "the stored backup was forgotten"
@@ -620,3 +619,32 @@ def test_a_unit_that_failed_after_its_backup_step_finished_the_run_cleans_up_in_
     assert backup.step_cleanup(ctx, vm) == 0
     assert not (runtime / "finished" / INVOCATION).exists()
     assert "lvs" in (tools / "calls").read_text(), "the full cleanup did not look for leftovers"
+
+
+def test_a_config_stored_on_its_own_is_stored_after_the_snapshots_are_gone(
+        tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config that cannot ride in a disk's run (here a files-mode tree stored from its root, elsewhere
+    block-mode disks only) reads nothing from a snapshot: its own repository open must not lengthen their life."""
+    import shutil
+
+    cfg = files_vm(tools, monkeypatch, mount='for t; do :; done; echo data > "$t/file"', password="secret\n")
+    domain = tools / "web1.cfg"
+    domain.write_text("name = 'web1'\n")
+    wrapper = tools / "bin" / "restic"
+    wrapper.write_text(f'#!/bin/sh\ncase " $* " in *" backup "*) echo "restic backup $*" >> {tools / "calls"} ;; esac\n'
+                       f'exec {shutil.which("restic")} "$@"\n')
+    wrapper.chmod(0o755)
+    text = (tools / "xenbackup.toml").read_text().replace("[commands]\n", f'[commands]\nrestic = "{wrapper}"\n')
+    text = text.replace('consistency = "none"\n', f'consistency = "none"\ndomain_config = "{domain}"\n')
+    (tools / "xenbackup.toml").write_text(text)
+    cfg = config.load(str(tools / "xenbackup.toml"))
+    ctx = Context.from_config(cfg)
+    backup.step_prepare(ctx, cfg.vm("web1"))
+    (tools / "calls").write_text("")
+    state = backup.step_backup(ctx, cfg.vm("web1"))
+    seen = [c for c in (tools / "calls").read_text().splitlines() if c.split()[0] in ("restic", "lvremove")]
+    assert len(seen) == 3 and seen[0].startswith("restic backup") and seen[1].startswith("lvremove --yes"), seen
+    assert seen[2].startswith("restic backup") and str(domain) in seen[2] and "disk:config" in seen[2], seen
+    assert len(state.restic_snapshots) == 2
+    config_run = [s for s in ctx.restic.snapshots(names.restic_filter("web1")) if s.tag_value("mode") == "config"]
+    assert [s.paths for s in config_run] == [(str(domain),)]

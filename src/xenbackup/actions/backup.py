@@ -335,7 +335,7 @@ def step_backup(ctx: Context, vm: VM, finish: bool = False) -> RunState:
         try:
             with watch:
                 try:
-                    state = _store_all(ctx, vm, state, current)
+                    state, alone = _store_all(ctx, vm, state, current)
                 except CommandError:
                     watch.check()  # restic stopped by the guard: report the overflow, not SIGTERM
                     raise
@@ -348,17 +348,21 @@ def step_backup(ctx: Context, vm: VM, finish: bool = False) -> RunState:
         # Stored: the snapshots go now rather than after cleanup's interpreter start, since every second of
         # a classic snapshot costs the VM's writes. The watch's last look came after restic had read
         # everything, so a snapshot invalidated from here on spoils nothing that was read.
+        released = True
         with ctx.store.lock(vm.name):
             try:
                 release_own(ctx, vm, state, judge=False)
             except Exception as exc:
                 # The data is stored; a snapshot still busy is cleanup's to retry, and its verdict to give.
                 log.warning("could not remove the snapshots of %s yet (%s); cleanup tries again", vm.name, exc)
-                return ctx.store.load(vm.name) or state
+                released = False
             state = ctx.store.load(vm.name) or state
-            if finish and handoff.possible():
+        if alone is not None:
+            state = _store_config_alone(ctx, vm, state, alone)
+        if released and finish and handoff.possible():
+            with ctx.store.lock(vm.name):
                 finish_early(ctx, vm, state)
-            return state
+        return state
 
 
 def finish_early(ctx: Context, vm: VM, state: RunState) -> bool:
@@ -382,8 +386,9 @@ def finish_early(ctx: Context, vm: VM, state: RunState) -> bool:
     return True
 
 
-def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunState:
-    """Back up every disk and the domain config; record each restic snapshot as it appears."""
+def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> tuple[RunState, str | None]:
+    """Back up every disk, and the domain config with the first files-mode disk that can carry it; record
+    each restic snapshot as it appears. Returns the config still to be stored on its own, if any."""
     from ..repository import BackupSummary
 
     totals: dict[str, float] = {"data_added": 0, "total_bytes": 0, "files": 0, "restic_seconds": 0.0}
@@ -412,16 +417,21 @@ def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> RunS
         totals["restic_seconds"] = round(totals["restic_seconds"] + summary.duration, 3)
     if config and carrier:
         log.info("saved domain config %s with %s", config, _disk(vm, state, carrier).lv)
-    elif config:
-        tags = names.restic_tags(ctx.host, vm.name, names.CONFIG_DISK, names.CONFIG_DISK,
-                                 state.run_id)
-        summary = ctx.restic.backup([config], tags, ctx.host, lambda p: None)
-        state = replace(state, restic_snapshots=(*state.restic_snapshots, summary.snapshot_id))
-        ctx.store.save(state)
-        log.info("saved domain config %s", config)
-    elif vm.domain_config:
+    elif vm.domain_config and not config:
         log.warning("domain config %s does not exist; backing up the disks only", vm.domain_config)
-    return replace(state, summary=dict(totals))
+    return replace(state, summary=dict(totals)), None if carrier else config
+
+
+def _store_config_alone(ctx: Context, vm: VM, state: RunState, config: str) -> RunState:
+    """The domain config in a restic run of its own: the disks were all block devices (restic 0.14 cannot
+    mix --stdin with files) or a tree the config's path could collide with. It reads nothing from a
+    snapshot, so it runs once they are gone rather than lengthen their lives."""
+    tags = names.restic_tags(ctx.host, vm.name, names.CONFIG_DISK, names.CONFIG_DISK, state.run_id)
+    summary = ctx.restic.backup([config], tags, ctx.host, lambda p: None)
+    state = replace(state, restic_snapshots=(*state.restic_snapshots, summary.snapshot_id))
+    ctx.store.save(state)
+    log.info("saved domain config %s", config)
+    return state
 
 
 # --- cleanup ----------------------------------------------------------------------------------
