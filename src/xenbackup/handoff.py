@@ -24,12 +24,13 @@ _HEX = frozenset("0123456789abcdef")
 
 
 def _marker(environ: Mapping[str, str]) -> str | None:
-    """`$RUNTIME_DIRECTORY/finished/$INVOCATION_ID`; None outside a systemd unit."""
+    """`$RUNTIME_DIRECTORY/.finished/$INVOCATION_ID`; None outside a systemd unit."""
     invocation = environ.get("INVOCATION_ID", "")
     runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
     if not os.path.isabs(runtime) or len(invocation) != 32 or not _HEX.issuperset(invocation):
         return None
-    return os.path.join(runtime, "finished", invocation)
+    # A VM's name cannot start with a dot, so no VM's own directory is this one.
+    return os.path.join(runtime, ".finished", invocation)
 
 
 def possible(environ: Mapping[str, str] = os.environ) -> bool:

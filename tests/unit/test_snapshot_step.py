@@ -540,7 +540,7 @@ def test_a_good_run_is_finished_by_its_backup_step_and_its_cleanup_step_loads_no
     assert record is not None and record["result"] == "success" and record["run_id"] == state.run_id
     assert record["snapshot_seconds"] is not None and len(record["restic_snapshots"]) == 1
     assert ctx.store.load("web1") is None, "the run state outlived its finished run"
-    marker = runtime / "finished" / INVOCATION
+    marker = runtime / ".finished" / INVOCATION
     assert marker.read_text() == "web1"
 
     (tools / "calls").write_text("")
@@ -582,7 +582,7 @@ def test_every_other_cleanup_takes_the_full_path(tmp_path: Path, argv: list[str]
     assert handoff.taken(["step", "cleanup", "web1"], environ) == (
         None if marker is None else
         "cleanup after result=success: the backup step of web1 finished the run; nothing left to release")
-    assert list((tmp_path / "finished").iterdir() if marker else []) == []
+    assert list((tmp_path / ".finished").iterdir() if marker else []) == []
 
 
 def test_a_run_with_more_to_clean_up_is_left_to_the_cleanup_step(tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -598,7 +598,7 @@ def test_a_run_with_more_to_clean_up_is_left_to_the_cleanup_step(tools: Path, mo
     backup.step_prepare(ctx, vm)
     state = backup.step_backup(ctx, vm, finish=True)
     assert state.phase == "cleanup" and ctx.store.load("web1") is not None
-    assert not (runtime / "finished").exists()
+    assert not (runtime / ".finished").exists()
     monkeypatch.setenv("SERVICE_RESULT", "success")
     assert backup.step_cleanup(ctx, vm) == 0
     record = ctx.store.read_record("web1")
@@ -613,11 +613,11 @@ def test_a_unit_that_failed_after_its_backup_step_finished_the_run_cleans_up_in_
     vm = cfg.vm("web1")
     backup.step_prepare(ctx, vm)
     backup.step_backup(ctx, vm, finish=True)
-    assert (runtime / "finished" / INVOCATION).exists()
+    assert (runtime / ".finished" / INVOCATION).exists()
     (tools / "calls").write_text("")
     monkeypatch.setenv("SERVICE_RESULT", "signal")
     assert backup.step_cleanup(ctx, vm) == 0
-    assert not (runtime / "finished" / INVOCATION).exists()
+    assert not (runtime / ".finished" / INVOCATION).exists()
     assert "lvs" in (tools / "calls").read_text(), "the full cleanup did not look for leftovers"
 
 

@@ -61,7 +61,7 @@ def test_unit_backup_stores_origin_bytes_and_leaves_nothing(seed_layout, xb: Xb,
     # The backup step finished the good run; the cleanup step found its invocation's marker and loaded nothing.
     assert [e.get("XENBACKUP_PHASE") for e in ours if e.get("MESSAGE_ID") == MSG_SUCCEEDED] == ["cleanup"]
     assert "the backup step of vm1 finished the run; nothing left to release" in journal.text("-u", "xenbackup@vm1")
-    assert list(Path("/run/xenbackup/finished").iterdir()) == []
+    assert list(Path("/run/xenbackup/.finished").iterdir()) == []
     assert json.loads(Path("/var/lib/xenbackup/state/vm1.json").read_text())["result"] == "success"
     # The catalog explains the operator-facing events (journalctl -x).
     assert "Backup of VM vm1 succeeded" in journal.text("-x", "-u", "xenbackup@vm1")
