@@ -251,6 +251,18 @@ def is_in_use(err: CommandError) -> bool:
     return "in use" in text or "is open" in text or "device or resource busy" in text
 
 
+def is_target_loading(err: CommandError) -> bool:
+    """LVM found no device-mapper target for the segment type: after a boot, several classic snapshots made at
+    once race LVM's own loading of dm-snapshot, and the commands that lose see no target until the module
+    is live, moments later."""
+    return "required device-mapper target(s) not detected" in err.stderr.lower()
+
+
+TARGET_WAITS = (0.5, 1.0, 2.0)
+"""Seconds between lvcreate's attempts while a kernel module is still loading; LVM checks for the target
+before it changes any metadata, so a failed attempt left nothing behind."""
+
+
 class Lvm:
     def __init__(self, commands: Mapping[str, str], sleep: Callable[[float], None] = time.sleep) -> None:
         self.cmd = commands
@@ -300,7 +312,17 @@ class Lvm:
 
     def create_snapshot(self, origin: LvRef, name: str, size: SnapshotSize | None,
                         tags: Sequence[str]) -> LvRef:
-        run(self.create_snapshot_argv(origin, name, size, tags))
+        argv = self.create_snapshot_argv(origin, name, size, tags)
+        for delay in (*TARGET_WAITS, None):
+            try:
+                run(argv)
+                break
+            except CommandError as err:
+                if delay is None or not is_target_loading(err):
+                    raise
+                log.warning("the kernel has no device-mapper target for %s's snapshot yet (its module is "
+                            "still loading); retrying lvcreate in %.1f s", origin, delay)
+                self.sleep(delay)
         return LvRef(origin.vg, name)
 
     def extend_argv(self, ref: LvRef, step: SnapshotSize) -> list[str]:

@@ -162,3 +162,44 @@ def test_the_mount_step_waits_for_its_own_links_and_settles_only_without_udevadm
     Lvm({**CMDS, "udevadm": str(old)}).wait_for(["/dev/system/a"])
     assert fake_bin.calls.read_text().splitlines() == ["udevadm wait --timeout=10 /dev/system/a",
                                                        "udevadm settle --timeout=10"]
+
+
+
+TARGET_MISSING = ("  snapshot: Required device-mapper target(s) not detected in your kernel.\n"
+                  "  Run `lvcreate --help' for more information.\n")
+
+
+def test_lvcreate_waits_for_a_snapshot_target_still_loading(fake_bin, tmp_path) -> None:
+    """Three units starting at once after a boot: LVM loads dm-snapshot for the first lvcreate, and the
+    others see no target until the module is live (seen in the fleet suite)."""
+    counter = tmp_path / "n"
+    counter.write_text("0")
+    (tmp_path / "missing").write_text(TARGET_MISSING)
+    script = fake_bin.dir / "lvcreate"
+    script.write_text(f"""#!/bin/sh
+n=$(cat {counter}); n=$((n+1)); echo $n > {counter}
+if [ $n -lt 3 ]; then cat {tmp_path / "missing"} >&2; exit 3; fi
+exit 0
+""")
+    script.chmod(0o755)
+    sleeps: list[float] = []
+    lvm = Lvm({**CMDS, "lvcreate": str(script)}, sleep=sleeps.append)
+    ref = lvm.create_snapshot(LvRef("system", "xenvm"), "snap", SnapshotSize.parse("256M"), ["xenbackup"])
+    assert ref == LvRef("system", "snap") and counter.read_text().strip() == "3" and sleeps == [0.5, 1.0]
+
+
+def test_lvcreate_gives_up_on_a_target_that_never_comes_and_retries_nothing_else(fake_bin) -> None:
+    from xenbackup.run import CommandError
+
+    sleeps: list[float] = []
+    never = fake_bin("lvcreate", code=3, stderr=TARGET_MISSING)
+    with pytest.raises(CommandError, match=r"Required device-mapper target"):
+        Lvm({**CMDS, "lvcreate": str(never)}, sleep=sleeps.append).create_snapshot(
+            LvRef("system", "xenvm"), "snap", SnapshotSize.parse("256M"), [])
+    assert sleeps == [0.5, 1.0, 2.0]
+    sleeps.clear()
+    full = fake_bin("lvcreate", code=5, stderr='  Volume group "system" has insufficient free space.\n')
+    with pytest.raises(CommandError, match="insufficient free space"):
+        Lvm({**CMDS, "lvcreate": str(full)}, sleep=sleeps.append).create_snapshot(
+            LvRef("system", "xenvm"), "snap", SnapshotSize.parse("256M"), [])
+    assert sleeps == []
