@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from xenbackup import config, names
 from xenbackup.actions import backup
 from xenbackup.actions.context import Context
 from xenbackup.repository import RepositoryError
+from xenbackup.state import RunState
 
 LVS = {"report": [{"lv": [
     {"lv_name": n, "vg_name": "system", "lv_attr": "-wi-ao----", "lv_size": str(1 << 30), "origin": "",
@@ -524,18 +526,26 @@ def in_a_unit(tools: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return runtime
 
 
+def run_in_a_unit(tools: Path, monkeypatch: pytest.MonkeyPatch,
+                  before: Callable[[Context], None] | None = None) -> tuple[Path, Context, RunState]:
+    """web1's prepare and backup steps as one invocation of its unit runs them; `before` sees the context
+    first. Returns the unit's runtime directory, the context and what the backup step returned."""
+    runtime = in_a_unit(tools, monkeypatch)
+    cfg = files_vm(tools, monkeypatch, mount='for t; do :; done; echo data > "$t/file"', password="secret\n")
+    ctx = Context.from_config(cfg)
+    if before is not None:
+        before(ctx)
+    backup.step_prepare(ctx, cfg.vm("web1"))
+    return runtime, ctx, backup.step_backup(ctx, cfg.vm("web1"), finish=True)
+
+
 def test_a_good_run_is_finished_by_its_backup_step_and_its_cleanup_step_loads_nothing(
         tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The cleanup step of a good run costs an interpreter start, not an interpreter with the config loaded."""
     import subprocess
     import sys
 
-    runtime = in_a_unit(tools, monkeypatch)
-    cfg = files_vm(tools, monkeypatch, mount='for t; do :; done; echo data > "$t/file"', password="secret\n")
-    ctx = Context.from_config(cfg)
-    vm = cfg.vm("web1")
-    backup.step_prepare(ctx, vm)
-    state = backup.step_backup(ctx, vm, finish=True)
+    runtime, ctx, state = run_in_a_unit(tools, monkeypatch)
     record = ctx.store.read_record("web1")
     assert record is not None and record["result"] == "success" and record["run_id"] == state.run_id
     assert record["snapshot_seconds"] is not None and len(record["restic_snapshots"]) == 1
@@ -589,14 +599,11 @@ def test_a_run_with_more_to_clean_up_is_left_to_the_cleanup_step(tools: Path, mo
     """After a failed run, cleanup also clears stale repository locks: the backup step does not finish it."""
     from xenbackup.actions.record import RunResult
 
-    runtime = in_a_unit(tools, monkeypatch)
-    cfg = files_vm(tools, monkeypatch, mount='for t; do :; done; echo data > "$t/file"', password="secret\n")
-    ctx = Context.from_config(cfg)
-    vm = cfg.vm("web1")
-    Path(ctx.store.state_dir).mkdir(parents=True, exist_ok=True)
-    (Path(ctx.store.state_dir) / "web1.json").write_text(json.dumps({"vm": "web1", "result": "failure"}))
-    backup.step_prepare(ctx, vm)
-    state = backup.step_backup(ctx, vm, finish=True)
+    def failed_before(ctx: Context) -> None:
+        ctx.store.write_record("web1", {"vm": "web1", "result": "failure"})
+
+    runtime, ctx, state = run_in_a_unit(tools, monkeypatch, failed_before)
+    vm = ctx.cfg.vm("web1")
     assert state.phase == "cleanup" and ctx.store.load("web1") is not None
     assert not (runtime / ".finished").exists()
     monkeypatch.setenv("SERVICE_RESULT", "success")
@@ -607,12 +614,8 @@ def test_a_run_with_more_to_clean_up_is_left_to_the_cleanup_step(tools: Path, mo
 
 def test_a_unit_that_failed_after_its_backup_step_finished_the_run_cleans_up_in_full(
         tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    runtime = in_a_unit(tools, monkeypatch)
-    cfg = files_vm(tools, monkeypatch, mount='for t; do :; done; echo data > "$t/file"', password="secret\n")
-    ctx = Context.from_config(cfg)
-    vm = cfg.vm("web1")
-    backup.step_prepare(ctx, vm)
-    backup.step_backup(ctx, vm, finish=True)
+    runtime, ctx, _ = run_in_a_unit(tools, monkeypatch)
+    vm = ctx.cfg.vm("web1")
     assert (runtime / ".finished" / INVOCATION).exists()
     (tools / "calls").write_text("")
     monkeypatch.setenv("SERVICE_RESULT", "signal")
