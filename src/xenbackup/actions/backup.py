@@ -365,7 +365,7 @@ def step_backup(ctx: Context, vm: VM, finish: bool = False) -> RunState:
         return state
 
 
-def finish_early(ctx: Context, vm: VM, state: RunState) -> bool:
+def finish_early(ctx: Context, vm: VM, state: RunState) -> None:
     """Do a good run's cleanup in the backup step: its own process already holds everything needed, while
     the cleanup step would start an interpreter and load the config again just for this. Only the plain
     case: anything cleanup has more to do for (a snapshot left, a paused guest, an overflow, a failed run
@@ -373,7 +373,7 @@ def finish_early(ctx: Context, vm: VM, state: RunState) -> bool:
     from .record import RunResult
 
     if state.snapshots or state.paused or state.overflowed or last_run_failed(ctx, vm):
-        return False
+        return
     with journal.context(phase="cleanup"):
         ctx.slots.release(vm.name)
         _finish(ctx, vm, state, RunResult.SUCCESS, 0)
@@ -382,8 +382,6 @@ def finish_early(ctx: Context, vm: VM, state: RunState) -> bool:
         except OSError as exc:
             # The cleanup step then runs in full; with the run state cleared it finds nothing of this run's.
             log.warning("could not tell the cleanup step that the run is finished: %s", exc)
-            return False
-    return True
 
 
 def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> tuple[RunState, str | None]:
