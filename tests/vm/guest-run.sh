@@ -12,7 +12,7 @@
 #   XBTEST_INSTALL       deb (apt-get install ./XBTEST_DEB from the share) | script (packaging/install.sh)
 #   XBTEST_DEB           the package's file name in /mnt/results
 #
-# Results: junit.xml, pytest.log or script.log, install.log/install.rc,
+# Results: junit.xml, pytest.log or script.log, install.log/install.rc, dmesg.txt,
 # journal.export, journal.txt, timings.txt, selfcheck.txt, xl-dmesg.txt and
 # xen-logs/ (xen flavour), and exit-code last.
 set -u -o pipefail
@@ -84,7 +84,11 @@ echo "$rc" >"$results/install.rc"
 timing install "$t"
 [ "$rc" -eq 0 ] || say "installing the product failed with exit code $rc (see install.log); running the tests anyway"
 
-# 4. The job itself.
+# 4. The job itself. The kernel's log streams to the share as it is written: a guest that hangs in the
+# kernel is killed before its journal is exported, and the console only gets the first line of a
+# hung-task report (the quiet console level hides its stack).
+dmesg --follow >"$results/dmesg.txt" 2>&1 &
+dmesg_pid=$!
 t=$(now)
 cd "$src" || exit 1
 case $XBTEST_MODE in
@@ -111,6 +115,7 @@ script)
     ;;
 esac
 timing "$XBTEST_MODE" "$t"
+kill "$dmesg_pid" 2>/dev/null
 
 # 5. Logs for the artifacts.
 t=$(now)

@@ -12,7 +12,7 @@ from xbtestbed.config import REPO_ROOT, Flavour, InfraError, Install, Settings, 
 from xbtestbed.guestrun import GuestRequest, GuestRun, _set_aside
 from xbtestbed.image import Image, deb822_to_one_line, describe_build_failure, image_key, one_line_entries
 from xbtestbed.junit import Outcome, parse_junit, results_for
-from xbtestbed.pytest_support import FlavourResults, boot_order
+from xbtestbed.pytest_support import FlavourResults, boot_order, hung_task_report
 from xbtestbed.qemu import BLANK_DISK_SERIALS, Machine
 from xbtestbed.suites import SUITES, GuestCase, guest_cases, pytest_arguments, scan_file
 
@@ -129,11 +129,25 @@ def test_host_verdict_names_a_test_bed_error_or_a_missing_junit(tmp_path: Path) 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     broken = _results(tmp_path / "a", None, error="guest never came up")
-    with pytest.raises(pytest.fail.Exception, match=r"test bed error: guest never came up"):
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)test bed error: guest never came up.*last words"):
         broken.check(GuestCase("test_smoke_lvm.py", "test_plain"))
     silent = _results(tmp_path / "b", None)
     with pytest.raises(pytest.fail.Exception, match=r"wrote no junit\.xml"):
         silent.check(GuestCase("test_smoke_lvm.py", "test_plain"))
+
+
+def test_a_guest_that_hung_in_the_kernel_is_reported_with_the_stacks(tmp_path: Path) -> None:
+    hung = _results(tmp_path, None, error="guest overran the overall limit of 3300s")
+    (tmp_path / "dmesg.txt").write_text(
+        "[ 10.0] loop0: detected capacity change\n"
+        "[ 1571.2] INFO: task xenbackup:6918 blocked for more than 120 seconds.\n"
+        "[ 1571.2] task:xenbackup state:D stack:0 pid:6918\n"
+        "[ 1571.2]  io_schedule+0x42/0x70\n")
+    wanted = r"(?s)overran.*last words.*hung-task report.*xenbackup:6918 blocked.*io_schedule"
+    with pytest.raises(pytest.fail.Exception, match=wanted) as raised:
+        hung.check(GuestCase("test_smoke_lvm.py", "test_plain"))
+    assert "capacity change" not in str(raised.value)
+    assert hung_task_report("[ 1.0] all is well\n") == ""
 
 
 def test_request_env_is_bash_that_round_trips_arguments(tmp_path: Path) -> None:

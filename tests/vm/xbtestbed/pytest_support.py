@@ -20,6 +20,7 @@ MARKER = "testvm"
 """`@pytest.mark.testvm("xen")`: the host tests of one suite (see suites.SUITES)."""
 
 LOG_TAIL_LINES = 30
+HUNG_TASK_LINES = 80
 
 
 @dataclass
@@ -85,7 +86,8 @@ class FlavourResults:
         """Pass, fail or skip as the guest test did; never pass what did not pass."""
         name = f"{self.run.request.name} guest: {case.node_id}"
         if self.run.error is not None:
-            pytest.fail(f"{name}: test bed error: {self.run.error}\n{self._console_tail()}", pytrace=False)
+            pytest.fail(f"{name}: test bed error: {self.run.error}\n{self._console_tail()}\n{self._pytest_tail()}"
+                        f"{self._kernel_hangs()}", pytrace=False)
         if self.cases is None:
             pytest.fail(
                 f"{name}: the guest wrote no junit.xml (exit code {self.run.exit_code})\n{self._pytest_tail()}",
@@ -127,9 +129,22 @@ class FlavourResults:
         log = self.run.path("pytest.log")
         return f"--- last {LOG_TAIL_LINES} lines of {log} ---\n{self.run.tail('pytest.log', LOG_TAIL_LINES)}"
 
+    def _kernel_hangs(self) -> str:
+        """The kernel's first hung-task report with its stacks (guest-run.sh streams dmesg.txt), if any."""
+        return hung_task_report(self.run.tail("dmesg.txt", 100_000))
+
     def _console_tail(self) -> str:
         log = self.run.path("console.log")
         return f"--- last 15 lines of {log} ---\n{self.run.tail('console.log', 15)}"
+
+
+def hung_task_report(dmesg: str, lines: int = HUNG_TASK_LINES) -> str:
+    """From a kernel log, the lines from the first "blocked for more than" report on, or "" without one."""
+    text = dmesg.splitlines()
+    for i, line in enumerate(text):
+        if "blocked for more than" in line:
+            return "\n--- the kernel's first hung-task report (dmesg.txt) ---\n" + "\n".join(text[i:i + lines])
+    return ""
 
 
 def _describe(result: CaseResult) -> str:
