@@ -399,8 +399,10 @@ def test_real_restic_runs_ssh_with_exactly_these_arguments(tmp_path, monkeypatch
     """restic 0.14 splits sftp.command itself; an ssh on PATH records what it was given."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
+    # It lingers after its verdict: restic forwards ssh's stderr from a goroutine of its own, and an ssh gone
+    # at once can beat it to restic's Fatal exit, which then says only "file already closed" (seen under load).
     (bindir / "ssh").write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {tmp_path / "ssh.argv"}\n'
-                                'echo "Host key verification failed." >&2\nexit 255\n')
+                                'echo "Host key verification failed." >&2\nsleep 0.5\nexit 255\n')
     (bindir / "ssh").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
     (tmp_path / "pw").write_text("pw\n")
