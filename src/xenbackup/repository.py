@@ -133,10 +133,8 @@ def removable_locks(locks: Sequence[Lock], here: str, now: datetime,
 _SFTP_SHORT = re.compile(r"^sftp:(?:(?P<user>[^@/]+)@)?(?P<host>\[[^\]]+\]|[^:/]+):")
 
 
-def sftp_command(cfg: RepositoryConfig) -> str | None:
-    """restic's -o sftp.command for the configured key, known_hosts and ssh options; None: restic's own ssh."""
-    if not cfg.url.startswith("sftp:") or not (cfg.sftp_identity or cfg.sftp_known_hosts or cfg.sftp_options):
-        return None
+def sftp_argv(cfg: RepositoryConfig) -> list[str]:
+    """The ssh command that opens the sftp session of an sftp: repository, with the configured key and options."""
     if cfg.url.startswith("sftp://"):
         from urllib.parse import urlsplit  # with ipaddress: for sftp: URLs only
 
@@ -157,7 +155,14 @@ def sftp_command(cfg: RepositoryConfig) -> str | None:
         argv += ["-o", option]
     if port:
         argv += ["-p", str(port)]
-    return " ".join([*argv, f"{user}@{host}" if user else host, "-s", "sftp"])
+    return [*argv, f"{user}@{host}" if user else host, "-s", "sftp"]
+
+
+def sftp_command(cfg: RepositoryConfig) -> str | None:
+    """restic's -o sftp.command for the configured key, known_hosts and ssh options; None: restic's own ssh."""
+    if not cfg.url.startswith("sftp:") or not (cfg.sftp_identity or cfg.sftp_known_hosts or cfg.sftp_options):
+        return None
+    return " ".join(sftp_argv(cfg))
 
 
 _VERSION = re.compile(r"restic (\d+)\.(\d+)\.(\d+)")
@@ -287,18 +292,26 @@ def read_environment_file(path: str) -> dict[str, str]:
     return env
 
 
+def ssh_line(stderr: str) -> str | None:
+    """ssh's own verdict in restic's stderr: the last line before restic's `Fatal:`, after ssh's `@` banner."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    fatal = next((i for i, line in enumerate(lines) if "Fatal: " in line), None)
+    before = [line for line in lines[:fatal] if not line.startswith("@")] if fatal is not None else []
+    return before[-1] if before else None
+
+
 def open_failure(stderr: str, sftp: bool = False) -> str:
     """restic's reason for not opening a repository, from its stderr.
 
     Its `Fatal:` line says only that the sftp session ended (EOF); ssh's own verdict ("Host key verification
-    failed.") is the line before it, after ssh's banner of `@` lines."""
+    failed.") is the line before it, when restic got to forward it."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    fatal = next((i for i, line in enumerate(lines) if "Fatal: " in line), None)
+    fatal = next((line for line in lines if "Fatal: " in line), None)
     if fatal is None:
         return lines[0] if lines else "no answer"
-    verdict = fatal_lines(lines[fatal])[0]
-    before = [line for line in lines[:fatal] if not line.startswith("@")]
-    return f"{before[-1]}; {verdict}" if sftp and before else verdict
+    verdict = fatal_lines(fatal)[0]
+    said = ssh_line(stderr) if sftp else None
+    return f"{said}; {verdict}" if said else verdict
 
 
 class Restic:
@@ -497,7 +510,25 @@ class Restic:
         probe = run(self.argv("cat", "config", "--no-lock"), env=self.env(), secrets=self.secrets(), check=False)
         if probe.returncode == 0:
             return None
-        return open_failure(probe.stderr, sftp=self.cfg.url.startswith("sftp:"))
+        sftp = self.cfg.url.startswith("sftp:")
+        if sftp and ssh_line(probe.stderr) is None and any(
+                lost in probe.stderr for lost in ("sftp session", "file already closed")):
+            return self._ask_ssh(probe.stderr)
+        return open_failure(probe.stderr, sftp=sftp)
+
+    def _ask_ssh(self, restic_stderr: str) -> str:
+        """Why the sftp session ended, from ssh itself, when restic lost ssh's last words.
+
+        restic forwards ssh's stderr from a goroutine of its own, and its Fatal exit can beat that goroutine
+        (seen in the test bed): then all it says is "EOF". The same ssh, run once more with nothing on its
+        stdin, says why (a refused host key, a refused login) on a stderr that is ours."""
+        verdict = open_failure(restic_stderr)
+        try:
+            answer = run(sftp_argv(self.cfg), secrets=self.secrets(), check=False, timeout=60)
+        except CommandError as exc:  # timed out
+            return f"ssh: {exc.reason}; {verdict}"
+        said = [line.strip() for line in answer.stderr.splitlines() if line.strip() and not line.startswith("@")]
+        return f"ssh: {said[-1]}; {verdict}" if answer.returncode != 0 and said else verdict
 
     def ensure_initialized(self) -> None:
         """On first use, create the local repository (and its password)."""

@@ -417,6 +417,43 @@ def test_real_restic_runs_ssh_with_exactly_these_arguments(tmp_path, monkeypatch
         "backup@nas.example", "-s", "sftp"]
 
 
+def test_when_restic_loses_ssh_s_verdict_ssh_is_asked_once_more(tmp_path, monkeypatch) -> None:
+    """restic's Fatal exit can beat its goroutine that forwards ssh's stderr; then it says only "EOF"."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    # The first ssh (restic's) dies silently, as when restic drops its words; the second (ours) says why.
+    (bindir / "ssh").write_text(f'#!/bin/sh\necho "$*" >> {tmp_path / "ssh.calls"}\n'
+                                f'[ "$(wc -l < {tmp_path / "ssh.calls"})" -ge 2 ] || exit 255\n'
+                                'echo "Host key verification failed." >&2\nexit 255\n')
+    (bindir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    (tmp_path / "pw").write_text("pw\n")
+    cfg = RepositoryConfig(url="sftp:backup@nas.example:/srv/restic", password_file=str(tmp_path / "pw"),
+                           environment_file=None, cache_dir=str(tmp_path / "c"), host="h", compression="auto",
+                           sftp_known_hosts="/etc/xenbackup/known_hosts")
+    with pytest.raises(RepositoryError) as exc:
+        Restic(cfg, "restic", credentials_dir="").ensure_initialized()
+    assert "cannot be opened: ssh: Host key verification failed.; Fatal: unable to open repository" in str(exc.value)
+    restics, ours = (tmp_path / "ssh.calls").read_text().splitlines()
+    assert ours == restics == ("-o BatchMode=yes -o UserKnownHostsFile=/etc/xenbackup/known_hosts "
+                               "-o StrictHostKeyChecking=yes backup@nas.example -s sftp")
+
+
+def test_an_sftp_failure_restic_explained_asks_ssh_nothing(tmp_path, monkeypatch) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "ssh").write_text(f'#!/bin/sh\necho "$*" >> {tmp_path / "ssh.calls"}\n'
+                                'echo "Permission denied (publickey)." >&2\nsleep 0.5\nexit 255\n')
+    (bindir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    (tmp_path / "pw").write_text("pw\n")
+    cfg = RepositoryConfig(url="sftp:backup@nas.example:/srv/restic", password_file=str(tmp_path / "pw"),
+                           environment_file=None, cache_dir=str(tmp_path / "c"), host="h", compression="auto")
+    with pytest.raises(RepositoryError, match=r"cannot be opened: subprocess ssh: Permission denied \(publickey\)"):
+        Restic(cfg, "restic", credentials_dir="").ensure_initialized()
+    assert len((tmp_path / "ssh.calls").read_text().splitlines()) == 1
+
+
 # restic 0.14 opening sftp:backup@localhost:/srv/restic with a known_hosts that pins another key.
 SFTP_WRONG_KEY = """\
 subprocess ssh: @@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@
