@@ -95,6 +95,12 @@ def test_installed_by_dpkg_not_by_install_sh() -> None:
     assert sh("sh", "-c", "command -v xenbackup").stdout.strip() == "/usr/bin/xenbackup"
     assert not Path("/usr/local/bin/xenbackup").exists(), "packaging/install.sh ran too"
     assert "usage" in sh("xenbackup", "--help").stdout.lower()
+    # The package's launcher finds xenbackup in Debian's dist-packages without the site module (every suite
+    # runs it, and its steps import pystemd from there too).
+    traced = sh("env", "PYTHONPROFILEIMPORTTIME=1", "xenbackup", "--help")
+    imported = {line.rsplit("|", 1)[-1].strip() for line in traced.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "xenbackup.cli" in imported and "site" not in imported, sorted(imported)
 
 
 def test_units_are_where_systemd_finds_them() -> None:
