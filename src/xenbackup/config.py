@@ -22,11 +22,6 @@ from .model import (
 )
 from .run import mask_url
 
-if sys.version_info >= (3, 11):  # noqa: UP036 - tomli keeps older Pythons working
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 DEFAULT_CONFIG = "/etc/xenbackup/xenbackup.toml"
 T = TypeVar("T")
 
@@ -426,25 +421,37 @@ def load(path: str | None = None, ask_systemd: bool = False) -> Config:
     With ask_systemd, systemd-analyze also judges every calendar expression and time span, and its
     complaints join the same list.
     """
-    path = path or os.environ.get("XENBACKUP_CONFIG") or DEFAULT_CONFIG
+    from . import tomlcache
+
+    where = path or os.environ.get("XENBACKUP_CONFIG") or DEFAULT_CONFIG
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        raw = tomlcache.load(where, lambda data: _toml(data, where))
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    return parse(data, path, ask_systemd)
+        raise ConfigError([f"{where}: cannot read: {exc.strerror}"]) from None
+    return _validated(raw, where, ask_systemd)
 
 
 def parse(data: bytes | str, path: str = "<config>", ask_systemd: bool = False) -> Config:
-    c = _Collector(path)
+    return _validated(_toml(data, path), path, ask_systemd)
+
+
+def _toml(data: bytes | str, path: str) -> dict[str, Any]:
+    # Imported here: a unit's later steps take the parsed file from tomlcache and never need it.
+    if sys.version_info >= (3, 11):  # noqa: UP036 - tomli keeps older Pythons working
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: (file): not UTF-8: {exc.reason} at byte {exc.start}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: (syntax): {exc}"]) from None
 
+
+def _validated(raw: dict[str, Any], path: str, ask_systemd: bool) -> Config:
+    c = _Collector(path)
     known = {"repository", "defaults", "settings", "commands", "notify", "vm"}
     for key in raw:
         if key not in known:

@@ -51,13 +51,18 @@ NEVER_IN_A_STEP = ("xenbackup.actions.restore", "xenbackup.actions.ops", "xenbac
 READ_PATH_ONLY = ("xenbackup.progress", "xenbackup.segfs", "xenbackup.actions.incremental")
 
 
-def loaded_by(tmp_path: Path, *argv: str, under_journal: bool = False) -> tuple[int, set[str]]:
+def loaded_by(tmp_path: Path, *argv: str, under_journal: bool = False,
+              runtime: Path | None = None) -> tuple[int, set[str]]:
     cfg = tmp_path / "xenbackup.toml"
-    cfg.write_text(CONFIG.format(tmp=tmp_path))
+    if not cfg.exists():
+        cfg.write_text(CONFIG.format(tmp=tmp_path))
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     env.pop("JOURNAL_STREAM", None)
+    env.pop("RUNTIME_DIRECTORY", None)
+    if runtime is not None:
+        env["RUNTIME_DIRECTORY"] = str(runtime)
     with open(tmp_path / "stderr", "wb") as stderr:
         if under_journal:
             # As systemd starts a unit's process: stderr is journald's stream, and JOURNAL_STREAM names it.
@@ -79,6 +84,28 @@ def test_a_unit_step_never_imports_restore_prune_or_dbus_code(tmp_path: Path, st
     if step != "backup":
         # Only the backup step reads data: progress and the segment view are its own.
         assert sorted(m for m in READ_PATH_ONLY if m in mods) == []
+
+
+def test_a_unit_s_next_step_takes_the_parsed_config_from_the_runtime_directory(tmp_path: Path) -> None:
+    """Importing tomllib is the costliest single import of a step under emulation; one step per config pays it."""
+    import time
+
+    from xenbackup import tomlcache
+
+    runtime = tmp_path / "unit-run"
+    runtime.mkdir(mode=0o700)
+    _, mods = loaded_by(tmp_path, "step", "prepare", "vm1", runtime=runtime)
+    assert "tomllib" in mods and not (runtime / tomlcache.NAME).exists(), "a config this fresh is not cached"
+    time.sleep(tomlcache.SETTLED_NS / 1e9 + 0.1)
+    _, mods = loaded_by(tmp_path, "step", "prepare", "vm1", runtime=runtime)
+    assert "tomllib" in mods and (runtime / tomlcache.NAME).stat().st_mode & 0o777 == 0o600
+    for step in ("backup", "cleanup", "prepare"):
+        rc, mods = loaded_by(tmp_path, "step", step, "vm1", runtime=runtime)
+        assert "xenbackup.actions.backup" in mods and rc in (0, 1), rc
+        assert "tomllib" not in mods, step
+    # Outside a unit nothing is cached and nothing is read from a cache.
+    _, mods = loaded_by(tmp_path, "step", "backup", "vm1")
+    assert "tomllib" in mods
 
 
 # pystemd's D-Bus object layer: its package __init__ imports these, and lxml with them.
