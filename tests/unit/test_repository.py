@@ -395,22 +395,30 @@ def test_bad_sftp_options_are_reported(write_config) -> None:
         config.load(str(path))
 
 
-def test_real_restic_runs_ssh_with_exactly_these_arguments(tmp_path, monkeypatch) -> None:
-    """restic 0.14 splits sftp.command itself; an ssh on PATH records what it was given."""
+def sftp_repository(tmp_path, monkeypatch, ssh_body: str, **sftp: str) -> Restic:
+    """A real restic for sftp:backup@nas.example:/srv/restic whose ssh on PATH is the shell script ssh_body."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    # It lingers after its verdict: restic forwards ssh's stderr from a goroutine of its own, and an ssh gone
-    # at once can beat it to restic's Fatal exit, which then says only "file already closed" (seen under load).
-    (bindir / "ssh").write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {tmp_path / "ssh.argv"}\n'
-                                'echo "Host key verification failed." >&2\nsleep 0.5\nexit 255\n')
+    (bindir / "ssh").write_text(f"#!/bin/sh\n{ssh_body}")
     (bindir / "ssh").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
     (tmp_path / "pw").write_text("pw\n")
     cfg = RepositoryConfig(url="sftp:backup@nas.example:/srv/restic", password_file=str(tmp_path / "pw"),
                            environment_file=None, cache_dir=str(tmp_path / "c"), host="h", compression="auto",
-                           sftp_identity="/etc/xenbackup/id_ed25519", sftp_known_hosts="/etc/xenbackup/known_hosts")
+                           **sftp)
+    return Restic(cfg, "restic", credentials_dir="")
+
+
+def test_real_restic_runs_ssh_with_exactly_these_arguments(tmp_path, monkeypatch) -> None:
+    """restic 0.14 splits sftp.command itself; an ssh on PATH records what it was given."""
+    # It lingers after its verdict: restic forwards ssh's stderr from a goroutine of its own, and an ssh gone
+    # at once can beat it to restic's Fatal exit, which then says only "file already closed" (seen under load).
+    restic = sftp_repository(tmp_path, monkeypatch,
+                             f'for a in "$@"; do echo "$a"; done > {tmp_path / "ssh.argv"}\n'
+                             'echo "Host key verification failed." >&2\nsleep 0.5\nexit 255\n',
+                             sftp_identity="/etc/xenbackup/id_ed25519", sftp_known_hosts="/etc/xenbackup/known_hosts")
     with pytest.raises(RepositoryError, match=r"cannot be opened: .*Host key verification failed"):
-        Restic(cfg, "restic", credentials_dir="").ensure_initialized()
+        restic.ensure_initialized()
     assert (tmp_path / "ssh.argv").read_text().splitlines() == [
         "-o", "BatchMode=yes", "-i", "/etc/xenbackup/id_ed25519", "-o", "IdentitiesOnly=yes",
         "-o", "UserKnownHostsFile=/etc/xenbackup/known_hosts", "-o", "StrictHostKeyChecking=yes",
@@ -419,39 +427,28 @@ def test_real_restic_runs_ssh_with_exactly_these_arguments(tmp_path, monkeypatch
 
 def test_when_restic_loses_ssh_s_verdict_ssh_is_asked_once_more(tmp_path, monkeypatch) -> None:
     """restic's Fatal exit can beat its goroutine that forwards ssh's stderr; then it says only "EOF"."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
     # The first ssh (restic's) dies silently, as when restic drops its words; the second (ours) says why.
-    (bindir / "ssh").write_text(f'#!/bin/sh\necho "$*" >> {tmp_path / "ssh.calls"}\n'
-                                f'[ "$(wc -l < {tmp_path / "ssh.calls"})" -ge 2 ] || exit 255\n'
-                                'echo "Host key verification failed." >&2\nexit 255\n')
-    (bindir / "ssh").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
-    (tmp_path / "pw").write_text("pw\n")
-    cfg = RepositoryConfig(url="sftp:backup@nas.example:/srv/restic", password_file=str(tmp_path / "pw"),
-                           environment_file=None, cache_dir=str(tmp_path / "c"), host="h", compression="auto",
-                           sftp_known_hosts="/etc/xenbackup/known_hosts")
+    calls = tmp_path / "ssh.calls"
+    restic = sftp_repository(tmp_path, monkeypatch,
+                             f'echo "$*" >> {calls}\n[ "$(wc -l < {calls})" -ge 2 ] || exit 255\n'
+                             'echo "Host key verification failed." >&2\nexit 255\n',
+                             sftp_known_hosts="/etc/xenbackup/known_hosts")
     with pytest.raises(RepositoryError) as exc:
-        Restic(cfg, "restic", credentials_dir="").ensure_initialized()
+        restic.ensure_initialized()
     assert "cannot be opened: ssh: Host key verification failed.; Fatal: unable to open repository" in str(exc.value)
-    restics, ours = (tmp_path / "ssh.calls").read_text().splitlines()
+    restics, ours = calls.read_text().splitlines()
     assert ours == restics == ("-o BatchMode=yes -o UserKnownHostsFile=/etc/xenbackup/known_hosts "
                                "-o StrictHostKeyChecking=yes backup@nas.example -s sftp")
 
 
 def test_an_sftp_failure_restic_explained_asks_ssh_nothing(tmp_path, monkeypatch) -> None:
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    (bindir / "ssh").write_text(f'#!/bin/sh\necho "$*" >> {tmp_path / "ssh.calls"}\n'
-                                'echo "Permission denied (publickey)." >&2\nsleep 0.5\nexit 255\n')
-    (bindir / "ssh").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
-    (tmp_path / "pw").write_text("pw\n")
-    cfg = RepositoryConfig(url="sftp:backup@nas.example:/srv/restic", password_file=str(tmp_path / "pw"),
-                           environment_file=None, cache_dir=str(tmp_path / "c"), host="h", compression="auto")
+    calls = tmp_path / "ssh.calls"
+    restic = sftp_repository(tmp_path, monkeypatch,
+                             f'echo "$*" >> {calls}\necho "Permission denied (publickey)." >&2\nsleep 0.5\n'
+                             'exit 255\n')
     with pytest.raises(RepositoryError, match=r"cannot be opened: subprocess ssh: Permission denied \(publickey\)"):
-        Restic(cfg, "restic", credentials_dir="").ensure_initialized()
-    assert len((tmp_path / "ssh.calls").read_text().splitlines()) == 1
+        restic.ensure_initialized()
+    assert len(calls.read_text().splitlines()) == 1
 
 
 # restic 0.14 opening sftp:backup@localhost:/srv/restic with a known_hosts that pins another key.
