@@ -33,12 +33,4 @@ for round in $(seq 20); do
     done
 done
 } > "$results/pystart.txt"
-python3 - "$results/pystart.txt" <<'PY' | tee "$results/pystart-summary.txt"
-import statistics, sys
-times = {}
-for line in open(sys.argv[1]):
-    k, t = line.split()
-    times.setdefault(k, []).append(float(t))
-for k, ts in times.items():
-    print(f"{k:<14} median {statistics.median(ts):.3f} s  min {min(ts):.3f}  max {max(ts):.3f}  (n={len(ts)})")
-PY
+python3 "$(dirname "$0")/medians.py" "$results/pystart.txt" | tee "$results/pystart-summary.txt"

@@ -30,12 +30,4 @@ for round in 1 2 3 4 5 6 7 8 9 10; do
     done
 done
 } > "$results/unitshape.txt" 2>&1
-python3 - "$results/unitshape.txt" <<'PY' | tee "$results/unitshape-summary.txt"
-import statistics, sys
-times = {}
-for line in open(sys.argv[1]):
-    unit, t = line.split()
-    times.setdefault(unit, []).append(float(t))
-for unit, ts in times.items():
-    print(f"{unit:<24} median {statistics.median(ts):.3f} s  min {min(ts):.3f}  max {max(ts):.3f}  (n={len(ts)})")
-PY
+python3 "$(dirname "$0")/medians.py" "$results/unitshape.txt" | tee "$results/unitshape-summary.txt"
