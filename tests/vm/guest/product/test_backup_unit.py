@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import marshal
 import os
 import subprocess
 import threading
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from vmlib.product import (
+    CONFIG,
     MSG_FAILED,
     MSG_STARTED,
     MSG_SUCCEEDED,
@@ -62,6 +64,12 @@ def test_unit_backup_stores_origin_bytes_and_leaves_nothing(seed_layout, xb: Xb,
     assert [e.get("XENBACKUP_PHASE") for e in ours if e.get("MESSAGE_ID") == MSG_SUCCEEDED] == ["cleanup"]
     assert "the backup step of vm1 finished the run; nothing left to release" in journal.text("-u", "xenbackup@vm1")
     assert list(Path("/run/xenbackup/.finished").iterdir()) == []
+    # A later step kept what tomllib made of the config for the next one: the run outlasted the 2 s a
+    # freshly written file waits before it is cached. Root's only: the file may hold a repository URL's password.
+    cache = Path("/run/xenbackup/.config-cache")
+    assert cache.stat().st_mode & 0o777 == 0o600 and cache.stat().st_uid == 0
+    key, raw = marshal.loads(cache.read_bytes())
+    assert key[1] == str(CONFIG) and key[3] == CONFIG.stat().st_ino and "vm1" in raw["vm"]
     assert json.loads(Path("/var/lib/xenbackup/state/vm1.json").read_text())["result"] == "success"
     # The catalog explains the operator-facing events (journalctl -x).
     assert "Backup of VM vm1 succeeded" in journal.text("-x", "-u", "xenbackup@vm1")
