@@ -17,6 +17,37 @@ from xbtestbed.qemu import BLANK_DISK_SERIALS, Machine
 from xbtestbed.suites import SUITES, GuestCase, guest_cases, pytest_arguments, scan_file
 
 
+def test_suites_booting_at_once_never_parse_their_files_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrent ast.parse can raise SystemError on CPython 3.11 (gh-106905): the scans must take turns."""
+    import ast
+    import threading
+    import time
+
+    from xbtestbed import suites
+
+    real_parse, inside, most = ast.parse, [0], [0]
+    guard = threading.Lock()
+
+    def slow_parse(*args: object, **kwargs: object) -> ast.Module:
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.002)  # wide enough for another thread to enter if nothing stops it
+        try:
+            return real_parse(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    monkeypatch.setattr(suites.ast, "parse", slow_parse)
+    threads = [threading.Thread(target=guest_cases, args=(SUITES[name],)) for name in ("host", "faults", "fleet")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1
+
+
 def test_scan_finds_functions_and_class_methods_but_not_helpers(tmp_path: Path) -> None:
     source = tmp_path / "test_x.py"
     source.write_text(

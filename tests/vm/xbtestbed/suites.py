@@ -8,6 +8,7 @@ modules that exist only in the guest).
 from __future__ import annotations
 
 import ast
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,9 +112,18 @@ def guest_cases(suite: Suite, root: Path = GUEST_TEST_DIR) -> list[GuestCase]:
     return cases
 
 
+# The suites boot on threads of their own, and each scans its files there. CPython 3.11's AST conversion
+# keeps its recursion depth in state shared by threads, so two ast.parse calls at once can fail with
+# "SystemError: AST constructor recursion depth mismatch" (CPython gh-106905; it cost a CI run the faults
+# suite). One parse at a time.
+_PARSE = threading.Lock()
+
+
 def scan_file(path: Path, relative: str) -> list[GuestCase]:
     """The test functions and Test* class methods defined in one file."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    source = path.read_text()
+    with _PARSE:
+        tree = ast.parse(source, filename=str(path))
     cases = []
     for node in tree.body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test"):
