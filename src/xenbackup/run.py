@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import re
@@ -10,9 +11,12 @@ import shlex
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Protocol
+
+from . import headstart
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +252,7 @@ def run(
     return result
 
 
-def _pump(args: list[str], proc: subprocess.Popen[bytes], consume: Callable[[IO[bytes]], None],
+def _pump(args: list[str], proc: Child, consume: Callable[[IO[bytes]], None],
           secrets: Sequence[str]) -> str:
     """Hand stdout to consume while a thread drains stderr; returns stderr, raises on failure."""
     assert proc.stdout is not None and proc.stderr is not None
@@ -272,6 +276,127 @@ def _pump(args: list[str], proc: subprocess.Popen[bytes], consume: Callable[[IO[
     return stderr
 
 
+class Child(Protocol):
+    """A running command: a subprocess.Popen, or a process the head start began (Adopted)."""
+
+    pid: int
+    returncode: int | None
+    stdout: IO[bytes] | None
+    stderr: IO[bytes] | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+    def kill(self) -> None: ...
+
+
+class Adopted:
+    """A process headstart started before this interpreter had loaded the runner, as the runner's own."""
+
+    def __init__(self, started: headstart.Started) -> None:
+        self.pid = started.pid
+        self.returncode: int | None = None
+        self.stdout: IO[bytes] | None = os.fdopen(started.stdout, "rb")
+        self.stderr: IO[bytes] | None = os.fdopen(started.stderr, "rb")
+
+    def _reap(self, flags: int) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, flags)
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._reap(os.WNOHANG)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if timeout is None:
+            code = self._reap(0)
+            assert code is not None
+            return code
+        deadline = time.monotonic() + timeout
+        while (code := self._reap(os.WNOHANG)) is None:
+            if time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired([str(self.pid)], timeout)
+            time.sleep(0.05)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Rehearsed(Exception):
+    """What stream() would have started under rehearsal(): the command, its full environment, and which
+    of its strings are secrets."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: str | None, stdin: str | None,
+                 secrets: list[str]) -> None:
+        super().__init__(argv[0])
+        self.argv = argv
+        self.env = env
+        self.cwd = cwd
+        self.stdin = stdin
+        self.secrets = secrets
+
+
+_rehearsing: contextvars.ContextVar[bool] = contextvars.ContextVar("rehearsing", default=False)
+
+
+@contextlib.contextmanager
+def rehearsal() -> Iterator[None]:
+    """Inside, stream() starts nothing and raises Rehearsed instead (see headstart)."""
+    token = _rehearsing.set(True)
+    try:
+        yield
+    finally:
+        _rehearsing.reset(token)
+
+
+def _stdin_name(stdin: IO[bytes] | None) -> str | None:
+    """The file stdin reads, from its start; "" for anything else (never what a head start opened)."""
+    if stdin is None:
+        return None
+    name = getattr(stdin, "name", None)
+    return name if isinstance(name, str) and stdin.seekable() and stdin.tell() == 0 else ""
+
+
+def _adopt(args: list[str], secrets: Sequence[str], env: Mapping[str, str] | None, stdin: IO[bytes] | None,
+           cwd: str | None) -> Adopted | None:
+    """The process the head start began, if it runs exactly this command; any other one is stopped."""
+    started = headstart.take()
+    if started is None:
+        return None
+    child = Adopted(started)
+    if started.runs(args, clean_env(env), cwd, _stdin_name(stdin)):
+        log.info("%s was started %.2f s ahead, before this step loaded its code (pid %d)",
+                 os.path.basename(args[0]), time.monotonic() - started.at, child.pid)
+        log.debug("+ %s", mask(args, secrets))
+        return child
+    log.warning("the command started ahead (pid %d) is not the one this step runs; stopping it", child.pid)
+    stop_adopted(child)
+    return None
+
+
+def stop_adopted(child: Adopted) -> None:
+    """Stop a head-started process and close its pipes."""
+    _stop(child)
+    for pipe in (child.stdout, child.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+def stop_head_start() -> None:
+    """Stop the head start's process if nothing took it (the step ended before its first restic)."""
+    started = headstart.take()
+    if started is not None:
+        log.warning("the command started ahead (pid %d) was not used; stopping it", started.pid)
+        stop_adopted(Adopted(started))
+
+
 def stream(
     argv: Sequence[Arg],
     on_line: Callable[[str], None],
@@ -280,12 +405,14 @@ def stream(
     secrets: Iterable[str] = (),
     stdin: IO[bytes] | None = None,
     cwd: str | None = None,
-    on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+    on_start: Callable[[Child], None] | None = None,
 ) -> Completed:
     """Run a long command, handing each stdout line to on_line as it arrives."""
     args = _argv(argv)
     secrets = list(secrets)
-    proc = _spawn(args, secrets, env, stdin, subprocess.PIPE, cwd)
+    if _rehearsing.get():
+        raise Rehearsed(args, clean_env(env), cwd, _stdin_name(stdin), secrets)
+    proc: Child = _adopt(args, secrets, env, stdin, cwd) or _spawn(args, secrets, env, stdin, subprocess.PIPE, cwd)
     if on_start is not None:
         on_start(proc)
     lines: list[str] = []
@@ -297,10 +424,10 @@ def stream(
             on_line(line)
 
     stderr = _pump(args, proc, consume, secrets)
-    return Completed(tuple(args), proc.returncode, "\n".join(lines[-50:]), stderr)
+    return Completed(tuple(args), proc.wait(), "\n".join(lines[-50:]), stderr)
 
 
-def _stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+def _stop(proc: Child, grace: float = 20.0) -> None:
     """Ask the child to stop (restic finishes its lock removal on SIGTERM), then insist."""
     if proc.poll() is not None:
         return
