@@ -1,6 +1,6 @@
 """The `xenbackup` command. The unit's cleanup step after a good run ends here without loading the rest
-of xenbackup (see handoff), and its backup step starts restic here before loading it (see headstart);
-everything else goes on to the command line parser."""
+of xenbackup (see handoff), and its prepare and backup steps start restic here before loading it (see
+headstart); everything else goes on to the command line parser."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def main() -> None:
         print(done, file=sys.stderr)
         sys.exit(0)
     started = None
-    if argv[:2] == ["step", "backup"]:
+    if argv[:2] in (["step", "prepare"], ["step", "backup"]):
         from . import headstart
 
         started = headstart.start(argv)

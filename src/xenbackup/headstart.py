@@ -1,13 +1,17 @@
-"""The unit's backup step starts its first restic before it loads the rest of xenbackup.
+"""A unit's steps start their first restic before they load the rest of xenbackup.
 
-Both restic's own start (its binary, the key derivation, the index) and the backup step's interpreter with
-its imports and config fall inside the snapshot's life, and under emulation each costs most of a second.
-The prepare step knows the backup step's first command: it rehearses the backup step's own code up to the
-spawn (run.rehearsal) and leaves that command (argv, working directory, stdin, environment) in
-`$RUNTIME_DIRECTORY/.headstart/$INVOCATION_ID`. `xenbackup step backup VM` of the same invocation spawns it
-first thing, so restic starts while Python imports. When the backup step's own code comes to that spawn,
-the runner takes the running process only if the command is the same in every byte (run.stream); any other
-process is stopped, and the command started as usual.
+restic's own start (its binary, the key derivation, the index) and a step's interpreter with its imports and
+config each cost most of a second under emulation. Two of them wait on restic:
+- the backup step's first `restic backup`, inside the snapshot's life. The prepare step knows it: it
+  rehearses the backup step's own code up to the spawn (run.rehearsal) and leaves that command (argv,
+  working directory, stdin, environment) in `$RUNTIME_DIRECTORY/.headstart/$INVOCATION_ID`;
+- the prepare step's repository key check, which `lvcreate` waits for. A backup step that stored its data
+  rehearses it and leaves it in `$RUNTIME_DIRECTORY/.headstart/VM.prepare` for the VM's next run.
+`xenbackup step backup VM` and `xenbackup step prepare VM` spawn the command left for them first thing, so
+restic runs while Python imports. The runner takes the running process only when the step's own code asks
+for the same command in every byte (run.run, run.stream). A backup step's process that is not the one asked
+for is stopped at once; a key check left by the last run that no longer matches (the config changed) is
+stopped when the step ends. Either way the step starts its own command as usual.
 
 No secret is written to the file: environment values that are secrets are read again here from the files
 they came from ([repository] environment_file, the `restic-environment` credential), and a command that
@@ -28,16 +32,20 @@ from . import envfile, handoff
 # typing and collections cost an interpreter that has nothing else to load more than the rest of this.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
 KIND = "headstart"
+# Which step a command is left for, and by whom:
+BACKUP = "backup"    # this invocation's backup step, by its prepare step: the first `restic backup`
+PREPARE = "prepare"  # the VM's next prepare step, by a backup step: the repository key check
 
 
 class Started:
     """A process this module started, and exactly what it runs."""
 
-    def __init__(self, pid: int, argv: list[str], env: dict[str, str], cwd: str | None, stdin: str | None,
-                 stdout: int, stderr: int) -> None:
+    def __init__(self, step: str, pid: int, argv: list[str], env: dict[str, str], cwd: str | None,
+                 stdin: str | None, stdout: int, stderr: int) -> None:
+        self.step = step
         self.pid = pid
         self.argv = argv
         self.env = env
@@ -55,11 +63,22 @@ class Started:
 _held: list[Started] = []
 
 
-def leave(vm: str, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, stdin: str | None,
-          env_files: Sequence[str], environ: Mapping[str, str] = os.environ) -> None:
-    """Leave this invocation's backup step the command to start first. `env` holds no secret: those come
-    from `env_files` (the later one winning) for every key `env` lacks."""
+def plan_path(step: str, vm: str, environ: Mapping[str, str] = os.environ) -> str | None:
+    """Where the command left for `step` of `vm` lives; None outside a systemd unit."""
     path = handoff.invocation_file(KIND, environ)
+    if path is None or step == BACKUP:
+        return path
+    if step != PREPARE or not vm or vm.startswith(".") or "/" in vm:
+        return None
+    # Named by the VM, not by an invocation: the next run is another invocation of the unit.
+    return os.path.join(os.path.dirname(path), f"{vm}.{PREPARE}")
+
+
+def leave(step: str, vm: str, argv: Sequence[str], env: Mapping[str, str], cwd: str | None, stdin: str | None,
+          env_files: Sequence[str], environ: Mapping[str, str] = os.environ) -> None:
+    """Leave `step` of `vm` the command to start first. `env` holds no secret: those come from `env_files`
+    (the later one winning) for every key `env` lacks."""
+    path = plan_path(step, vm, environ)
     if path is None:
         raise OSError("not in a systemd unit with a runtime directory")
     plan = {"vm": vm, "argv": list(argv), "env": dict(env), "cwd": cwd, "stdin": stdin,
@@ -73,8 +92,8 @@ def leave(vm: str, argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
 
 
 def discard(environ: Mapping[str, str] = os.environ) -> None:
-    """Remove this invocation's command, if no backup step took it."""
-    path = handoff.invocation_file(KIND, environ)
+    """Remove this invocation's backup command, if no backup step took it."""
+    path = plan_path(BACKUP, "", environ)
     if path is not None:
         try:
             os.unlink(path)
@@ -83,9 +102,9 @@ def discard(environ: Mapping[str, str] = os.environ) -> None:
 
 
 def _plan(argv: Sequence[str], environ: Mapping[str, str]) -> dict[str, object] | None:
-    if len(argv) != 3 or list(argv[:2]) != ["step", "backup"]:
+    if len(argv) != 3 or argv[0] != "step" or argv[1] not in (BACKUP, PREPARE):
         return None
-    path = handoff.invocation_file(KIND, environ)
+    path = plan_path(argv[1], argv[2], environ)
     if path is None:
         return None
     try:
@@ -112,8 +131,8 @@ def _which(program: str, path: str) -> str | None:
 
 
 def start(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> Started | None:
-    """For the unit's own `step backup VM`: start the command its prepare step left, if any. Anything
-    unexpected means no head start; the step then runs as it would without one."""
+    """For the unit's own `step backup VM` and `step prepare VM`: start the command left for it, if any.
+    Anything unexpected means no head start; the step then runs as it would without one."""
     plan = _plan(argv, environ)
     if plan is None:
         return None
@@ -154,11 +173,29 @@ def start(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> Start
         return None
     os.close(out_w)
     os.close(err_w)
-    started = Started(pid, command, env, cwd, stdin, out_r, err_r)
+    started = Started(str(argv[1]), pid, command, env, cwd, stdin, out_r, err_r)
     _held.append(started)
     return started
 
 
+def holds() -> bool:
+    """Whether start() started a process that nothing took yet."""
+    return bool(_held)
+
+
 def take() -> Started | None:
-    """The process start() started, once; the caller then owns it (run.stream adopts or stops it)."""
+    """The process start() started, once; the caller then owns it (and stops it)."""
     return _held.pop() if _held else None
+
+
+def take_if(wanted: Callable[[Started], bool]) -> Started | None:
+    """The process start() started, if `wanted` says so; the caller then owns it. Safe from threads: the
+    prepare step runs LVM's commands and the key check at once."""
+    started = _held[0] if _held else None
+    if started is None or not wanted(started):
+        return None
+    try:
+        _held.remove(started)
+    except ValueError:  # another thread took it
+        return None
+    return started

@@ -499,9 +499,9 @@ class Restic:
         """None when the repository opens, else why not (restic's first line)."""
         if self.cfg.is_local:
             return None if os.path.exists(os.path.join(self.cfg.url, "config")) else "no repository there"
-        return self._read_config()
+        return self.read_config()
 
-    def _read_config(self) -> str | None:
+    def read_config(self) -> str | None:
         """None when restic decrypts the repository's config, else restic's first line saying why not."""
         # --no-lock: a prune elsewhere in the fleet may hold an exclusive lock, and this only reads.
         probe = run(self.argv("cat", "config", "--no-lock"), env=self.env(), secrets=self.secrets(), check=False)
@@ -542,7 +542,7 @@ class Restic:
 
     def _check_key(self) -> None:
         """Decrypt the repository's config as any backup would: a wrong password fails here, before LVM."""
-        why = self._read_config()
+        why = self.read_config()
         if why is not None:
             raise RepositoryError(f"repository {self.cfg.display_url} cannot be opened: {why}")
 

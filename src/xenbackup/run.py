@@ -232,23 +232,31 @@ def run(
     """Run a command to completion, capturing text output (or sending stdout to a file)."""
     args = _argv(argv)
     secrets = list(secrets)
-    proc = _spawn(args, secrets, env, stdin, stdout if stdout is not None else subprocess.PIPE, cwd)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        _stop(proc)
-        out, err = proc.communicate()
-        raise CommandError(args, proc.returncode, mask_text((err or b"").decode(errors="replace"), secrets),
-                           reason=f"timed out after {timeout:g} s") from exc
-    except BaseException:
-        # SIGTERM arrives as an exception; the child must not outlive us.
-        _stop(proc)
-        raise
+    if _rehearsing.get():
+        raise Rehearsed(args, clean_env(env), cwd, _stdin_name(stdin), secrets)
+    adopted = _adopt(args, secrets, env, stdin, cwd) if stdout is None and timeout is None else None
+    if adopted is not None:
+        out, err = _read_all(adopted)
+        returncode = adopted.wait()
+    else:
+        proc = _spawn(args, secrets, env, stdin, stdout if stdout is not None else subprocess.PIPE, cwd)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            _stop(proc)
+            out, err = proc.communicate()
+            raise CommandError(args, proc.returncode, mask_text((err or b"").decode(errors="replace"), secrets),
+                               reason=f"timed out after {timeout:g} s") from exc
+        except BaseException:
+            # SIGTERM arrives as an exception; the child must not outlive us.
+            _stop(proc)
+            raise
+        returncode = proc.returncode
     # stderr ends up in error messages and the journal; a tool may echo what it was given (a URL, a key).
-    result = Completed(tuple(args), proc.returncode, (out or b"").decode(errors="replace"),
+    result = Completed(tuple(args), returncode, (out or b"").decode(errors="replace"),
                        mask_text((err or b"").decode(errors="replace"), secrets))
-    if check and proc.returncode != 0:
-        raise CommandError(args, proc.returncode, result.stderr)
+    if check and returncode != 0:
+        raise CommandError(args, returncode, result.stderr)
     return result
 
 
@@ -330,7 +338,7 @@ class Adopted:
 
 
 class Rehearsed(Exception):
-    """What stream() would have started under rehearsal(): the command, its full environment, and which
+    """What run() or stream() would have started under rehearsal(): the command, its full environment, and which
     of its strings are secrets."""
 
     def __init__(self, argv: list[str], env: dict[str, str], cwd: str | None, stdin: str | None,
@@ -348,7 +356,7 @@ _rehearsing: contextvars.ContextVar[bool] = contextvars.ContextVar("rehearsing",
 
 @contextlib.contextmanager
 def rehearsal() -> Iterator[None]:
-    """Inside, stream() starts nothing and raises Rehearsed instead (see headstart)."""
+    """Inside, run() and stream() start nothing and raise Rehearsed instead (see headstart)."""
     token = _rehearsing.set(True)
     try:
         yield
@@ -365,19 +373,25 @@ def _stdin_name(stdin: IO[bytes] | None) -> str | None:
 
 
 def _adopt(args: list[str], secrets: Sequence[str], env: Mapping[str, str] | None, stdin: IO[bytes] | None,
-           cwd: str | None) -> Adopted | None:
-    """The process the head start began, if it runs exactly this command; any other one is stopped."""
-    started = headstart.take()
-    if started is None:
+           cwd: str | None, first_backup: bool = False) -> Adopted | None:
+    """The process a head start began, if it runs exactly this command. With `first_backup` (the backup
+    step's first long command, the one its head start was for), any other backup process is stopped."""
+    if not headstart.holds():
         return None
-    child = Adopted(started)
-    if started.runs(args, clean_env(env), cwd, _stdin_name(stdin)):
+    full = clean_env(env)
+    stdin_name = _stdin_name(stdin)
+    started = headstart.take_if(lambda s: s.runs(args, full, cwd, stdin_name))
+    if started is not None:
         log.info("%s was started %.2f s ahead, before this step loaded its code (pid %d)",
-                 os.path.basename(args[0]), time.monotonic() - started.at, child.pid)
+                 os.path.basename(args[0]), time.monotonic() - started.at, started.pid)
         log.debug("+ %s", mask(args, secrets))
-        return child
-    log.warning("the command started ahead (pid %d) is not the one this step runs; stopping it", child.pid)
-    stop_adopted(child)
+        return Adopted(started)
+    if first_backup:
+        other = headstart.take_if(lambda s: s.step == headstart.BACKUP)
+        if other is not None:
+            log.warning("the command started ahead (pid %d) is not the one this step runs; stopping it",
+                        other.pid)
+            stop_adopted(Adopted(other))
     return None
 
 
@@ -390,11 +404,37 @@ def stop_adopted(child: Adopted) -> None:
 
 
 def stop_head_start() -> None:
-    """Stop the head start's process if nothing took it (the step ended before its first restic)."""
+    """Stop the head start's process if nothing took it: the step ended before it came to that command, or
+    the key check the last run left no longer matches this run's."""
     started = headstart.take()
-    if started is not None:
+    if started is None:
+        return
+    if started.step == headstart.BACKUP:
         log.warning("the command started ahead (pid %d) was not used; stopping it", started.pid)
-        stop_adopted(Adopted(started))
+    else:
+        log.info("stopped the key check the last run left (pid %d): this run did not use it (the config or the "
+                 "repository changed, or the step ended before its key check)", started.pid)
+    stop_adopted(Adopted(started))
+
+
+def _read_all(child: Adopted) -> tuple[bytes, bytes]:
+    """Everything a head-started process writes, until it ends (subprocess's communicate, for Adopted)."""
+    assert child.stdout is not None and child.stderr is not None
+    err: list[bytes] = []
+    stderr_pipe = child.stderr
+    reader = threading.Thread(target=lambda: err.append(stderr_pipe.read()), daemon=True)
+    reader.start()
+    try:
+        out = child.stdout.read()
+        child.wait()
+    except BaseException:
+        _stop(child)
+        raise
+    finally:
+        reader.join(timeout=5)
+        child.stdout.close()
+        stderr_pipe.close()
+    return out, b"".join(err)
 
 
 def stream(
@@ -412,7 +452,8 @@ def stream(
     secrets = list(secrets)
     if _rehearsing.get():
         raise Rehearsed(args, clean_env(env), cwd, _stdin_name(stdin), secrets)
-    proc: Child = _adopt(args, secrets, env, stdin, cwd) or _spawn(args, secrets, env, stdin, subprocess.PIPE, cwd)
+    proc: Child = (_adopt(args, secrets, env, stdin, cwd, first_backup=True)
+                   or _spawn(args, secrets, env, stdin, subprocess.PIPE, cwd))
     if on_start is not None:
         on_start(proc)
     lines: list[str] = []

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from xenbackup import headstart
-from xenbackup.run import Rehearsed, clean_env, rehearsal, stop_head_start, stream
+from xenbackup.run import Rehearsed, clean_env, rehearsal, run, stop_head_start, stream
 
 INVOCATION = "0123456789abcdef0123456789abcdef"
 
@@ -56,7 +56,7 @@ def wait_for_start(tmp_path: Path, count: int = 1) -> None:
 
 def leave(tmp_path: Path, tool: Path, unit: dict[str, str], env: dict[str, str], files: list[str]) -> list[str]:
     argv = [str(tool), "backup", "--json"]
-    headstart.leave("web1", argv, env, str(tmp_path), str(tmp_path / "input"), files, unit)
+    headstart.leave(headstart.BACKUP, "web1", argv, env, str(tmp_path), str(tmp_path / "input"), files, unit)
     return argv
 
 
@@ -126,7 +126,7 @@ def test_a_head_start_no_one_takes_is_stopped(tmp_path: Path, tool: Path, unit: 
 def test_only_the_same_invocation_s_backup_step_starts_it(tmp_path: Path, tool: Path, unit: dict[str, str],
                                                           argv: list[str], vm: str,
                                                           environ: dict[str, str]) -> None:
-    headstart.leave(vm, [str(tool)], clean_env({}), None, None, [], unit)
+    headstart.leave(headstart.BACKUP, vm, [str(tool)], clean_env({}), None, None, [], unit)
     assert headstart.start(argv, {**unit, **environ}) is None
     assert headstart.take() is None and starts(tmp_path) == []
 
@@ -138,7 +138,8 @@ def test_a_damaged_plan_a_missing_secret_file_or_directory_means_no_head_start(t
     plan = Path(unit["RUNTIME_DIRECTORY"]) / ".headstart" / INVOCATION
     plan.write_bytes(b"\x00garbage")
     assert headstart.start(["step", "backup", "web1"], unit) is None
-    headstart.leave("web1", [str(tool)], clean_env({}), str(tmp_path / "unmounted"), None, [], unit)
+    headstart.leave(headstart.BACKUP, "web1", [str(tool)], clean_env({}), str(tmp_path / "unmounted"), None, [],
+                    unit)
     here = os.getcwd()
     assert headstart.start(["step", "backup", "web1"], unit) is None and os.getcwd() == here
     assert starts(tmp_path) == [] and headstart.take() is None
@@ -155,3 +156,51 @@ def test_a_rehearsal_starts_nothing_and_tells_what_would_have_run(tmp_path: Path
     (tmp_path / "go").touch()
     stream([str(tool)], lines.append)  # outside the rehearsal, commands run again
     assert lines == ["one", "two"]
+
+
+def test_the_key_check_left_for_the_next_run_is_taken_by_its_command_only(tmp_path: Path, tool: Path,
+                                                                          unit: dict[str, str]) -> None:
+    """The prepare step runs LVM's commands while the key check runs: only the key check's own command takes
+    the process, from whichever thread; the next run of the VM, another invocation, finds it."""
+    import threading
+
+    argv = [str(tool), "cat", "config", "--no-lock"]
+    headstart.leave(headstart.PREPARE, "web1", argv, clean_env({"RESTIC_REPOSITORY": "/srv/repo"}), None, None,
+                    [], unit)
+    runtime = unit["RUNTIME_DIRECTORY"]
+    assert headstart.plan_path(headstart.PREPARE, "web1", unit) == f"{runtime}/.headstart/web1.prepare"
+    next_run = {**unit, "INVOCATION_ID": "f" * 32}
+    started = headstart.start(["step", "prepare", "web1"], next_run)
+    assert started is not None
+    wait_for_start(tmp_path)
+    assert run(["sh", "-c", "echo lvs"]).stdout == "lvs\n"   # another command: the head start stays
+    (tmp_path / "go").touch()
+    got: list[str] = []
+    thread = threading.Thread(target=lambda: got.append(run(argv, env={"RESTIC_REPOSITORY": "/srv/repo"}).stdout))
+    thread.start()
+    thread.join(30)
+    # One start, in this directory, reading /dev/null, as subprocess would have started it.
+    assert got == ["one\ntwo\n"] and starts(tmp_path) == [f"start {started.pid} {os.getcwd()}  none"]
+
+
+def test_a_key_check_that_no_longer_matches_is_stopped_when_the_step_ends(tmp_path: Path, tool: Path,
+                                                                         unit: dict[str, str],
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    argv = [str(tool), "cat", "config", "--no-lock"]
+    headstart.leave(headstart.PREPARE, "web1", argv, clean_env({"RESTIC_REPOSITORY": "/srv/old"}), None, None,
+                    [], unit)
+    started = headstart.start(["step", "prepare", "web1"], unit)
+    assert started is not None
+    wait_for_start(tmp_path)
+    (tmp_path / "go").touch()
+    # The config names another repository now: the step runs its own key check; the old one is left alone.
+    assert run(argv, env={"RESTIC_REPOSITORY": "/srv/new"}).stdout == "one\ntwo\n"
+    caplog.set_level("INFO")
+    stop_head_start()
+    assert [r.levelname for r in caplog.records] == ["INFO"] and "did not use it" in caplog.records[0].message
+    assert len(starts(tmp_path)) >= 2 and headstart.take() is None
+
+
+@pytest.mark.parametrize("vm", ["", ".finished", "../etc", "a/b"])
+def test_a_vm_name_that_is_no_file_name_gets_no_key_check_file(unit: dict[str, str], vm: str) -> None:
+    assert headstart.plan_path(headstart.PREPARE, vm, unit) is None

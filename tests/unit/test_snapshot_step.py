@@ -678,11 +678,11 @@ finally:
 """
 
 
-def test_the_backup_step_starts_restic_before_it_loads_its_code(tools: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """The prepare step leaves the backup step its first restic command, without the password; the unit's
+def test_the_steps_start_restic_before_they_load_their_code(tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prepare step leaves the backup step its first restic command, without the secrets; the unit's
     backup step, a fresh interpreter, starts it before importing the rest of xenbackup and then runs that
-    very process: one `restic backup`, and the run stored and finished."""
+    very process: one `restic backup`, and the run stored and finished. The backup step leaves the next
+    prepare step its key check likewise."""
     import shutil
     import subprocess
     import sys
@@ -727,3 +727,19 @@ def test_the_backup_step_starts_restic_before_it_loads_its_code(tools: Path,
     assert record is not None and record["result"] == "success" and len(record["restic_snapshots"]) == 1
     stored = ctx.restic.snapshots(names.restic_filter("web1", run_id=record["run_id"]))
     assert [s.id[:8] for s in stored] == record["restic_snapshots"]
+
+    # The backup step left the VM's next prepare step its key check, and that step, another invocation of
+    # the unit, starts it before it loads its code and then takes that process for its key check.
+    key_check = runtime / ".headstart" / "web1.prepare"
+    assert key_check.stat().st_mode & 0o777 == 0o600 and b"hunter22" not in key_check.read_bytes()
+    (tools / "calls").write_text("")
+    done = subprocess.run([sys.executable, "-S", str(probe), str(seen), "step", "prepare", "web1"],
+                          env={**env, "INVOCATION_ID": "f" * 32}, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    held = json.loads(seen.read_text())["held"]
+    assert len(held) == 1, "restic was not started before the command line parser was imported"
+    checks = [line for line in (tools / "calls").read_text().splitlines() if line.startswith("restic cat config")]
+    assert checks == [checks[0]] and checks[0].endswith(f"pid={held[0]}"), checks
+    assert "was started" in done.stderr and "did not use it" not in done.stderr
+    assert "lvcreate" in (tools / "calls").read_text() and not key_check.exists()

@@ -243,11 +243,7 @@ def step_prepare(ctx: Context, vm: VM) -> RunState:
 
 
 def leave_head_start(ctx: Context, vm: VM, state: RunState) -> None:
-    """Rehearse the backup step's first restic command and leave it for that step to start before it loads
-    its code (see headstart). Nothing here can fail the run: without a head start the step runs as ever."""
-    from ..repository import read_environment_file
-    from ..run import Rehearsed, rehearsal
-
+    """Leave this invocation's backup step its first restic command, to start before it loads its code."""
     rec = state.snapshots[0] if state.snapshots else None
     if rec is None:
         return
@@ -255,14 +251,29 @@ def leave_head_start(ctx: Context, vm: VM, state: RunState) -> None:
     if disk.mode is DiskMode.BLOCK and rec.thin and ctx.cfg.settings.thin_incremental:
         return  # its restic reads a FUSE mount the backup step sets up first
     config, carrier = _carried_config(vm, state)
+    _leave(ctx, vm, headstart.BACKUP,
+           lambda: _backup_disk(ctx, vm, state, rec, _Current(), config if rec.disk_slug == carrier else None))
+
+
+def leave_key_check(ctx: Context, vm: VM) -> None:
+    """Leave the VM's next prepare step its repository key check, to start before it loads its code."""
+    _leave(ctx, vm, headstart.PREPARE, ctx.restic.read_config)
+
+
+def _leave(ctx: Context, vm: VM, step: str, code: Callable[[], object]) -> None:
+    """Rehearse `code` up to its first command and leave that command for `step` (see headstart). Nothing here
+    can fail the run: without a head start a step runs as ever."""
+    from ..repository import read_environment_file
+    from ..run import Rehearsed, rehearsal
+
     try:
         with rehearsal():
-            _backup_disk(ctx, vm, state, rec, _Current(), config if rec.disk_slug == carrier else None)
+            code()
         return
     except Rehearsed as rehearsed:
         command = rehearsed
-    except Exception as exc:  # the backup step meets the same problem and reports it
-        log.debug("no head start for the backup step: %s", exc)
+    except Exception as exc:  # the step meets the same problem and reports it
+        log.debug("no head start for the %s step: %s", step, exc)
         return
     try:
         files = ctx.restic.environment_files()
@@ -270,11 +281,11 @@ def leave_head_start(ctx: Context, vm: VM, state: RunState) -> None:
         kept = {k: v for k, v in command.env.items() if not any(s and s in v for s in command.secrets)}
         if set(command.env) - set(kept) - from_files or any(s and s in a for s in command.secrets
                                                             for a in command.argv):
-            log.debug("no head start for the backup step: its command needs a secret that is in no file")
+            log.debug("no head start for the %s step: its command needs a secret that is in no file", step)
             return
-        headstart.leave(vm.name, command.argv, kept, command.cwd, command.stdin, files)
+        headstart.leave(step, vm.name, command.argv, kept, command.cwd, command.stdin, files)
     except Exception as exc:
-        log.debug("no head start for the backup step: %s", exc)
+        log.debug("no head start for the %s step: %s", step, exc)
 
 
 # --- backup -----------------------------------------------------------------------------------
@@ -396,6 +407,8 @@ def step_backup(ctx: Context, vm: VM, finish: bool = False) -> RunState:
             state = ctx.store.load(vm.name) or state
         if alone is not None:
             state = _store_config_alone(ctx, vm, state, alone)
+        if released and handoff.possible():
+            leave_key_check(ctx, vm)
         if released and finish and handoff.possible():
             with ctx.store.lock(vm.name):
                 finish_early(ctx, vm, state)
