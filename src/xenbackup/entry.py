@@ -1,5 +1,6 @@
 """The `xenbackup` command. The unit's cleanup step after a good run ends here without loading the rest
-of xenbackup (see handoff); everything else goes on to the command line parser."""
+of xenbackup (see handoff), and its prepare and backup steps start restic here before loading it (see
+headstart); everything else goes on to the command line parser."""
 
 from __future__ import annotations
 
@@ -14,6 +15,18 @@ def main() -> None:
     if done is not None:
         print(done, file=sys.stderr)
         sys.exit(0)
-    from .cli import main as cli_main
+    started = None
+    if argv[:2] in (["step", "prepare"], ["step", "backup"]):
+        from . import headstart
 
-    sys.exit(cli_main(argv))
+        started = headstart.start(argv)
+    try:
+        from .cli import main as cli_main
+
+        code = cli_main(argv)
+    finally:
+        if started is not None:
+            from .run import stop_head_start
+
+            stop_head_start()
+    sys.exit(code)

@@ -23,14 +23,19 @@ if TYPE_CHECKING:
 _HEX = frozenset("0123456789abcdef")
 
 
-def _marker(environ: Mapping[str, str]) -> str | None:
-    """`$RUNTIME_DIRECTORY/.finished/$INVOCATION_ID`; None outside a systemd unit."""
+def invocation_file(kind: str, environ: Mapping[str, str]) -> str | None:
+    """`$RUNTIME_DIRECTORY/.KIND/$INVOCATION_ID`: a file one step of a unit's run leaves for a later step of
+    the same run. None outside a systemd unit."""
     invocation = environ.get("INVOCATION_ID", "")
     runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
     if not os.path.isabs(runtime) or len(invocation) != 32 or not _HEX.issuperset(invocation):
         return None
     # A VM's name cannot start with a dot, so no VM's own directory is this one.
-    return os.path.join(runtime, ".finished", invocation)
+    return os.path.join(runtime, f".{kind}", invocation)
+
+
+def _marker(environ: Mapping[str, str]) -> str | None:
+    return invocation_file("finished", environ)
 
 
 def possible(environ: Mapping[str, str] = os.environ) -> bool:

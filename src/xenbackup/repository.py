@@ -7,16 +7,16 @@ import logging
 import os
 import random
 import re
-import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import IO, TypeVar
 
+from . import envfile
 from .config import RepositoryConfig
 from .model import Retention
-from .run import CommandError, Completed, fatal_lines, run, stream, stream_bytes, url_secrets
+from .run import Child, CommandError, Completed, fatal_lines, run, stream, stream_bytes, url_secrets
 from .state import write_atomic
 
 log = logging.getLogger(__name__)
@@ -279,17 +279,10 @@ def parse_snapshots(stdout: str) -> list[Snapshot]:
 
 
 def read_environment_file(path: str) -> dict[str, str]:
-    env: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            key, sep, value = line.partition("=")
-            if not sep or not key.strip().isidentifier():
-                raise RepositoryError(f"{path}:{number}: expected KEY=VALUE")
-            env[key.strip()] = value.strip().strip('"')
-    return env
+    try:
+        return envfile.parse(path)
+    except envfile.EnvFileError as exc:
+        raise RepositoryError(str(exc)) from None
 
 
 def ssh_line(stderr: str) -> str | None:
@@ -363,12 +356,16 @@ class Restic:
                     "without it the backups cannot be read", path)
         return path
 
+    def environment_files(self) -> list[str]:
+        """The KEY=VALUE files restic's environment comes from, the later one winning."""
+        cred = self._credential(ENV_CREDENTIAL)
+        return [p for p in (self.cfg.environment_file, cred) if p]
+
     def env(self) -> dict[str, str]:
         if self._extra_env is None:
-            extra = read_environment_file(self.cfg.environment_file) if self.cfg.environment_file else {}
-            cred = self._credential(ENV_CREDENTIAL)
-            if cred:
-                extra.update(read_environment_file(cred))
+            extra: dict[str, str] = {}
+            for path in self.environment_files():
+                extra.update(read_environment_file(path))
             self._extra_env = extra
         return {
             **self._extra_env,
@@ -502,9 +499,9 @@ class Restic:
         """None when the repository opens, else why not (restic's first line)."""
         if self.cfg.is_local:
             return None if os.path.exists(os.path.join(self.cfg.url, "config")) else "no repository there"
-        return self._read_config()
+        return self.read_config()
 
-    def _read_config(self) -> str | None:
+    def read_config(self) -> str | None:
         """None when restic decrypts the repository's config, else restic's first line saying why not."""
         # --no-lock: a prune elsewhere in the fleet may hold an exclusive lock, and this only reads.
         probe = run(self.argv("cat", "config", "--no-lock"), env=self.env(), secrets=self.secrets(), check=False)
@@ -545,7 +542,7 @@ class Restic:
 
     def _check_key(self) -> None:
         """Decrypt the repository's config as any backup would: a wrong password fails here, before LVM."""
-        why = self._read_config()
+        why = self.read_config()
         if why is not None:
             raise RepositoryError(f"repository {self.cfg.display_url} cannot be opened: {why}")
 
@@ -566,7 +563,7 @@ class Restic:
     def backup(self, paths: Sequence[str], tags: Iterable[str], host: str,
                on_progress: Callable[[Progress], None], cwd: str | None = None,
                stdin: IO[bytes] | None = None, stdin_filename: str | None = None,
-               on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+               on_start: Callable[[Child], None] | None = None,
                options: Sequence[str] = ()) -> BackupSummary:
         summary: list[BackupSummary] = []
 

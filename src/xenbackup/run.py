@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import re
@@ -10,9 +11,12 @@ import shlex
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Protocol
+
+from . import headstart
 
 log = logging.getLogger(__name__)
 
@@ -228,27 +232,35 @@ def run(
     """Run a command to completion, capturing text output (or sending stdout to a file)."""
     args = _argv(argv)
     secrets = list(secrets)
-    proc = _spawn(args, secrets, env, stdin, stdout if stdout is not None else subprocess.PIPE, cwd)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        _stop(proc)
-        out, err = proc.communicate()
-        raise CommandError(args, proc.returncode, mask_text((err or b"").decode(errors="replace"), secrets),
-                           reason=f"timed out after {timeout:g} s") from exc
-    except BaseException:
-        # SIGTERM arrives as an exception; the child must not outlive us.
-        _stop(proc)
-        raise
+    if _rehearsing.get():
+        raise Rehearsed(args, clean_env(env), cwd, _stdin_name(stdin), secrets)
+    adopted = _adopt(args, secrets, env, stdin, cwd) if stdout is None and timeout is None else None
+    if adopted is not None:
+        out, err = _read_all(adopted)
+        returncode = adopted.wait()
+    else:
+        proc = _spawn(args, secrets, env, stdin, stdout if stdout is not None else subprocess.PIPE, cwd)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            _stop(proc)
+            out, err = proc.communicate()
+            raise CommandError(args, proc.returncode, mask_text((err or b"").decode(errors="replace"), secrets),
+                               reason=f"timed out after {timeout:g} s") from exc
+        except BaseException:
+            # SIGTERM arrives as an exception; the child must not outlive us.
+            _stop(proc)
+            raise
+        returncode = proc.returncode
     # stderr ends up in error messages and the journal; a tool may echo what it was given (a URL, a key).
-    result = Completed(tuple(args), proc.returncode, (out or b"").decode(errors="replace"),
+    result = Completed(tuple(args), returncode, (out or b"").decode(errors="replace"),
                        mask_text((err or b"").decode(errors="replace"), secrets))
-    if check and proc.returncode != 0:
-        raise CommandError(args, proc.returncode, result.stderr)
+    if check and returncode != 0:
+        raise CommandError(args, returncode, result.stderr)
     return result
 
 
-def _pump(args: list[str], proc: subprocess.Popen[bytes], consume: Callable[[IO[bytes]], None],
+def _pump(args: list[str], proc: Child, consume: Callable[[IO[bytes]], None],
           secrets: Sequence[str]) -> str:
     """Hand stdout to consume while a thread drains stderr; returns stderr, raises on failure."""
     assert proc.stdout is not None and proc.stderr is not None
@@ -272,6 +284,159 @@ def _pump(args: list[str], proc: subprocess.Popen[bytes], consume: Callable[[IO[
     return stderr
 
 
+class Child(Protocol):
+    """A running command: a subprocess.Popen, or a process the head start began (Adopted)."""
+
+    pid: int
+    returncode: int | None
+    stdout: IO[bytes] | None
+    stderr: IO[bytes] | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+    def kill(self) -> None: ...
+
+
+class Adopted:
+    """A process headstart started before this interpreter had loaded the runner, as the runner's own."""
+
+    def __init__(self, started: headstart.Started) -> None:
+        self.pid = started.pid
+        self.returncode: int | None = None
+        self.stdout: IO[bytes] | None = os.fdopen(started.stdout, "rb")
+        self.stderr: IO[bytes] | None = os.fdopen(started.stderr, "rb")
+
+    def _reap(self, flags: int) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, flags)
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._reap(os.WNOHANG)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if timeout is None:
+            code = self._reap(0)
+            assert code is not None
+            return code
+        deadline = time.monotonic() + timeout
+        while (code := self._reap(os.WNOHANG)) is None:
+            if time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired([str(self.pid)], timeout)
+            time.sleep(0.05)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Rehearsed(Exception):
+    """What run() or stream() would have started under rehearsal(): the command, its full environment, and which
+    of its strings are secrets."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: str | None, stdin: str | None,
+                 secrets: list[str]) -> None:
+        super().__init__(argv[0])
+        self.argv = argv
+        self.env = env
+        self.cwd = cwd
+        self.stdin = stdin
+        self.secrets = secrets
+
+
+_rehearsing: contextvars.ContextVar[bool] = contextvars.ContextVar("rehearsing", default=False)
+
+
+@contextlib.contextmanager
+def rehearsal() -> Iterator[None]:
+    """Inside, run() and stream() start nothing and raise Rehearsed instead (see headstart)."""
+    token = _rehearsing.set(True)
+    try:
+        yield
+    finally:
+        _rehearsing.reset(token)
+
+
+def _stdin_name(stdin: IO[bytes] | None) -> str | None:
+    """The file stdin reads, from its start; "" for anything else (never what a head start opened)."""
+    if stdin is None:
+        return None
+    name = getattr(stdin, "name", None)
+    return name if isinstance(name, str) and stdin.seekable() and stdin.tell() == 0 else ""
+
+
+def _adopt(args: list[str], secrets: Sequence[str], env: Mapping[str, str] | None, stdin: IO[bytes] | None,
+           cwd: str | None, first_backup: bool = False) -> Adopted | None:
+    """The process a head start began, if it runs exactly this command. With `first_backup` (the backup
+    step's first long command, the one its head start was for), any other backup process is stopped."""
+    if not headstart.holds():
+        return None
+    full = clean_env(env)
+    stdin_name = _stdin_name(stdin)
+    started = headstart.take_if(lambda s: s.runs(args, full, cwd, stdin_name))
+    if started is not None:
+        log.info("%s was started %.2f s ahead, before this step loaded its code (pid %d)",
+                 os.path.basename(args[0]), time.monotonic() - started.at, started.pid)
+        log.debug("+ %s", mask(args, secrets))
+        return Adopted(started)
+    if first_backup:
+        other = headstart.take_if(lambda s: s.step == headstart.BACKUP)
+        if other is not None:
+            log.warning("the command started ahead (pid %d) is not the one this step runs; stopping it",
+                        other.pid)
+            stop_adopted(Adopted(other))
+    return None
+
+
+def stop_adopted(child: Adopted) -> None:
+    """Stop a head-started process and close its pipes."""
+    _stop(child)
+    for pipe in (child.stdout, child.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+def stop_head_start() -> None:
+    """Stop the head start's process if nothing took it: the step ended before it came to that command, or
+    the key check the last run left no longer matches this run's."""
+    started = headstart.take()
+    if started is None:
+        return
+    if started.step == headstart.BACKUP:
+        log.warning("the command started ahead (pid %d) was not used; stopping it", started.pid)
+    else:
+        log.info("stopped the key check the last run left (pid %d): this run did not use it (the config or the "
+                 "repository changed, or the step ended before its key check)", started.pid)
+    stop_adopted(Adopted(started))
+
+
+def _read_all(child: Adopted) -> tuple[bytes, bytes]:
+    """Everything a head-started process writes, until it ends (subprocess's communicate, for Adopted)."""
+    assert child.stdout is not None and child.stderr is not None
+    err: list[bytes] = []
+    stderr_pipe = child.stderr
+    reader = threading.Thread(target=lambda: err.append(stderr_pipe.read()), daemon=True)
+    reader.start()
+    try:
+        out = child.stdout.read()
+        child.wait()
+    except BaseException:
+        _stop(child)
+        raise
+    finally:
+        reader.join(timeout=5)
+        child.stdout.close()
+        stderr_pipe.close()
+    return out, b"".join(err)
+
+
 def stream(
     argv: Sequence[Arg],
     on_line: Callable[[str], None],
@@ -280,12 +445,15 @@ def stream(
     secrets: Iterable[str] = (),
     stdin: IO[bytes] | None = None,
     cwd: str | None = None,
-    on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+    on_start: Callable[[Child], None] | None = None,
 ) -> Completed:
     """Run a long command, handing each stdout line to on_line as it arrives."""
     args = _argv(argv)
     secrets = list(secrets)
-    proc = _spawn(args, secrets, env, stdin, subprocess.PIPE, cwd)
+    if _rehearsing.get():
+        raise Rehearsed(args, clean_env(env), cwd, _stdin_name(stdin), secrets)
+    proc: Child = (_adopt(args, secrets, env, stdin, cwd, first_backup=True)
+                   or _spawn(args, secrets, env, stdin, subprocess.PIPE, cwd))
     if on_start is not None:
         on_start(proc)
     lines: list[str] = []
@@ -297,10 +465,10 @@ def stream(
             on_line(line)
 
     stderr = _pump(args, proc, consume, secrets)
-    return Completed(tuple(args), proc.returncode, "\n".join(lines[-50:]), stderr)
+    return Completed(tuple(args), proc.wait(), "\n".join(lines[-50:]), stderr)
 
 
-def _stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+def _stop(proc: Child, grace: float = 20.0) -> None:
     """Ask the child to stop (restic finishes its lock removal on SIGTERM), then insist."""
     if proc.poll() is not None:
         return

@@ -651,3 +651,95 @@ def test_a_config_stored_on_its_own_is_stored_after_the_snapshots_are_gone(
     assert len(state.restic_snapshots) == 2
     config_run = [s for s in ctx.restic.snapshots(names.restic_filter("web1")) if s.tag_value("mode") == "config"]
     assert [s.paths for s in config_run] == [(str(domain),)]
+
+
+BACKUP_ENTRY_PROBE = """
+import json, sys
+out = sys.argv.pop(1)
+seen = {}
+
+
+class Watch:
+    # Notes, as the step's command line parser is imported, whether restic was already started.
+    def find_spec(self, name, path=None, target=None):
+        if name == "xenbackup.cli" and "held" not in seen:
+            started = sys.modules.get("xenbackup.headstart")
+            seen["held"] = [s.pid for s in started._held] if started else []
+        return None
+
+
+sys.meta_path.insert(0, Watch())
+try:
+    from xenbackup import entry
+    entry.main()
+finally:
+    with open(out, "w") as f:
+        json.dump(seen, f)
+"""
+
+
+def test_the_steps_start_restic_before_they_load_their_code(tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prepare step leaves the backup step its first restic command, without the secrets; the unit's
+    backup step, a fresh interpreter, starts it before importing the rest of xenbackup and then runs that
+    very process: one `restic backup`, and the run stored and finished. The backup step leaves the next
+    prepare step its key check likewise."""
+    import shutil
+    import subprocess
+    import sys
+
+    real = shutil.which("restic")
+    assert real is not None
+    runtime = in_a_unit(tools, monkeypatch)
+    cfg = files_vm(tools, monkeypatch, mount='for t; do :; done; echo data > "$t/file"', password="secret\n")
+    wrapper = tools / "bin" / "restic"
+    wrapper.write_text(f'#!/bin/sh\necho "restic $* pid=$$" >> {tools / "calls"}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    # Object storage keys come from an environment file: restic gets them, the file left behind does not.
+    (tools / "s3.env").write_text("AWS_SECRET_ACCESS_KEY=hunter22\n")
+    toml = tools / "xenbackup.toml"
+    setting = f'environment_file = "{tools / "s3.env"}"\n'
+    toml.write_text(toml.read_text().replace("[repository]\n", f"[repository]\n{setting}"))
+    cfg = config.load(str(toml))
+    ctx = Context.from_config(cfg)
+    backup.step_prepare(ctx, cfg.vm("web1"))
+    plan = runtime / ".headstart" / INVOCATION
+    assert plan.stat().st_mode & 0o777 == 0o600
+    assert b"secret" not in plan.read_bytes() and b"hunter22" not in plan.read_bytes()
+    assert str(tools / "password").encode() in plan.read_bytes() and str(tools / "s3.env").encode() in plan.read_bytes()
+
+    (tools / "calls").write_text("")
+    seen = tools / "seen.json"
+    probe = tools / "probe.py"
+    probe.write_text(BACKUP_ENTRY_PROBE)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src"),
+           "XENBACKUP_CONFIG": str(tools / "xenbackup.toml")}
+    done = subprocess.run([sys.executable, "-S", str(probe), str(seen), "step", "backup", "web1"], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    held = json.loads(seen.read_text())["held"]
+    assert len(held) == 1, "restic was not started before the command line parser was imported"
+    backups = [line for line in (tools / "calls").read_text().splitlines() if line.startswith("restic backup")]
+    assert backups == [backups[0]] and backups[0].endswith(f"pid={held[0]}"), backups
+    assert "was started" in done.stderr and "ahead" in done.stderr and "stopping it" not in done.stderr
+    assert "hunter22" not in done.stderr
+    assert not plan.exists()
+    record = ctx.store.read_record("web1")
+    assert record is not None and record["result"] == "success" and len(record["restic_snapshots"]) == 1
+    stored = ctx.restic.snapshots(names.restic_filter("web1", run_id=record["run_id"]))
+    assert [s.id[:8] for s in stored] == record["restic_snapshots"]
+
+    # The backup step left the VM's next prepare step its key check, and that step, another invocation of
+    # the unit, starts it before it loads its code and then takes that process for its key check.
+    key_check = runtime / ".headstart" / "web1.prepare"
+    assert key_check.stat().st_mode & 0o777 == 0o600 and b"hunter22" not in key_check.read_bytes()
+    (tools / "calls").write_text("")
+    done = subprocess.run([sys.executable, "-S", str(probe), str(seen), "step", "prepare", "web1"],
+                          env={**env, "INVOCATION_ID": "f" * 32}, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    held = json.loads(seen.read_text())["held"]
+    assert len(held) == 1, "restic was not started before the command line parser was imported"
+    checks = [line for line in (tools / "calls").read_text().splitlines() if line.startswith("restic cat config")]
+    assert checks == [checks[0]] and checks[0].endswith(f"pid={held[0]}"), checks
+    assert "was started" in done.stderr and "did not use it" not in done.stderr
+    assert "lvcreate" in (tools / "calls").read_text() and not key_check.exists()

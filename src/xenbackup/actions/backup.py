@@ -6,7 +6,6 @@ import contextvars
 import logging
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -14,11 +13,11 @@ from contextlib import ExitStack
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from .. import handoff, journal, names
+from .. import handoff, headstart, journal, names
 from ..journal import MessageId
 from ..model import VM, Consistency, Disk, DiskMode, SnapshotRecord, snapshot_name
 from ..mount import mounts_below
-from ..run import CommandError
+from ..run import Child, CommandError
 from ..state import Busy, Owner, RunState, new_run_id
 from .context import Context, StepError
 
@@ -237,7 +236,56 @@ def step_prepare(ctx: Context, vm: VM) -> RunState:
     emulation), and a classic snapshot costs the VM's writes for as long as it lives.
     """
     step_snapshot(ctx, vm)
-    return step_mount(ctx, vm)
+    state = step_mount(ctx, vm)
+    if handoff.possible():
+        leave_head_start(ctx, vm, state)
+    return state
+
+
+def leave_head_start(ctx: Context, vm: VM, state: RunState) -> None:
+    """Leave this invocation's backup step its first restic command, to start before it loads its code."""
+    rec = state.snapshots[0] if state.snapshots else None
+    if rec is None:
+        return
+    disk = _disk(vm, state, rec.disk_slug)
+    if disk.mode is DiskMode.BLOCK and rec.thin and ctx.cfg.settings.thin_incremental:
+        return  # its restic reads a FUSE mount the backup step sets up first
+    config, carrier = _carried_config(vm, state)
+    _leave(ctx, vm, headstart.BACKUP,
+           lambda: _backup_disk(ctx, vm, state, rec, _Current(), config if rec.disk_slug == carrier else None))
+
+
+def leave_key_check(ctx: Context, vm: VM) -> None:
+    """Leave the VM's next prepare step its repository key check, to start before it loads its code."""
+    _leave(ctx, vm, headstart.PREPARE, ctx.restic.read_config)
+
+
+def _leave(ctx: Context, vm: VM, step: str, code: Callable[[], object]) -> None:
+    """Rehearse `code` up to its first command and leave that command for `step` (see headstart). Nothing here
+    can fail the run: without a head start a step runs as ever."""
+    from ..repository import read_environment_file
+    from ..run import Rehearsed, rehearsal
+
+    try:
+        with rehearsal():
+            code()
+        return
+    except Rehearsed as rehearsed:
+        command = rehearsed
+    except Exception as exc:  # the step meets the same problem and reports it
+        log.debug("no head start for the %s step: %s", step, exc)
+        return
+    try:
+        files = ctx.restic.environment_files()
+        from_files = {k for path in files for k in read_environment_file(path)}
+        kept = {k: v for k, v in command.env.items() if not any(s and s in v for s in command.secrets)}
+        if set(command.env) - set(kept) - from_files or any(s and s in a for s in command.secrets
+                                                            for a in command.argv):
+            log.debug("no head start for the %s step: its command needs a secret that is in no file", step)
+            return
+        headstart.leave(step, vm.name, command.argv, kept, command.cwd, command.stdin, files)
+    except Exception as exc:
+        log.debug("no head start for the %s step: %s", step, exc)
 
 
 # --- backup -----------------------------------------------------------------------------------
@@ -246,11 +294,11 @@ class _Current:
     """The restic process now running, so the overflow guard can stop it early."""
 
     def __init__(self) -> None:
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Child | None = None
         self.stopped = False
         self._lock = threading.Lock()
 
-    def set(self, proc: subprocess.Popen[bytes]) -> None:
+    def set(self, proc: Child) -> None:
         with self._lock:
             self.proc = proc
             # The guard may have fired before this restic started (a pool already nearly full).
@@ -359,6 +407,8 @@ def step_backup(ctx: Context, vm: VM, finish: bool = False) -> RunState:
             state = ctx.store.load(vm.name) or state
         if alone is not None:
             state = _store_config_alone(ctx, vm, state, alone)
+        if released and handoff.possible():
+            leave_key_check(ctx, vm)
         if released and finish and handoff.possible():
             with ctx.store.lock(vm.name):
                 finish_early(ctx, vm, state)
@@ -390,12 +440,7 @@ def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> tupl
     from ..repository import BackupSummary
 
     totals: dict[str, float] = {"data_added": 0, "total_bytes": 0, "files": 0, "restic_seconds": 0.0}
-    config = vm.domain_config if vm.domain_config and os.path.isfile(vm.domain_config) else None
-    # The config rides in the first files-mode disk's run where it can: a restic run of its own costs
-    # another repository open (keys, index, lock) inside the snapshot's lifetime.
-    carrier = next((rec.disk_slug for rec in state.snapshots if config
-                    and (d := _disk(vm, state, rec.disk_slug)).mode is DiskMode.FILES
-                    and names.config_rides_along(d.path, config)), None)
+    config, carrier = _carried_config(vm, state)
     for rec in state.snapshots:
         result = _backup_disk(ctx, vm, state, rec, current, config if rec.disk_slug == carrier else None)
         summary = result if isinstance(result, BackupSummary) else result.summary
@@ -418,6 +463,18 @@ def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> tupl
     elif vm.domain_config and not config:
         log.warning("domain config %s does not exist; backing up the disks only", vm.domain_config)
     return replace(state, summary=dict(totals)), None if carrier else config
+
+
+def _carried_config(vm: VM, state: RunState) -> tuple[str | None, str | None]:
+    """The domain config to store, if it exists, and the slug of the disk whose run carries it, if any.
+
+    The config rides in the first files-mode disk's run where it can: a restic run of its own costs another
+    repository open (keys, index, lock)."""
+    config = vm.domain_config if vm.domain_config and os.path.isfile(vm.domain_config) else None
+    carrier = next((rec.disk_slug for rec in state.snapshots if config
+                    and (d := _disk(vm, state, rec.disk_slug)).mode is DiskMode.FILES
+                    and names.config_rides_along(d.path, config)), None)
+    return config, carrier
 
 
 def _store_config_alone(ctx: Context, vm: VM, state: RunState, config: str) -> RunState:
@@ -542,6 +599,7 @@ def _cleanup(ctx: Context, vm: VM, result: RunResult | None) -> int:
     with journal.context(phase="cleanup"), ctx.store.lock(vm.name):
         result = result or RunResult.parse(os.environ.get("SERVICE_RESULT"))
         handoff.discard()  # a backup step that finished the run before being told it failed
+        headstart.discard()  # a backup step that never started
         detail = " ".join(f"{k}={os.environ[k]}" for k in ("EXIT_CODE", "EXIT_STATUS") if k in os.environ)
         log.info("cleanup after result=%s%s", result, f" ({detail})" if detail else "")
         state = ctx.store.load(vm.name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from .. import names, segfs
 from ..model import VM, Disk, LvRef, SnapshotRecord
 from ..progress import Reporter
 from ..repository import BackupSummary
-from ..run import CommandError, run
+from ..run import Child, CommandError, run
 from ..state import write_atomic
 from ..thin import (
     SEGMENT_SIZE,
@@ -96,7 +95,7 @@ def _delta_segments(ctx: Context, vm: VM, disk: Disk, rec: SnapshotRecord, base:
 
 
 def backup_thin(ctx: Context, vm: VM, disk: Disk, rec: SnapshotRecord, tags: list[str], reporter: Reporter,
-                on_start: Callable[[subprocess.Popen[bytes]], None]) -> SegmentedBackup:
+                on_start: Callable[[Child], None]) -> SegmentedBackup:
     """Back up a thin snapshot as segment files, reading only the segments changed since the base."""
     why = segfs.available()
     if why is not None:

@@ -31,6 +31,18 @@ disks = [{ lv = "system/xenvm", mode = "files", path = "vm1" }]
 """
 
 
+def assert_head_start_taken(ours: list[dict[str, object]], journal: Journal) -> None:
+    """The prepare step left the backup step its restic command; the backup step started it before it loaded
+    its code, and then ran that very process. The backup step left the next run its key check."""
+    ahead = [e for e in ours if e.get("XENBACKUP_PHASE") == "backup"
+             and "s ahead, before this step loaded its code" in str(e.get("MESSAGE", ""))]
+    assert len(ahead) == 1 and str(ahead[0]["MESSAGE"]).startswith("restic was started "), journal.text(
+        "-u", "xenbackup@vm1")
+    assert "started ahead" not in journal.text("-u", "xenbackup@vm1")
+    # What is left is the next run's key check, not this invocation's backup command.
+    assert [p.name for p in Path("/run/xenbackup/.headstart").iterdir()] == ["vm1.prepare"]
+
+
 def restore_tree(xb: Xb, target: Path, snapshot: str = "latest") -> Path:
     # Files mode stores the tree relative to the filesystem's root, so vm1/ comes back as vm1/.
     xb.restic("restore", snapshot, "--target", str(target), "--tag", "disk:system/xenvm")
@@ -64,6 +76,7 @@ def test_unit_backup_stores_origin_bytes_and_leaves_nothing(seed_layout, xb: Xb,
     assert [e.get("XENBACKUP_PHASE") for e in ours if e.get("MESSAGE_ID") == MSG_SUCCEEDED] == ["cleanup"]
     assert "the backup step of vm1 finished the run; nothing left to release" in journal.text("-u", "xenbackup@vm1")
     assert list(Path("/run/xenbackup/.finished").iterdir()) == []
+    assert_head_start_taken(ours, journal)
     # A later step kept what tomllib made of the config for the next one: the run outlasted the 2 s a
     # freshly written file waits before it is cached. Root's only: the file may hold a repository URL's password.
     cache = Path("/run/xenbackup/.config-cache")
@@ -240,6 +253,9 @@ def test_block_mode_stores_the_device_bytes(seed_layout, xb: Xb, journal: Journa
         """)
         run = xb.start()
         assert run.returncode == 0, journal.text("-u", "xenbackup@vm1")
+        # restic's stdin was the snapshot's device, opened by the head start.
+        assert_head_start_taken([e for e in journal.entries("-u", "xenbackup@vm1.service")
+                                 if e.get("XENBACKUP_VM") == "vm1"], journal)
         with open(tmp_path / "img", "wb") as out:
             env = {**os.environ, "RESTIC_REPOSITORY": "/var/lib/xenbackup/repo",
                    "RESTIC_PASSWORD_FILE": "/etc/xenbackup/restic-password"}

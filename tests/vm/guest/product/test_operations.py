@@ -94,6 +94,12 @@ def test_prune_keeps_per_vm_and_never_touches_others(seed_layout, xb: Xb, journa
                         'disks = [{ lv = "system/vm2", path = "." }]\n')
         for _ in range(4):
             assert xb.start().returncode == 0, journal.text("-u", "xenbackup@vm1")
+        # Each run's backup step left the next run's prepare step its key check, and each backup step got its
+        # restic from its own prepare step: both were started before the step loaded its code, and taken.
+        ahead = [e.get("XENBACKUP_PHASE") for e in journal.entries("-u", "xenbackup@vm1")
+                 if "s ahead, before this step loaded its code" in str(e.get("MESSAGE", ""))]
+        assert ahead.count("backup") == 4 and ahead.count("snapshot") >= 3, ahead
+        assert "started ahead" not in journal.text("-u", "xenbackup@vm1")
         assert xb.start("vm2").returncode == 0
         runs = {t for s in xb.snapshots("vm:vm1", "mode:files") for t in s["tags"] if t.startswith("run:")}
         assert len(runs) == 4

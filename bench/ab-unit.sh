@@ -1,0 +1,58 @@
+# Sourced by the A/B bench scripts that run inside the test bed guest (host flavour): a small data set on a
+# real LV, a config, an initialised repository, and one timed run of xenbackup@vm1.service as each kind.
+# The sourcing script defines use KIND (switch the unit to that kind) and sets $results.
+disk=/dev/disk/by-id/virtio-xbtest1
+
+ab_setup() {
+    wipefs -aq "$disk"
+    pvcreate -q "$disk"
+    vgcreate -q system "$disk"
+    lvcreate -q -y -L 256M -n xenvm system
+    mkfs.ext4 -q /dev/system/xenvm
+    mkdir -p /srv/xenvm
+    mount /dev/system/xenvm /srv/xenvm
+    mkdir -p /srv/xenvm/vm1
+    head -c 20M /dev/urandom > /srv/xenvm/vm1/disk.img
+    for i in $(seq 200); do echo "file $i" > "/srv/xenvm/vm1/f$i.txt"; done
+    sync
+    echo 'name = "vm1"' > /etc/xen-vm1.cfg
+    echo bench-password > /root/bench-pw
+    mkdir -p /etc/xenbackup
+    cat > /etc/xenbackup/xenbackup.toml <<TOML
+[repository]
+url = "/var/tmp/xb-repo"
+password_file = "/root/bench-pw"
+[vm.vm1]
+domain_config = "/etc/xen-vm1.cfg"
+snapshot_size = "128M"
+disks = [{ lv = "system/xenvm", mode = "files", path = "vm1" }]
+TOML
+    xenbackup init >/dev/null
+}
+
+lifetime() {  # the last run's XENBACKUP_SNAPSHOT_SECONDS
+    journalctl -u xenbackup@vm1.service -o json -n 200 | python3 -c '
+import json, sys
+found = [json.loads(l).get("XENBACKUP_SNAPSHOT_SECONDS") for l in sys.stdin]
+print([f for f in found if f][-1])'
+}
+
+one() {  # kind, warm|cold
+    use "$1"
+    [ "$2" = warm ] || { sync; echo 3 > /proc/sys/vm/drop_caches; }
+    local s e
+    s=$(date +%s.%N)
+    systemctl start xenbackup@vm1.service
+    e=$(date +%s.%N)
+    echo "$1-$2-wall $(python3 -c "print(round($e - $s, 3))")"
+    echo "$1-$2-snapshot $(lifetime)"
+}
+
+ab_runs() {  # name, kind A, kind B, warm runs, cold runs: alternating, into $results/NAME.txt
+    use "$2"; systemctl start xenbackup@vm1.service    # the first run stores everything once
+    : > "$results/$1.txt"
+    for _ in $(seq "$4"); do for kind in "$2" "$3"; do one "$kind" warm >> "$results/$1.txt"; done; done
+    for _ in $(seq "$5"); do for kind in "$2" "$3"; do one "$kind" cold >> "$results/$1.txt"; done; done
+    journalctl -u xenbackup@vm1.service -o short-precise > "$results/$1-journal.txt"
+    python3 "$(dirname "$0")/medians.py" "$results/$1.txt" | sort | tee "$results/$1-summary.txt"
+}
