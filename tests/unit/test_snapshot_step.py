@@ -399,6 +399,31 @@ def test_the_backup_step_removes_its_snapshots_once_stored_and_cleanup_finds_non
     assert record["snapshot_seconds"] == state.snapshot_seconds
 
 
+def test_an_overflow_that_unmounted_the_snapshot_before_restic_is_reported_as_the_overflow(
+        tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dmeventd unmounts a snapshot the kernel invalidated: the step then fails on the missing tree, and that
+    must still be recorded as the overflow it is, with its peak fill, not as some other failure."""
+    import shutil
+
+    from xenbackup.actions.record import RunResult
+    from xenbackup.actions.watch import SnapshotOverflowed
+
+    cfg = files_vm(tools, monkeypatch, mount='for t; do :; done; echo data > "$t/file"', password="secret\n")
+    ctx = Context.from_config(cfg)
+    vm = cfg.vm("web1")
+    state = backup.step_prepare(ctx, vm)
+    (tools / "bin" / "dmsetup").write_text(f'#!/bin/sh\necho "dmsetup $*" >> {tools / "calls"}\n'
+                                           "echo '0 100 snapshot Invalid'\n")
+    shutil.rmtree(state.snapshots[0].mountpoint)
+    with pytest.raises(SnapshotOverflowed, match="overflowed during the backup"):
+        backup.step_backup(ctx, vm)
+    saved = ctx.store.load("web1")
+    assert saved is not None and saved.overflowed and saved.peak_fill == 100.0
+    assert backup.step_cleanup(ctx, vm, RunResult.EXIT_CODE) == 1
+    record = ctx.store.read_record("web1")
+    assert record is not None and record["result"] == "overflow" and record["peak_fill"] == 100.0
+
+
 def test_a_snapshot_still_busy_after_the_backup_is_left_to_cleanup_and_the_backup_stands(
         tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The backup step's early removal failing must not fail the stored backup: cleanup retries and judges."""

@@ -384,8 +384,11 @@ def step_backup(ctx: Context, vm: VM, finish: bool = False) -> RunState:
             with watch:
                 try:
                     state, alone = _store_all(ctx, vm, state, current)
-                except CommandError:
-                    watch.check()  # restic stopped by the guard: report the overflow, not SIGTERM
+                except Exception:
+                    # Whatever broke the run (restic stopped by the guard, or dmeventd unmounting the invalid
+                    # snapshot before restic started), an overflow the watch saw is the verdict, not the
+                    # symptom.
+                    watch.check()
                     raise
                 watch.check()
         except SnapshotOverflowed:
