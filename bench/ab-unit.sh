@@ -1,32 +1,16 @@
 # Sourced by the A/B bench scripts that run inside the test bed guest (host flavour): a small data set on a
 # real LV, a config, an initialised repository, and one timed run of xenbackup@vm1.service as each kind.
 # The sourcing script defines use KIND (switch the unit to that kind) and sets $results.
-disk=/dev/disk/by-id/virtio-xbtest1
+. "$(dirname "$0")/guest-volume.sh"
 
 ab_setup() {
-    wipefs -aq "$disk"
-    pvcreate -q "$disk"
-    vgcreate -q system "$disk"
-    lvcreate -q -y -L 256M -n xenvm system
-    mkfs.ext4 -q /dev/system/xenvm
-    mkdir -p /srv/xenvm
-    mount /dev/system/xenvm /srv/xenvm
+    bench_volume 256M
     mkdir -p /srv/xenvm/vm1
     head -c 20M /dev/urandom > /srv/xenvm/vm1/disk.img
     for i in $(seq 200); do echo "file $i" > "/srv/xenvm/vm1/f$i.txt"; done
     sync
     echo 'name = "vm1"' > /etc/xen-vm1.cfg
-    echo bench-password > /root/bench-pw
-    mkdir -p /etc/xenbackup
-    cat > /etc/xenbackup/xenbackup.toml <<TOML
-[repository]
-url = "/var/tmp/xb-repo"
-password_file = "/root/bench-pw"
-[vm.vm1]
-domain_config = "/etc/xen-vm1.cfg"
-snapshot_size = "128M"
-disks = [{ lv = "system/xenvm", mode = "files", path = "vm1" }]
-TOML
+    bench_config /root/bench-pw 128M 'domain_config = "/etc/xen-vm1.cfg"'
     xenbackup init >/dev/null
 }
 

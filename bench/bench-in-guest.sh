@@ -8,7 +8,7 @@ set -euo pipefail
 export LC_ALL=C
 results=${XBTEST_RESULTS:-/mnt/results}
 out="$results/bench.txt"
-disk=/dev/disk/by-id/virtio-xbtest1
+. "$(dirname "$0")/guest-volume.sh"
 image_mb=${1:-${BENCH_IMAGE_MB:-300}}
 small_files=${2:-${BENCH_SMALL_FILES:-2000}}
 
@@ -16,14 +16,8 @@ log() { echo "bench: $*" >&2; }
 now() { date +%s.%N; }
 
 # --- the data set: the seed layout with a mixed-content image and many small files
-wipefs -aq "$disk"
-pvcreate -q "$disk"
-vgcreate -q system "$disk"
-lvcreate -q -y -L 1536M -n xenvm system
-mkfs.ext4 -q /dev/system/xenvm
-mkdir -p /srv/xenvm /mnt/vmbackup
-mount /dev/system/xenvm /srv/xenvm
-mkdir -p /srv/xenvm/vm1/small
+bench_volume 1536M
+mkdir -p /mnt/vmbackup /srv/xenvm/vm1/small
 log "writing ${image_mb} MB image and ${small_files} small files"
 python3 - "$image_mb" "$small_files" <<'PY'
 import os, random, sys
@@ -47,7 +41,7 @@ sync
 echo 'name = "vm1"' > /etc/xen-vm1.cfg
 
 pw=/root/bench-pw
-echo bench-password > "$pw"
+bench_config "$pw" 1G 'domain_config = "/etc/xen-vm1.cfg"'
 # The guest's script runs without $HOME: restic by hand would then run without its local cache, which the
 # unit has (CacheDirectory=); borg finds root's home itself.
 export XDG_CACHE_HOME=/root/.cache
@@ -124,16 +118,6 @@ lifetime() {
 print("%.1f %.1f" % (r.get("snapshot_seconds") or 0, r.get("restic_seconds") or 0))' /var/lib/xenbackup/state/vm1.json
 }
 
-mkdir -p /etc/xenbackup
-cat > /etc/xenbackup/xenbackup.toml <<TOML
-[repository]
-url = "/var/tmp/xb-repo"
-password_file = "$pw"
-[vm.vm1]
-domain_config = "/etc/xen-vm1.cfg"
-snapshot_size = "1G"
-disks = [{ lv = "system/xenvm", mode = "files", path = "vm1" }]
-TOML
 
 # Every repository is created before the clock starts, so each method times only its backups.
 restic -q -r /var/tmp/bare-repo init >/dev/null
