@@ -23,6 +23,7 @@ from xbtestbed.pytest_support import (
     FlavourResults,
     boot_order,
     boot_suite,
+    prepare_early,
     shutdown,
     state,
     suite_of,
@@ -65,6 +66,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if suite is not None and callspec is not None and isinstance(callspec.params.get("case"), GuestCase):
             selected.setdefault(suite.name, []).append(callspec.params["case"])
     state(config).suites = boot_order(booting)
+    prepare_early(config, first_item_boots=bool(kept) and suite_of(kept[0]) is not None)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

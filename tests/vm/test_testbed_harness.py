@@ -328,3 +328,39 @@ def test_two_guests_share_two_cores_one_vcpu_each_and_one_boot_by_hand_gets_both
     # The order that keeps two lanes even: the longest suites first.
     assert boot_order(list(SUITES))[:3] == ["host", "faults", "fleet"]
     assert sorted(boot_order(list(SUITES))) == sorted(SUITES)
+
+
+def test_the_image_and_package_are_made_ready_while_the_host_tests_before_the_suites_run(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import threading
+    from types import SimpleNamespace
+
+    from xbtestbed import pytest_support
+
+    monkeypatch.setenv("XENBACKUP_TESTVM_ARTIFACTS", str(tmp_path / "artifacts"))
+    made: list[str] = []
+    release = threading.Event()
+
+    def fake_image(settings: Settings, build_log: Path, report: object) -> None:
+        assert release.wait(10)
+        made.append(f"image {build_log.name} {threading.current_thread().name.split('_')[0]}")
+
+    monkeypatch.setattr(pytest_support, "ensure_image", fake_image)
+    monkeypatch.setattr(pytest_support, "debian_package", lambda out, report: made.append(f"deb {out.name}"))
+
+    booting_first = SimpleNamespace(stash=pytest.Stash())
+    pytest_support.state(booting_first).suites = ["host"]  # type: ignore[arg-type]
+    pytest_support.prepare_early(booting_first, first_item_boots=True)  # type: ignore[arg-type]
+    assert pytest_support.state(booting_first).preparing is None  # type: ignore[arg-type]
+
+    for suites, expected in ((["powercut"], ["image image-build.log prepare"]),
+                             (["powercut", "host"], ["image image-build.log prepare", "deb deb"])):
+        made.clear()
+        release.clear()
+        config = SimpleNamespace(stash=pytest.Stash())
+        pytest_support.state(config).suites = suites  # type: ignore[arg-type]
+        pytest_support.prepare_early(config, first_item_boots=False)  # type: ignore[arg-type]
+        assert made == []  # it returned at once; the work goes on beside the caller
+        release.set()
+        pytest_support.shutdown(config)  # type: ignore[arg-type]
+        assert made == expected

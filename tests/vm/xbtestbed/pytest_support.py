@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from .config import Settings
+from .config import Install, Settings
 from .guestrun import GuestRequest, GuestRun, run_in_guest
+from .image import ensure_image
 from .junit import CaseResult, Outcome, parse_junit, results_for
+from .package import debian_package
 from .suites import SUITES, GuestCase, Suite, pytest_arguments
 
 MARKER = "testvm"
@@ -36,6 +38,8 @@ class SessionState:
     lines: queue.Queue[str] = field(default_factory=queue.Queue)
     """Progress lines of suites booting in worker threads; the main thread prints them."""
     pool: ThreadPoolExecutor | None = None
+    preparing: Future[None] | None = None
+    """The image and package being made ready while the host's own tests run (see prepare_early)."""
 
 
 STATE_KEY = pytest.StashKey[SessionState]()
@@ -218,9 +222,34 @@ def boot_suite(config: pytest.Config, suite: Suite) -> FlavourResults:
     return FlavourResults.from_run(run)
 
 
+def prepare_early(config: pytest.Config, first_item_boots: bool) -> None:
+    """Build the image (on a cold cache, minutes of mmdebstrap) and the package in the background while the
+    tests before the first suite (the unit tests, a few minutes of one core) run, instead of after them.
+
+    Only the image and the package: a guest booted beside the unit tests would share their cores during its
+    timing-sensitive tests. A failure here is only logged; the boot repeats both steps and reports it."""
+    session = state(config)
+    if not session.suites or first_item_boots or session.preparing is not None:
+        return
+    settings = Settings.from_environment()
+    installs_deb = any(SUITES[name].install is Install.DEB for name in session.suites)
+
+    def prepare() -> None:
+        settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        ensure_image(settings, settings.artifacts_dir / "image-build.log", session.lines.put)
+        if installs_deb:
+            debian_package(settings.artifacts_dir / "deb", session.lines.put)
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+    session.preparing = pool.submit(prepare)
+    pool.shutdown(wait=False)
+
+
 def shutdown(config: pytest.Config) -> None:
     """Wait for boots still running (a session cut short) so no qemu outlives pytest unaccounted."""
     session = state(config)
+    if session.preparing is not None:
+        session.preparing.exception()  # waits; its failure, if any, was the boots' to report
     if session.pool is not None:
         session.pool.shutdown(wait=True, cancel_futures=True)
 
