@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from vmlib.cmd import output, tree_hashes
-from vmlib.storage import BLANK_DISKS, SeedLayout, ThinLayout, mounted_snapshot, vg_free_bytes
+from vmlib.storage import BLANK_DISKS, VM_IMAGE_SIZE, SeedLayout, ThinLayout, mounted_snapshot, vg_free_bytes
 
 SNAPSHOT_MOUNT = Path("/mnt/vmbackup")
 
@@ -27,7 +27,7 @@ def test_seed_layout_matches_the_manual(seed_layout: SeedLayout) -> None:
     ]
     assert set(seed_layout.files) == {"disk.img", "vmlinuz", "initrd.img", "vm1.cfg"}
     assert tree_hashes(seed_layout.vmdir) == seed_layout.files
-    assert seed_layout.image.stat().st_size == 50 * 2**20
+    assert seed_layout.image.stat().st_size == VM_IMAGE_SIZE
     assert seed_layout.image.read_bytes()[:100].split(b"\n")[0].decode() == seed_layout.marker
     assert vg_free_bytes("system") >= 2 * 2**30, "the VG must keep room for snapshots"
 

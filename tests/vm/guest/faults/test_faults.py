@@ -17,8 +17,10 @@ from vmlib.product import (
     MSG_OVERFLOW,
     MSG_STALE,
     REPO,
+    SLOW_UPLOAD,
     Journal,
     Xb,
+    ballast,
     our_mounts,
     our_snapshots,
     sh,
@@ -36,13 +38,16 @@ disks = [{{ lv = "system/xenvm", mode = "files", path = "vm1" }}]
 """
 
 
-def config(size: str = "256M", threshold: int = 80, step: str = "10%ORIGIN", interval: int = 5) -> str:
-    return BASE.format(size=size, threshold=threshold, step=step, interval=interval)
+def config(size: str = "256M", threshold: int = 80, step: str = "10%ORIGIN", interval: int = 5,
+           slow: bool = False) -> str:
+    """vm1's config; `slow` keeps the run's restic busy with `ballast` while the fault strikes."""
+    return (SLOW_UPLOAD if slow else "") + BASE.format(size=size, threshold=threshold, step=step, interval=interval)
 
 
-def big_file(layout, mb: int, name: str = "big.img") -> Path:
+def zero_file(layout, mb: int, name: str) -> Path:
+    """Blocks of the origin for a writer to overwrite: what they hold does not matter to the snapshot's COW."""
     path = layout.vmdir / name
-    sh("dd", "if=/dev/urandom", f"of={path}", "bs=1M", f"count={mb}", "status=none")
+    sh("dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={mb}", "status=none")
     return path
 
 
@@ -182,33 +187,38 @@ def test_repository_unreachable_or_read_only(seed_layout, xb: Xb, journal: Journ
 
 
 def test_restic_killed_mid_backup(seed_layout, xb: Xb, journal: Journal, baseline) -> None:
-    big = big_file(seed_layout, 200)
+    big = ballast(seed_layout.vmdir)
     static = tree_hashes(seed_layout.vmdir)
+    xb.write_config(config(slow=True))
     sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
     xb.wait_for_restic(journal)
     time.sleep(1)
     sh("pkill", "-KILL", "-x", "restic")
     assert xb.wait_inactive() == "failed"
     assert "restic killed by SIGKILL" in journal.text("-u", "xenbackup@vm1")
+    xb.write_config(config())
     assert_recovered(xb, journal, seed_layout, static)
     big.unlink()
 
 
 def test_systemctl_stop_mid_backup(seed_layout, xb: Xb, journal: Journal, baseline) -> None:
-    big = big_file(seed_layout, 200)
+    big = ballast(seed_layout.vmdir)
     static = tree_hashes(seed_layout.vmdir)
+    xb.write_config(config(slow=True))
     sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
     xb.wait_for_restic(journal)
     sh("systemctl", "stop", "xenbackup@vm1.service", timeout=400)
     text = journal.text("-u", "xenbackup@vm1")
     assert "cleanup after result=" in text
+    xb.write_config(config())
     assert_recovered(xb, journal, seed_layout, static)
     big.unlink()
 
 
 def test_start_timeout_cleans_up(seed_layout, xb: Xb, journal: Journal, baseline) -> None:
-    big = big_file(seed_layout, 200)
+    big = ballast(seed_layout.vmdir)
     static = tree_hashes(seed_layout.vmdir)
+    xb.write_config(config(slow=True))
     dropin = Path("/run/systemd/system/xenbackup@vm1.service.d")
     dropin.mkdir(parents=True, exist_ok=True)
     (dropin / "short.conf").write_text("[Service]\nTimeoutStartSec=8s\n")
@@ -220,6 +230,7 @@ def test_start_timeout_cleans_up(seed_layout, xb: Xb, journal: Journal, baseline
     finally:
         sh("rm", "-rf", str(dropin))
         sh("systemctl", "daemon-reload")
+    xb.write_config(config())
     assert_recovered(xb, journal, seed_layout, static)
     big.unlink()
 
@@ -227,11 +238,12 @@ def test_start_timeout_cleans_up(seed_layout, xb: Xb, journal: Journal, baseline
 def test_repository_disk_full(seed_layout, xb: Xb, journal: Journal) -> None:
     repo = Path("/mnt/xb-small-repo")
     repo.mkdir(exist_ok=True)
-    sh("mount", "-t", "tmpfs", "-o", "size=150m", "tmpfs", str(repo))
+    # Room for the first backup (about 18 MB), not for the ballast as well.
+    sh("mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(repo))
     try:
         xb.write_config(f'[repository]\nurl = "{repo}/r"\n' + config())
         assert xb.start().returncode == 0, journal.text("-u", "xenbackup@vm1")
-        big = big_file(seed_layout, 200)
+        big = ballast(seed_layout.vmdir, mib=40)
         static = tree_hashes(seed_layout.vmdir)
         run = xb.start()
         assert run.returncode != 0
@@ -266,14 +278,15 @@ def writer(path: Path, total_mb: int, chunk_mb: int, pause: float, stop: threadi
 
 
 def test_overflow_discards_the_run(seed_layout, xb: Xb, journal: Journal, baseline) -> None:
-    big_file(seed_layout, 250)
-    target = big_file(seed_layout, 120, "rewritten.img")
+    ballast(seed_layout.vmdir)
+    # Three times the snapshot's size, written while restic uploads the ballast.
+    target = zero_file(seed_layout, 48, "rewritten.img")
     before = xb.snapshots("vm:vm1", "mode:files")
-    xb.write_config(config(size="16M", threshold=99, step="4M", interval=3))
+    xb.write_config(config(size="16M", threshold=99, step="4M", interval=3, slow=True))
     sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
     xb.wait_for_restic(journal)
     stop = threading.Event()
-    writer(target, 120, 8, 0.0, stop).join()
+    writer(target, 48, 8, 0.0, stop).join()
     assert xb.wait_inactive(timeout=600) == "failed"
     entries = journal.entries("-u", "xenbackup@vm1.service")
     overflow = [e for e in entries if e.get("MESSAGE_ID") == MSG_OVERFLOW]
@@ -287,9 +300,9 @@ def test_overflow_discards_the_run(seed_layout, xb: Xb, journal: Journal, baseli
 
 
 def test_auto_extend_saves_a_filling_snapshot(seed_layout, xb: Xb, journal: Journal, baseline) -> None:
-    big_file(seed_layout, 250)
-    target = big_file(seed_layout, 48, "rewritten.img")
-    xb.write_config(config(size="64M", threshold=40, step="64M", interval=1))
+    ballast(seed_layout.vmdir)
+    target = zero_file(seed_layout, 48, "rewritten.img")
+    xb.write_config(config(size="64M", threshold=40, step="64M", interval=1, slow=True))
     sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
     xb.wait_for_restic(journal)
     stop = threading.Event()
@@ -356,8 +369,8 @@ def test_thin_pool_filling_stops_the_run_before_it_is_full(thin_layout, xb: Xb, 
 
 
 def test_two_simultaneous_starts_never_both_snapshot(seed_layout, xb: Xb, journal: Journal) -> None:
-    xb.write_config(config().replace("[vm.vm1]", '[vm."web-01"]'))
-    big_file(seed_layout, 200)
+    xb.write_config(config(slow=True).replace("[vm.vm1]", '[vm."web-01"]'))
+    ballast(seed_layout.vmdir)
     escaped = sh("systemd-escape", "web-01").stdout.strip()
     units = ["xenbackup@web-01.service", f"xenbackup@{escaped}.service"]
     procs = [subprocess.Popen(["systemctl", "start", u], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -431,9 +444,9 @@ def kill_run_during_cleanup(xb: Xb, journal: Journal) -> str:
 
 def test_cleanup_killed_then_next_run_and_boot_sweep_remove_leftovers(seed_layout, xb: Xb, journal: Journal,
                                                                          baseline) -> None:
-    big_file(seed_layout, 200)
+    ballast(seed_layout.vmdir)
     static = tree_hashes(seed_layout.vmdir)
-    xb.write_config(config())
+    xb.write_config(config(slow=True))
     snap = kill_run_during_cleanup(xb, journal)
     assert our_snapshots() == [snap], "the test needs the killed cleanup to have left its snapshot"
     assert repo_locks(), "the test needs the killed restic to have left its lock"
@@ -441,6 +454,7 @@ def test_cleanup_killed_then_next_run_and_boot_sweep_remove_leftovers(seed_layou
     stale = [e for e in journal.entries("-u", "xenbackup-cleanup.service") if e.get("MESSAGE_ID") == MSG_STALE]
     assert stale and our_snapshots() == []
     assert repo_locks() == [], "the sweep left the interrupted run's restic lock"
+    xb.write_config(config())
     assert_recovered(xb, journal, seed_layout, static)
 
 
@@ -448,11 +462,15 @@ def test_a_killed_run_does_not_keep_its_snapshot_slot(seed_layout, xb: Xb, journ
     sh("lvcreate", "--yes", "-L", "64M", "-n", "vmb", "system")
     sh("mkfs.ext4", "-q", "/dev/system/vmb")
     try:
-        xb.write_config(config().replace("[settings]\n", "[settings]\nmax_parallel = 1\n", 1)
-                        + '[vm.vmb]\nhypervisor = "none"\nsnapshot_size = "32M"\n'
-                        + 'disks = [{ lv = "system/vmb", path = "." }]\n')
-        big_file(seed_layout, 200)
+        def two_vms(slow: bool) -> str:
+            return (config(slow=slow).replace("[settings]\n", "[settings]\nmax_parallel = 1\n", 1)
+                    + '[vm.vmb]\nhypervisor = "none"\nsnapshot_size = "32M"\n'
+                    + 'disks = [{ lv = "system/vmb", path = "." }]\n')
+
+        xb.write_config(two_vms(slow=True))
+        ballast(seed_layout.vmdir)
         kill_run_during_cleanup(xb, journal)  # vm1's run dies holding the only slot
+        xb.write_config(two_vms(slow=False))
         assert Path("/run/xenbackup/slots/vm1.slot").exists(), "the test needs the dead run's slot file left"
         started = time.monotonic()
         assert xb.start("vmb").returncode == 0, journal.text("-u", "xenbackup@vmb")

@@ -16,8 +16,10 @@ from vmlib.product import (
     MSG_FAILED,
     MSG_STARTED,
     MSG_SUCCEEDED,
+    SLOW_UPLOAD,
     Journal,
     Xb,
+    ballast,
     our_mounts,
     our_snapshots,
     sh,
@@ -169,9 +171,9 @@ def test_unwritable_repository_fails_the_unit_and_cleans_up(seed_layout, xb: Xb,
 
 
 def test_sigkill_during_backup_still_runs_cleanup(seed_layout, xb: Xb, journal: Journal) -> None:
-    # Enough data that restic is still reading when the unit is killed.
-    sh("dd", "if=/dev/urandom", f"of={seed_layout.vmdir}/big.img", "bs=1M", "count=300", "status=none")
-    xb.write_config(SEED_CONFIG.replace("256M", "512M"))
+    # restic is still uploading when the unit is killed.
+    big = ballast(seed_layout.vmdir)
+    xb.write_config(SLOW_UPLOAD + SEED_CONFIG)
     sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
     xb.wait_for_restic(journal)
     # While restic runs, `systemctl status` shows its progress (sd_notify STATUS=).
@@ -188,7 +190,8 @@ def test_sigkill_during_backup_still_runs_cleanup(seed_layout, xb: Xb, journal: 
     phases = [e.get("XENBACKUP_PHASE") for e in journal.entries("-u", "xenbackup@vm1.service")]
     assert "cleanup" in phases
     assert "result=signal" in journal.text("-u", "xenbackup@vm1")
-    os.unlink(seed_layout.vmdir / "big.img")
+    big.unlink()
+    xb.write_config(SEED_CONFIG)
     sh("systemctl", "reset-failed", "xenbackup@vm1.service")
     assert xb.start().returncode == 0, journal.text("-u", "xenbackup@vm1")
 

@@ -25,6 +25,18 @@ def sh(*argv: str, check: bool = True, timeout: float = 600, **kw: object) -> su
     return out
 
 
+SLOW_UPLOAD = "[repository]\nlimit_upload = 512\n"
+"""A config section that keeps a run's restic busy with `ballast` for about 30 s, whatever the machine's speed,
+without the minutes that hundreds of MiB of data cost under TCG (to generate, read, hash and back up again)."""
+
+
+def ballast(directory: Path, mib: int = 16, name: str = "ballast.img") -> Path:
+    """Incompressible data that restic must upload: with SLOW_UPLOAD, about 2 s per MiB."""
+    path = directory / name
+    sh("dd", "if=/dev/urandom", f"of={path}", "bs=1M", f"count={mib}", "status=none")
+    return path
+
+
 def our_snapshots() -> list[str]:
     out = sh("lvs", "--noheadings", "-o", "lv_full_name", "@xenbackup").stdout.split()
     return out
