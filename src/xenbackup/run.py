@@ -491,12 +491,22 @@ def stream_bytes(
     chunk: int = 1 << 20,
 ) -> None:
     """Run a command and hand its binary stdout to sink in chunks (for restic dump into a device)."""
-    args = _argv(argv)
-    secrets = list(secrets)
-    proc = _spawn(args, secrets, env, None, subprocess.PIPE, None)
 
     def consume(out: IO[bytes]) -> None:
         while data := out.read(chunk):
             sink(data)
 
-    _pump(args, proc, consume, secrets)
+    stream_output(argv, consume, env=env, secrets=secrets)
+
+
+def stream_output(
+    argv: Sequence[Arg],
+    consume: Callable[[IO[bytes]], None],
+    *,
+    env: Mapping[str, str] | None = None,
+    secrets: Iterable[str] = (),
+) -> None:
+    """Run a command and let consume read its binary stdout as a stream (a tar of restic dump)."""
+    args = _argv(argv)
+    secrets = list(secrets)
+    _pump(args, _spawn(args, secrets, env, None, subprocess.PIPE, None), consume, secrets)

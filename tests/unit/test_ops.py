@@ -348,3 +348,48 @@ def test_a_timespan_where_a_timestamp_belongs_is_not_taken_for_one() -> None:
     for value in ("1d 2h", "Sun 2025-11-30 21:00:00 CET", "Sun 2025-11-30"):
         with pytest.raises(ValueError):
             systemd._show_usec(value)
+
+
+def test_the_restore_test_reads_a_segmented_image_with_one_restic_dump(write_config, tmp_path: Path) -> None:
+    """verify's restore test of a thin LV's segmented image: every segment read back through restic (which
+    checks each blob) and measured against what restic recorded, in one `restic dump` of their directory."""
+    import shutil
+
+    from xenbackup import names
+    from xenbackup.actions.context import Context
+    from xenbackup.actions.ops import restore_test
+
+    real = shutil.which("restic")
+    assert real is not None, "restic is not installed; the test setup installs it"
+    calls = tmp_path / "calls.log"
+    logging_restic = tmp_path / "restic"
+    logging_restic.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{calls}"\nexec "{real}" "$@"\n')
+    logging_restic.chmod(0o755)
+    cfg = config.load(str(write_config(f"""
+        [repository]
+        url = "{tmp_path / 'repo'}"
+        password_file = "{tmp_path / 'pw'}"
+        host = "xen-a"
+        [settings]
+        state_dir = "{tmp_path / 'state'}"
+        runtime_dir = "{tmp_path / 'run'}"
+        [commands]
+        restic = "{logging_restic}"
+        [vm.web]
+        hypervisor = "none"
+        disks = [{{ lv = "thinvg/web", mode = "block" }}]
+    """)))
+    ctx = Context.from_config(cfg)
+    segdir = tmp_path / "mnt" / "thinvg-web"
+    segdir.mkdir(parents=True)
+    for index, size in enumerate((65_536, 65_536, 999)):
+        (segdir / names.segment_file(index)).write_bytes(os.urandom(size))
+    ctx.restic.ensure_initialized()
+    ctx.restic.backup([str(segdir)], [*names.restic_tags("xen-a", "web", "thinvg/web", "block", "r1"),
+                                      names.SEGMENTED_TAG], "xen-a", lambda p: None)
+    calls.write_text("")
+    result = restore_test(ctx, cfg.vm("web"), scratch_root=str(tmp_path))
+    assert (result.entries, result.bytes) == (3, 2 * 65_536 + 999)
+    dumps = [line for line in calls.read_text().splitlines() if " dump " in f" {line} "]
+    assert len(dumps) == 1 and dumps[0].endswith(str(segdir)), dumps
+

@@ -412,7 +412,7 @@ class Restorer:
                     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     def restore_block(self, snap: Snapshot, ref: LvRef, files: tuple[str, ...], size: int) -> None:
-        shown = files[0] if len(files) == 1 else f"{files[0]} … ({len(files)} segments in order)"
+        shown = files[0] if len(files) == 1 else f"{os.path.dirname(files[0])} ({len(files)} segments in order)"
         self.step("restore-block", f"restic dump {snap.short_id} {shown} > {ref.path} ({size} bytes)")
         if self.req.dry_run:
             return
@@ -432,8 +432,7 @@ class Restorer:
                     view = view[n:]
                 written += len(data)
 
-            for name in files:
-                self.ctx.restic.dump(snap.id, name, sink)
+            self.ctx.restic.dump_in_order(snap.id, files, sink)
             os.fsync(fd)
         finally:
             os.close(fd)
