@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import textwrap
 from pathlib import Path
@@ -74,3 +75,16 @@ def no_path_lvm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
         p.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ.get('PATH', '')}")
     return trap
+
+
+@pytest.fixture
+def logging_restic(tmp_path: Path):
+    """The real restic behind a wrapper that appends each call's arguments to a log: (wrapper, log)."""
+    real = shutil.which("restic")
+    if real is None:
+        pytest.fail("restic is not installed; the test setup installs it")
+    calls = tmp_path / "restic-calls.log"
+    wrapper = tmp_path / "logging-restic"
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{calls}"\nexec "{real}" "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper, calls

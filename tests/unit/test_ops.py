@@ -350,21 +350,15 @@ def test_a_timespan_where_a_timestamp_belongs_is_not_taken_for_one() -> None:
             systemd._show_usec(value)
 
 
-def test_the_restore_test_reads_a_segmented_image_with_one_restic_dump(write_config, tmp_path: Path) -> None:
+def test_the_restore_test_reads_a_segmented_image_with_one_restic_dump(write_config, tmp_path: Path,
+                                                                       logging_restic) -> None:
     """verify's restore test of a thin LV's segmented image: every segment read back through restic (which
     checks each blob) and measured against what restic recorded, in one `restic dump` of their directory."""
-    import shutil
-
     from xenbackup import names
     from xenbackup.actions.context import Context
     from xenbackup.actions.ops import restore_test
 
-    real = shutil.which("restic")
-    assert real is not None, "restic is not installed; the test setup installs it"
-    calls = tmp_path / "calls.log"
-    logging_restic = tmp_path / "restic"
-    logging_restic.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{calls}"\nexec "{real}" "$@"\n')
-    logging_restic.chmod(0o755)
+    wrapper, calls = logging_restic
     cfg = config.load(str(write_config(f"""
         [repository]
         url = "{tmp_path / 'repo'}"
@@ -374,7 +368,7 @@ def test_the_restore_test_reads_a_segmented_image_with_one_restic_dump(write_con
         state_dir = "{tmp_path / 'state'}"
         runtime_dir = "{tmp_path / 'run'}"
         [commands]
-        restic = "{logging_restic}"
+        restic = "{wrapper}"
         [vm.web]
         hypervisor = "none"
         disks = [{{ lv = "thinvg/web", mode = "block" }}]

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 from pathlib import Path
 
@@ -477,22 +476,16 @@ def test_other_open_failures_give_restic_s_fatal_line() -> None:
     assert open_failure("") == "no answer"
 
 
-def _segmented_backup(tmp_path) -> tuple[Restic, str, list[str], list[bytes], Path]:
+def _segmented_backup(tmp_path, logging_restic) -> tuple[Restic, str, list[str], list[bytes], Path]:
     """A real repository holding a directory of three segment files (the last one short), as a
-    block-mode run of a thin LV stores them; and a restic on PATH that logs each call before running."""
-    real = shutil.which("restic")
-    if real is None:
-        pytest.fail("restic is not installed; the test setup installs it")
-    calls = tmp_path / "calls.log"
-    logging_restic = tmp_path / "restic"
-    logging_restic.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{calls}"\nexec "{real}" "$@"\n')
-    logging_restic.chmod(0o755)
+    block-mode run of a thin LV stores them, opened through a restic that logs each call."""
+    wrapper, calls = logging_restic
     segdir = tmp_path / "mnt" / "thinvg-blk"
     segdir.mkdir(parents=True)
     contents = [os.urandom(70_000), os.urandom(70_000), os.urandom(1_234)]
     for index, data in enumerate(contents):
         (segdir / names.segment_file(index)).write_bytes(data)
-    r = Restic(repo(tmp_path), str(logging_restic), credentials_dir="")
+    r = Restic(repo(tmp_path), str(wrapper), credentials_dir="")
     r.ensure_initialized()
     summary = r.backup([str(segdir)], ["xenbackup"], "h", lambda p: None)
     files = [str(segdir / names.segment_file(i)) for i in range(len(contents))]
@@ -500,8 +493,8 @@ def _segmented_backup(tmp_path) -> tuple[Restic, str, list[str], list[bytes], Pa
     return r, summary.snapshot_id, files, contents, calls
 
 
-def test_a_segmented_image_comes_back_in_order_from_one_restic_dump(tmp_path) -> None:
-    r, snap, files, contents, calls = _segmented_backup(tmp_path)
+def test_a_segmented_image_comes_back_in_order_from_one_restic_dump(tmp_path, logging_restic) -> None:
+    r, snap, files, contents, calls = _segmented_backup(tmp_path, logging_restic)
     out = bytearray()
     sizes: list[tuple[str, int]] = []
     r.dump_in_order(snap, files, out.extend, lambda name, size: sizes.append((name, size)))
@@ -512,8 +505,8 @@ def test_a_segmented_image_comes_back_in_order_from_one_restic_dump(tmp_path) ->
     assert len(dumps) == 1 and dumps[0].endswith(f"dump {snap} {os.path.dirname(files[0])}"), dumps
 
 
-def test_a_segment_missing_from_or_added_to_the_dump_fails_the_restore(tmp_path) -> None:
-    r, snap, files, _, _ = _segmented_backup(tmp_path)
+def test_a_segment_missing_from_or_added_to_the_dump_fails_the_restore(tmp_path, logging_restic) -> None:
+    r, snap, files, _, _ = _segmented_backup(tmp_path, logging_restic)
     with pytest.raises(RepositoryError, match=r"holds .*seg-00000001 where .*seg-00000002 was expected"):
         r.dump_in_order(snap, [files[0], files[2]], lambda data: None)
     with pytest.raises(RepositoryError, match=r"ended before .*seg-00000003"):

@@ -227,7 +227,7 @@ def prepare_early(config: pytest.Config, first_item_boots: bool) -> None:
     tests before the first suite (the unit tests, a few minutes of one core) run, instead of after them.
 
     Only the image and the package: a guest booted beside the unit tests would share their cores during its
-    timing-sensitive tests. A failure here is only logged; the boot repeats both steps and reports it."""
+    timing-sensitive tests. A failure here is left to the boot, which repeats both steps and reports it."""
     session = state(config)
     if not session.suites or first_item_boots or session.preparing is not None:
         return
