@@ -548,11 +548,15 @@ class Restic:
         probe = run(self.argv("cat", "config", "--no-lock"), env=self.env(), secrets=self.secrets(), check=False)
         if probe.returncode == 0:
             return None
+        return self._why_not(probe.stderr)
+
+    def _why_not(self, restic_stderr: str) -> str:
+        """Why restic could not open the repository, from its stderr (and ssh's, for sftp)."""
         sftp = self.cfg.url.startswith("sftp:")
-        if sftp and ssh_line(probe.stderr) is None and any(
-                lost in probe.stderr for lost in ("sftp session", "file already closed")):
-            return self._ask_ssh(probe.stderr)
-        return open_failure(probe.stderr, sftp=sftp)
+        if sftp and ssh_line(restic_stderr) is None and any(
+                lost in restic_stderr for lost in ("sftp session", "file already closed")):
+            return self._ask_ssh(restic_stderr)
+        return open_failure(restic_stderr, sftp=sftp)
 
     def _ask_ssh(self, restic_stderr: str) -> str:
         """Why the sftp session ended, from ssh itself, when restic lost ssh's last words.
@@ -568,13 +572,22 @@ class Restic:
         said = [line.strip() for line in answer.stderr.splitlines() if line.strip() and not line.startswith("@")]
         return f"ssh: {said[-1]}; {verdict}" if answer.returncode != 0 and said else verdict
 
-    def ensure_initialized(self) -> None:
-        """On first use, create the local repository (and its password)."""
+    def ensure_initialized(self, opening: Callable[[], object] | None = None) -> None:
+        """On first use, create the local repository (and its password); otherwise check that its key opens.
+
+        `opening` is a command that opens the repository anyway (and fails as the key check would): it then
+        takes the key check's place, and the repository is opened once instead of twice."""
         self.ensure_password()
+        if opening is not None and not self.cfg.is_local:
+            opening()
+            return
         error = self._open_error()
         if error is None:
             if self.cfg.is_local:
-                self._check_key()
+                if opening is not None:
+                    opening()
+                else:
+                    self._check_key()
             return
         if not self.cfg.is_local:
             raise RepositoryError(f"repository {self.cfg.display_url} cannot be opened: {error} (if it was "
@@ -600,6 +613,16 @@ class Restic:
         if stdin_filename is not None:
             return [*argv, "--stdin", "--stdin-filename", stdin_filename]
         return [*argv, "--one-file-system", "--", *paths]
+
+    def store_opening(self, path: str, tags: Iterable[str], host: str) -> BackupSummary:
+        """Back up one small file as the run's first repository open: a failure to open reads as the key
+        check's would."""
+        try:
+            return self.backup([path], tags, host, lambda p: None)
+        except CommandError as exc:
+            hint = "" if self.cfg.is_local else " (if it was never initialised, run `xenbackup init` once)"
+            raise RepositoryError(f"repository {self.cfg.display_url} cannot be opened or written: "
+                                  f"{self._why_not(exc.stderr)}{hint}") from None
 
     def backup(self, paths: Sequence[str], tags: Iterable[str], host: str,
                on_progress: Callable[[Progress], None], cwd: str | None = None,

@@ -113,6 +113,9 @@ class RunState:
     error: str = ""
     """Why a step failed, for cleanup's verdict: the step's own error lines may reach the journal after its
     process is gone, and then without the unit's name."""
+    config_first: bool = False
+    """The domain config is stored by the snapshot step, in the run that checks the repository's key, since
+    no disk's run can carry it: the backup step stores disks only."""
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -144,6 +147,7 @@ class RunState:
             snapshot_created=d.get("snapshot_created"),
             snapshot_seconds=d.get("snapshot_seconds"),
             error=d.get("error", ""),
+            config_first=bool(d.get("config_first", False)),
         )
 
     def with_snapshot(self, rec: SnapshotRecord) -> RunState:

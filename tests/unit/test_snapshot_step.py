@@ -649,33 +649,133 @@ def test_a_unit_that_failed_after_its_backup_step_finished_the_run_cleans_up_in_
     assert "lvs" in (tools / "calls").read_text(), "the full cleanup did not look for leftovers"
 
 
-def test_a_config_stored_on_its_own_is_stored_after_the_snapshots_are_gone(
-        tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A config that cannot ride in a disk's run (here a files-mode tree stored from its root, elsewhere
-    block-mode disks only) reads nothing from a snapshot: its own repository open must not lengthen their life."""
+def restic_logged(tools: Path) -> None:
+    """restic behind a wrapper that adds each of its command lines to the journal of calls."""
     import shutil
 
-    cfg = files_vm(tools, monkeypatch, mount='for t; do :; done; echo data > "$t/file"', password="secret\n")
-    domain = tools / "web1.cfg"
-    domain.write_text("name = 'web1'\n")
     wrapper = tools / "bin" / "restic"
-    wrapper.write_text(f'#!/bin/sh\ncase " $* " in *" backup "*) echo "restic backup $*" >> {tools / "calls"} ;; esac\n'
-                       f'exec {shutil.which("restic")} "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\necho "restic $*" >> {tools / "calls"}\nexec {shutil.which("restic")} "$@"\n')
     wrapper.chmod(0o755)
     text = (tools / "xenbackup.toml").read_text().replace("[commands]\n", f'[commands]\nrestic = "{wrapper}"\n')
-    text = text.replace('consistency = "none"\n', f'consistency = "none"\ndomain_config = "{domain}"\n')
     (tools / "xenbackup.toml").write_text(text)
+
+
+def restic_commands(tools: Path) -> list[str]:
+    """restic's commands that open the repository and LVM's calls, in order."""
+    out = []
+    for line in (tools / "calls").read_text().splitlines():
+        words = line.split()
+        if words[0] == "restic":
+            sub = next(w for w in words[1:] if not w.startswith("-") and not w[0].isdigit())
+            if sub != "version":
+                out.append(f"restic {sub}" + (" config" if "disk:config" in words else ""))
+        elif words[0] in ("lvcreate", "lvremove"):
+            out.append(words[0])
+    return out
+
+
+def test_a_config_no_disk_can_carry_is_stored_by_the_key_check_before_any_snapshot(
+        tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config that cannot ride in a disk's run (here a files-mode tree stored from its root, elsewhere
+    block-mode disks only) is stored by the restic that checks the repository's key: one repository open for
+    both, before the snapshot exists, and none after it."""
+    cfg = files_vm(tools, monkeypatch, mount='for t; do :; done; echo data > "$t/file"', password="secret\n")
+    Context.from_config(cfg).restic.init()
+    domain = tools / "web1.cfg"
+    domain.write_text("name = 'web1'\n")
+    restic_logged(tools)
+    text = (tools / "xenbackup.toml").read_text()
+    (tools / "xenbackup.toml").write_text(
+        text.replace('consistency = "none"\n', f'consistency = "none"\ndomain_config = "{domain}"\n'))
     cfg = config.load(str(tools / "xenbackup.toml"))
     ctx = Context.from_config(cfg)
+    (tools / "calls").write_text("")
     backup.step_prepare(ctx, cfg.vm("web1"))
+    assert restic_commands(tools) == ["restic backup config", "lvcreate"]
     (tools / "calls").write_text("")
     state = backup.step_backup(ctx, cfg.vm("web1"))
-    seen = [c for c in (tools / "calls").read_text().splitlines() if c.split()[0] in ("restic", "lvremove")]
-    assert len(seen) == 3 and seen[0].startswith("restic backup") and seen[1].startswith("lvremove --yes"), seen
-    assert seen[2].startswith("restic backup") and str(domain) in seen[2] and "disk:config" in seen[2], seen
-    assert len(state.restic_snapshots) == 2
+    assert restic_commands(tools) == ["restic backup", "lvremove"]
+    assert state.config_first and len(state.restic_snapshots) == 2
     config_run = [s for s in ctx.restic.snapshots(names.restic_filter("web1")) if s.tag_value("mode") == "config"]
-    assert [s.paths for s in config_run] == [(str(domain),)]
+    assert [(s.paths, s.tag_value("run")) for s in config_run] == [((str(domain),), state.run_id)]
+    assert config_run[0].id.startswith(state.restic_snapshots[0])
+    # The next run's prepare step gets no `restic cat config` to start early: it stores the config instead.
+    assert not (tools / "run" / ".headstart").exists() or not list((tools / "run" / ".headstart").iterdir())
+
+
+def test_a_wrong_password_fails_the_config_s_store_before_lvm(tools: Path) -> None:
+    cfg = write_cfg(tools, password="right\n")
+    (tools / "db1.cfg").write_text("name = 'db1'\n")
+    ctx = Context.from_config(cfg)
+    ctx.restic.init()
+    (tools / "password").write_text("wrong\n")
+    (tools / "calls").write_text("")
+    with pytest.raises(RepositoryError, match=r"cannot be opened or written: .*wrong password"):
+        backup.step_snapshot(ctx, cfg.vm("db1"))
+    assert not any(c.startswith(("lvcreate", "xl pause")) for c in calls(tools))
+    (tools / "password").write_text("right\n")
+    assert ctx.restic.snapshots() == []
+
+
+def test_a_run_that_fails_after_storing_its_config_leaves_no_config_behind(tools: Path) -> None:
+    """A config without its disks restores nothing and would count in the config's retention group."""
+    from xenbackup.actions.record import RunResult
+
+    cfg = write_cfg(tools, password="secret\n")
+    (tools / "db1.cfg").write_text("name = 'db1'\n")
+    ctx = Context.from_config(cfg)
+    ctx.restic.init()
+    (tools / "fail-at").write_text("1")
+    with pytest.raises(Exception, match="Insufficient free space"):
+        backup.step_snapshot(ctx, cfg.vm("db1"))
+    state = ctx.store.load("db1")
+    assert state is not None and state.config_first and len(state.restic_snapshots) == 1
+    assert [s.tag_value("mode") for s in ctx.restic.snapshots()] == ["config"]
+    backup.step_cleanup(ctx, cfg.vm("db1"), RunResult.EXIT_CODE)
+    assert ctx.restic.snapshots() == []
+
+
+def test_a_discovered_vm_s_config_no_disk_carried_is_stored_after_the_snapshots_are_gone(
+        tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which disks a discovered VM has is known only after the key check started; a config none of them can
+    carry (here: the image's directory and the config share their first path component) gets a restic run of
+    its own, which reads nothing from a snapshot and so comes after them."""
+    import os
+
+    files_vm(tools, monkeypatch)
+    (tools / "bin" / "xl").write_text(
+        f'#!/bin/sh\necho "xl $*" >> {tools / "calls"}\n'
+        'case "$1" in domid) exit 1 ;; -N) cat ' + str(tools / "db1.json") + ' ;; esac\n')
+    image = tools / "images" / "db1.img"
+    image.parent.mkdir()
+    image.write_bytes(b"\0" * 4096)
+    (tools / "db1.json").write_text(json.dumps({"disks": [{"pdev_path": str(image), "vdev": "xvda"}]}))
+    (tools / "db1.cfg").write_text("name = 'db1'\n")
+    st = os.stat(image)
+    (tools / "lvs.json").write_text(json.dumps(LVS))
+    rows = json.loads((tools / "lvs.json").read_text())
+    rows["report"][0]["lv"][0].update(lv_kernel_major=str(os.major(st.st_dev)),
+                                      lv_kernel_minor=str(os.minor(st.st_dev)))
+    (tools / "lvs.json").write_text(json.dumps(rows))
+    write_cfg(tools, 'consistency = "none"', password="secret\n")
+    text = (tools / "xenbackup.toml").read_text().replace(
+        'disks = [{ lv = "system/db1-root", mode = "block" }, { lv = "system/db1-data", mode = "block" }]', "")
+    (tools / "xenbackup.toml").write_text(text)
+    restic_logged(tools)
+    cfg = config.load(str(tools / "xenbackup.toml"))
+    assert cfg.vm("db1").discovers_disks
+    ctx = Context.from_config(cfg)
+    ctx.restic.init()
+    # The fake mount puts a file where the image's directory is in the LV's filesystem.
+    where = Path(ctx.disks(cfg.vm("db1"), ctx.lvm.overview().volumes)[0].path)
+    assert not names.config_rides_along(str(where), str(tools / "db1.cfg"))
+    (tools / "bin" / "mount").write_text(f'#!/bin/sh\necho "mount $*" >> {tools / "calls"}\n'
+                                         f'for t; do :; done; mkdir -p "$t/{where}"; echo data > "$t/{where}/file"\n')
+    (tools / "calls").write_text("")
+    backup.step_prepare(ctx, cfg.vm("db1"))
+    state = backup.step_backup(ctx, cfg.vm("db1"))
+    assert restic_commands(tools) == ["restic cat", "lvcreate", "restic backup", "lvremove", "restic backup config"]
+    assert not state.config_first and len(state.restic_snapshots) == 2
 
 
 BACKUP_ENTRY_PROBE = """

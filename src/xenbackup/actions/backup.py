@@ -68,7 +68,8 @@ def not_busy(ctx: Context, vm: VM) -> RunState | None:
     return old
 
 
-def claim(ctx: Context, vm: VM, old: RunState | None) -> tuple[RunState, Overview]:
+def claim(ctx: Context, vm: VM, old: RunState | None, run_id: str,
+          config_first: bool = False) -> tuple[RunState, Overview]:
     """Take ownership of the VM for a new run (`old` as not_busy found it), clearing a dead run's
     leftovers first.
 
@@ -81,9 +82,16 @@ def claim(ctx: Context, vm: VM, old: RunState | None) -> tuple[RunState, Overvie
     seen = ctx.lvm.overview()
     if sweep_stale(ctx, vm, seen.tagged(vm.lv_tag)):
         seen = ctx.lvm.overview()  # the removed snapshots' space is free again
-    state = RunState(vm=vm.name, run_id=new_run_id(), owner=me, started=time.time())
+    state = RunState(vm=vm.name, run_id=run_id, owner=me, started=time.time(), config_first=config_first)
     ctx.store.save(state)
     return state, seen
+
+
+def _record_stored(ctx: Context, vm: VM, run_id: str, stored: list[str]) -> None:
+    """Note a config the key check stored before the step failed, so that cleanup forgets it."""
+    state = ctx.store.load(vm.name) if stored else None
+    if state is not None and state.run_id == run_id:
+        ctx.store.save(replace(state, restic_snapshots=(*state.restic_snapshots, *stored)))
 
 
 def preflight(seen: Overview, vm: VM, disks: tuple[Disk, ...]) -> dict[str, bool]:
@@ -125,10 +133,21 @@ def step_snapshot(ctx: Context, vm: VM) -> RunState:
         # Everything that can fail or take time happens before the guest is paused. A run that cannot store
         # anything (wrong password, repository gone) must never make a snapshot: restic decrypts the
         # repository's key meanwhile, and is waited for before lvcreate. It starts first, beside LVM's
-        # scan: its key derivation alone costs about half a second, and reading its binary cold longer.
-        repository_opened = in_background(lambda: open_repository(ctx))
+        # scan: its key derivation alone costs about half a second, and reading its binary cold longer. A
+        # domain config that no disk's run can carry is stored by this restic: its one repository open is
+        # then both the key check and the config's.
+        run_id = new_run_id()
+        config = config_stored_first(vm)
+        stored: list[str] = []
+
+        def store_config() -> None:
+            assert config is not None
+            tags = names.restic_tags(ctx.host, vm.name, names.CONFIG_DISK, names.CONFIG_DISK, run_id)
+            stored.append(ctx.restic.store_opening(config, tags, ctx.host).snapshot_id)
+
+        repository_opened = in_background(lambda: open_repository(ctx, store_config if config else None))
         try:
-            state, seen = claim(ctx, vm, old)
+            state, seen = claim(ctx, vm, old, run_id, config_first=config is not None)
             journal.event(log, logging.INFO, "backup of %s started (run %s)", MessageId.STARTED, vm.name,
                           state.run_id, run=state.run_id)
             ctx.slots.acquire(vm.name, state.owner)
@@ -146,8 +165,12 @@ def step_snapshot(ctx: Context, vm: VM) -> RunState:
             # This error is the one to report. restic, reading only, is not waited for: a remote repository
             # that does not answer would hold a stop request up for restic's minute of retries.
             repository_opened(wait=False)
+            _record_stored(ctx, vm, run_id, stored)
             raise
         repository_opened()
+        if stored:
+            state = replace(state, restic_snapshots=(*state.restic_snapshots, *stored))
+            log.info("saved domain config %s", config)
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
         tags = names.lv_tags(vm.name, state.run_id)
         planned = [(disk, snapshot_name(vm.name, disk, stamp), thin[str(disk.lv)]) for disk in disks]
@@ -256,8 +279,10 @@ def leave_head_start(ctx: Context, vm: VM, state: RunState) -> None:
 
 
 def leave_key_check(ctx: Context, vm: VM) -> None:
-    """Leave the VM's next prepare step its repository key check, to start before it loads its code."""
-    _leave(ctx, vm, headstart.PREPARE, ctx.restic.read_config)
+    """Leave the VM's next prepare step its repository key check, to start before it loads its code. A VM
+    whose snapshot step stores the domain config in its place gets none: that run's tags name the run."""
+    if config_stored_first(vm) is None:
+        _leave(ctx, vm, headstart.PREPARE, ctx.restic.read_config)
 
 
 def _leave(ctx: Context, vm: VM, step: str, code: Callable[[], object]) -> None:
@@ -344,8 +369,8 @@ def _backup_disk(ctx: Context, vm: VM, state: RunState, rec: SnapshotRecord, cur
         reporter.close()
 
 
-def open_repository(ctx: Context) -> None:
-    """Create a local repository on first use only.
+def open_repository(ctx: Context, opening: Callable[[], None] | None = None) -> None:
+    """Create a local repository on first use only. `opening` opens it anyway, in the key check's place.
 
     A local repository that held this host's backups and is gone now is an unmounted or lost disk; a new
     empty repository in its place would fill the wrong filesystem and hide the loss.
@@ -360,8 +385,10 @@ def open_repository(ctx: Context) -> None:
                                       "disk mounted?); not creating a new one there. If it is lost, `xenbackup "
                                       "init` starts a new one")
             ctx.restic.ensure_initialized()
+        if opening is not None:
+            opening()
     else:
-        ctx.restic.ensure_initialized()
+        ctx.restic.ensure_initialized(opening)
     ctx.store.remember_repository(url)
     if ctx.cfg.repository.lock_wait:
         # Asked now, beside LVM, and remembered: the backup step then spawns no `restic version` while the
@@ -463,7 +490,7 @@ def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> tupl
         totals["restic_seconds"] = round(totals["restic_seconds"] + summary.duration, 3)
     if config and carrier:
         log.info("saved domain config %s with %s", config, _disk(vm, state, carrier).lv)
-    elif vm.domain_config and not config:
+    elif vm.domain_config and not config and not state.config_first:
         log.warning("domain config %s does not exist; backing up the disks only", vm.domain_config)
     return replace(state, summary=dict(totals)), None if carrier else config
 
@@ -472,7 +499,9 @@ def _carried_config(vm: VM, state: RunState) -> tuple[str | None, str | None]:
     """The domain config to store, if it exists, and the slug of the disk whose run carries it, if any.
 
     The config rides in the first files-mode disk's run where it can: a restic run of its own costs another
-    repository open (keys, index, lock)."""
+    repository open (keys, index, lock). A run whose snapshot step stored it has none left to store."""
+    if state.config_first:
+        return None, None
     config = vm.domain_config if vm.domain_config and os.path.isfile(vm.domain_config) else None
     carrier = next((rec.disk_slug for rec in state.snapshots if config
                     and (d := _disk(vm, state, rec.disk_slug)).mode is DiskMode.FILES
@@ -480,10 +509,24 @@ def _carried_config(vm: VM, state: RunState) -> tuple[str | None, str | None]:
     return config, carrier
 
 
+def config_stored_first(vm: VM) -> str | None:
+    """The domain config that the snapshot step stores, in place of its repository key check: one that no
+    configured disk's run can carry, since the disks are all block devices (restic 0.14 cannot mix --stdin
+    with files) or a tree the config's path could collide with. The key check opens the repository anyway,
+    and this run of restic checks the key as well. A VM whose disks are discovered is known to need it only
+    once they are found, after the key check has started; it stores its config once the snapshots are gone."""
+    config = vm.domain_config
+    if not config or vm.discovers_disks or not os.path.isfile(config):
+        return None
+    if any(d.mode is DiskMode.FILES and names.config_rides_along(d.path, config) for d in vm.disks):
+        return None
+    return config
+
+
 def _store_config_alone(ctx: Context, vm: VM, state: RunState, config: str) -> RunState:
-    """The domain config in a restic run of its own: the disks were all block devices (restic 0.14 cannot
-    mix --stdin with files) or a tree the config's path could collide with. It reads nothing from a
-    snapshot, so it runs once they are gone rather than lengthen their lives."""
+    """The domain config in a restic run of its own, when only the discovered disks told that none can carry
+    it (see config_stored_first). It reads nothing from a snapshot, so it runs once they are gone rather than
+    lengthen their lives."""
     tags = names.restic_tags(ctx.host, vm.name, names.CONFIG_DISK, names.CONFIG_DISK, state.run_id)
     summary = ctx.restic.backup([config], tags, ctx.host, lambda p: None)
     state = replace(state, restic_snapshots=(*state.restic_snapshots, summary.snapshot_id))
@@ -628,6 +671,14 @@ def _cleanup(ctx: Context, vm: VM, result: RunResult | None) -> int:
             # may not have reached the repository either (a remote one that was down); a good run's shared
             # lock never meets it, but check, prune and forget would.
             clear_stale_locks(ctx)
+        if (state is not None and state.config_first and not state.overflowed and result is not RunResult.SUCCESS
+                and len(state.restic_snapshots) == 1):
+            try:
+                forget_run(ctx.restic.waiting_at_most(CLEANUP_LOCK_WAIT), state,
+                           "the run stored its domain config but no disk")
+            except Exception as exc:
+                # A config without its disks restores nothing; the next prune's count is all it disturbs.
+                log.warning("could not forget the failed run's domain config snapshot: %s", exc)
         if state is not None and state.overflowed:
             try:
                 forget_run(ctx.restic.waiting_at_most(CLEANUP_LOCK_WAIT), state,

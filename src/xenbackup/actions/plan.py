@@ -35,6 +35,14 @@ def plan(ctx: Context, vm: VM) -> list[PlannedCommand]:
     for disk in disks:
         where = "configured" if disk.source == "config" else f"found in the domain definition: {disk.source}"
         out.append(PlannedCommand("disks", (str(disk.lv), disk.mode.value, disk.path), where))
+    config = vm.domain_config
+    carrier = next((d for d in disks if config and d.mode is DiskMode.FILES
+                    and names.config_rides_along(d.path, config)), None)
+    config_tags = names.restic_tags(ctx.host, vm.name, names.CONFIG_DISK, names.CONFIG_DISK, run_id)
+    if config and carrier is None and not vm.discovers_disks:
+        out.append(PlannedCommand("snapshot", tuple(ctx.restic.backup_argv([config], config_tags, ctx.host)),
+                                  "the domain config, if it exists, before any snapshot: no disk's run can carry "
+                                  "it, and this run of restic is also the repository key check"))
     pause, resume = _window_argv(ctx, vm, len(disks))
     if pause:
         out.append(PlannedCommand("snapshot", pause, f"{vm.consistency}: hold the guest still; at most "
@@ -53,9 +61,6 @@ def plan(ctx: Context, vm: VM) -> list[PlannedCommand]:
             out.append(PlannedCommand("mount", tuple(ctx.mounter.mount_argv(
                 f"/dev/{disk.lv.vg}/{name}", target, "<fstype>", opts)),
                 "xfs adds nouuid,norecovery; ext4 adds noload only when its journal is dirty"))
-    config = vm.domain_config
-    carrier = next((d for d in disks if config and d.mode is DiskMode.FILES
-                    and names.config_rides_along(d.path, config)), None)
     for disk in disks:
         tags_r = names.restic_tags(ctx.host, vm.name, str(disk.lv), disk.mode.value, run_id)
         if disk.mode is DiskMode.FILES:
@@ -77,10 +82,9 @@ def plan(ctx: Context, vm: VM) -> list[PlannedCommand]:
                         f"tagged {names.lv_base_tag(vm.name)} says which changed, restic takes the others from "
                         "the parent unread (--force instead of --parent without a usable base)")
         out.append(PlannedCommand("backup", tuple(argv), note))
-    if vm.domain_config and carrier is None:
-        config_tags = names.restic_tags(ctx.host, vm.name, names.CONFIG_DISK, names.CONFIG_DISK, run_id)
-        argv = ctx.restic.backup_argv([vm.domain_config], config_tags, ctx.host)
-        out.append(PlannedCommand("backup", tuple(argv), "if the domain config exists"))
+    if config and carrier is None and vm.discovers_disks:
+        out.append(PlannedCommand("backup", tuple(ctx.restic.backup_argv([config], config_tags, ctx.host)),
+                                  "the domain config, if it exists and no discovered disk's run carried it"))
     for disk in disks:
         name = snapshot_name(vm.name, disk, stamp)
         if disk.mode is DiskMode.FILES:
