@@ -54,6 +54,20 @@ def test_plan_shows_the_segmented_backup_of_a_thin_origin_when_incrementals_are_
     assert f"{tmp_path / 'run'}/vm1/" in segmented[0]
 
 
+def test_plan_shows_a_block_only_vm_s_config_stored_before_the_snapshot(
+        write_config, tmp_path, no_path_lvm, capsys) -> None:
+    text = CONFIG.format(repo=tmp_path / "repo", pw=tmp_path / "pw", run=tmp_path / "run", state=tmp_path / "state")
+    text = text.replace('{ lv = "system/xenvm", mode = "files", path = "vm1" }, ', "")
+    text = text.replace('snapshot_size = "1G"\n', 'snapshot_size = "1G"\ndomain_config = "/etc/xen/vm1.cfg"\n')
+    path = write_config(text)
+    assert cli.main(["--config", str(path), "plan", "vm1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    stores = [i for i, line in enumerate(lines) if "restic backup" in line and "--tag disk:config" in line]
+    first_snapshot = next(i for i, line in enumerate(lines) if "lvcreate --snapshot" in line)
+    assert len(stores) == 1 and stores[0] < first_snapshot and lines[stores[0]].startswith("[snapshot] ")
+    assert "-- /etc/xen/vm1.cfg" in lines[stores[0]]
+
+
 def test_config_error_exits_2_lists_all_and_touches_no_lvm(write_config, no_path_lvm, capsys) -> None:
     bad = write_config('[vm.vm1]\nsnapshot_size = "huge"\ndisks = [{ lv = "nope" }]\n')
     assert cli.main(["--config", str(bad), "step", "snapshot", "vm1"]) == 2
