@@ -416,6 +416,11 @@ class Restic:
             "RESTIC_PROGRESS_FPS": "1",
         }
 
+    def environment_keys(self) -> set[str]:
+        """The names the environment files set (see environment_files)."""
+        self.env()
+        return set(self._extra_env or {})
+
     def secrets(self) -> list[str]:
         self.env()
         return [v for k, v in (self._extra_env or {}).items() if "KEY" in k or "SECRET" in k or "PASS" in k

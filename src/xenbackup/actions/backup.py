@@ -288,7 +288,6 @@ def leave_key_check(ctx: Context, vm: VM) -> None:
 def _leave(ctx: Context, vm: VM, step: str, code: Callable[[], object]) -> None:
     """Rehearse `code` up to its first command and leave that command for `step` (see headstart). Nothing here
     can fail the run: without a head start a step runs as ever."""
-    from ..repository import read_environment_file
     from ..run import Rehearsed, rehearsal
 
     try:
@@ -302,7 +301,7 @@ def _leave(ctx: Context, vm: VM, step: str, code: Callable[[], object]) -> None:
         return
     try:
         files = ctx.restic.environment_files()
-        from_files = {k for path in files for k in read_environment_file(path)}
+        from_files = ctx.restic.environment_keys()
         kept = {k: v for k, v in command.env.items() if not any(s and s in v for s in command.secrets)}
         if set(command.env) - set(kept) - from_files or any(s and s in a for s in command.secrets
                                                             for a in command.argv):
@@ -439,9 +438,9 @@ def step_backup(ctx: Context, vm: VM, finish: bool = False) -> RunState:
             state = _store_config_alone(ctx, vm, state, alone)
         if released and handoff.possible():
             leave_key_check(ctx, vm)
-        if released and finish and handoff.possible():
-            with ctx.store.lock(vm.name):
-                finish_early(ctx, vm, state)
+            if finish:
+                with ctx.store.lock(vm.name):
+                    finish_early(ctx, vm, state)
         return state
 
 
