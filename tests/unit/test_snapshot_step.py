@@ -220,8 +220,9 @@ def test_a_missing_origin_is_reported_even_when_the_password_is_wrong_too(tools:
     assert not any(c.startswith(("lvcreate", "xl pause")) for c in calls(tools))
 
 
-def test_a_discovered_disk_another_vm_lists_is_refused_before_any_snapshot(tools: Path) -> None:
-    """Two VMs that claim one LV: db1 discovers system/db1-data, which vm.other lists by hand."""
+def image_discovered_by_xl(tools: Path) -> None:
+    """db1's domain definition, from a fake `xl -N create`, names one image file. The image's filesystem
+    stands for the LV: the fake lvs gives system/db1-root that filesystem's device number."""
     (tools / "bin" / "xl").write_text(
         f'#!/bin/sh\necho "xl $*" >> {tools / "calls"}\n'
         'case "$1" in domid) exit 1 ;; -N) cat ' + str(tools / "db1.json") + ' ;; esac\n')
@@ -229,19 +230,22 @@ def test_a_discovered_disk_another_vm_lists_is_refused_before_any_snapshot(tools
     image.parent.mkdir()
     image.write_bytes(b"\0" * 4096)
     (tools / "db1.json").write_text(json.dumps({"disks": [{"pdev_path": str(image), "vdev": "xvda"}]}))
+    st = os.stat(image)
+    rows = json.loads((tools / "lvs.json").read_text())
+    rows["report"][0]["lv"][0].update(lv_kernel_major=str(os.major(st.st_dev)),
+                                      lv_kernel_minor=str(os.minor(st.st_dev)))
+    (tools / "lvs.json").write_text(json.dumps(rows))
+
+
+def test_a_discovered_disk_another_vm_lists_is_refused_before_any_snapshot(tools: Path) -> None:
+    """Two VMs that claim one LV: db1 discovers system/db1-data, which vm.other lists by hand."""
+    image_discovered_by_xl(tools)
     write_cfg(tools, "")
     text = (tools / "xenbackup.toml").read_text().replace(
         'disks = [{ lv = "system/db1-root", mode = "block" }, { lv = "system/db1-data", mode = "block" }]', "")
     text += '\n[vm.other]\ndisks = [{ lv = "system/db1-root", mode = "block" }]\n'
     (tools / "xenbackup.toml").write_text(text)
     (tools / "db1.cfg").write_text("name = 'db1'\n")
-    # The image's filesystem stands for the LV: the fake lvs gives db1-root that filesystem's device number.
-    import os
-    st = os.stat(image)
-    rows = json.loads((tools / "lvs.json").read_text())
-    rows["report"][0]["lv"][0].update(lv_kernel_major=str(os.major(st.st_dev)),
-                                      lv_kernel_minor=str(os.minor(st.st_dev)))
-    (tools / "lvs.json").write_text(json.dumps(rows))
     cfg = config.load(str(tools / "xenbackup.toml"))
     assert cfg.vm("db1").discovers_disks
     with pytest.raises(backup.StepError, match=r"system/db1-root \(xvda: .*/db1.img\) of db1 is configured as a "
@@ -740,23 +744,10 @@ def test_a_discovered_vm_s_config_no_disk_carried_is_stored_after_the_snapshots_
     """Which disks a discovered VM has is known only after the key check started; a config none of them can
     carry (here: the image's directory and the config share their first path component) gets a restic run of
     its own, which reads nothing from a snapshot and so comes after them."""
-    import os
-
     files_vm(tools, monkeypatch)
-    (tools / "bin" / "xl").write_text(
-        f'#!/bin/sh\necho "xl $*" >> {tools / "calls"}\n'
-        'case "$1" in domid) exit 1 ;; -N) cat ' + str(tools / "db1.json") + ' ;; esac\n')
-    image = tools / "images" / "db1.img"
-    image.parent.mkdir()
-    image.write_bytes(b"\0" * 4096)
-    (tools / "db1.json").write_text(json.dumps({"disks": [{"pdev_path": str(image), "vdev": "xvda"}]}))
-    (tools / "db1.cfg").write_text("name = 'db1'\n")
-    st = os.stat(image)
     (tools / "lvs.json").write_text(json.dumps(LVS))
-    rows = json.loads((tools / "lvs.json").read_text())
-    rows["report"][0]["lv"][0].update(lv_kernel_major=str(os.major(st.st_dev)),
-                                      lv_kernel_minor=str(os.minor(st.st_dev)))
-    (tools / "lvs.json").write_text(json.dumps(rows))
+    image_discovered_by_xl(tools)
+    (tools / "db1.cfg").write_text("name = 'db1'\n")
     write_cfg(tools, 'consistency = "none"', password="secret\n")
     text = (tools / "xenbackup.toml").read_text().replace(
         'disks = [{ lv = "system/db1-root", mode = "block" }, { lv = "system/db1-data", mode = "block" }]', "")
