@@ -88,11 +88,13 @@ class Xb:
     def wait_for_restic(self, journal: Journal, timeout: float = 300) -> None:
         """Wait until the started unit's `restic backup` runs; fail at once if the unit ends before that.
 
-        Only the backup counts: the snapshot step runs restic too (`cat config`, the key check), before
-        any snapshot exists."""
+        Only a disk's backup counts: the snapshot step runs restic too before any snapshot exists, as the key
+        check (`cat config`) or, for a VM whose domain config no disk's run can carry, as the `restic backup`
+        of that config (tag disk:config)."""
         unit = f"xenbackup@{self.vm}.service"
         deadline = time.monotonic() + timeout
-        while sh("pgrep", "-f", "(^|/)restic .*backup --json", check=False).returncode != 0:
+        while not [line for line in sh("pgrep", "-af", "(^|/)restic .*backup --json", check=False).stdout.splitlines()
+                   if "disk:config" not in line]:
             assert time.monotonic() < deadline, "restic never started"
             state = sh("systemctl", "is-active", unit, check=False).stdout.strip()
             assert state in ("activating", "active"), journal.text("-u", unit)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
 import time
@@ -152,6 +153,16 @@ def test_block_restore_brings_back_the_device_and_the_guest_boots(
             assert run.returncode == 0, journal.text("-u", "xenbackup@vm2")
         finally:
             sh("xl", "unpause", "vm2")
+    # No block-mode disk's run can carry the domain config: the prepare step stored it before the snapshot,
+    # in the restic run that checked the repository's key, as a snapshot of its own in the same run.
+    (config_snap,) = xb.snapshots("vm:vm2", "mode:config")
+    (disk_snap,) = xb.snapshots("vm:vm2", "mode:block")
+    run_tag = [t for t in disk_snap["tags"] if t.startswith("run:")]
+    assert run_tag and run_tag[0] in config_snap["tags"] and config_snap["paths"] == [str(cfg)]
+    told = journal.text("XENBACKUP_VM=vm2")
+    created = re.search(r"created \S+ \S* ?snapshot system/vm2disk", told)
+    assert created and told.index(f"saved domain config {cfg}") < created.start(), told
+    saved_config = cfg.read_bytes()
     tiny_before = device_sha256("/dev/system/tiny")
     small = sh("xenbackup", "restore", "vm2", "--to-lv", "system/tiny", check=False)
     assert small.returncode == 1 and "smaller than the image" in small.stderr
@@ -159,9 +170,11 @@ def test_block_restore_brings_back_the_device_and_the_guest_boots(
 
     sh("dd", "if=/dev/urandom", f"of={device}", "bs=1M", "count=64", "oflag=direct", "status=none")
     assert device_sha256(device) != at_backup
-    restore = sh("xenbackup", "restore", "vm2", check=False, timeout=900)
+    cfg.write_text("# edited after the backup\n")
+    restore = sh("xenbackup", "restore", "vm2", "--with-config", check=False, timeout=900)
     assert restore.returncode == 0, restore.stderr + journal.text("SYSLOG_IDENTIFIER=xenbackup")
     assert device_sha256(device) == at_backup
+    assert cfg.read_bytes() == saved_config
     assert "verified: sha256" in journal.text("SYSLOG_IDENTIFIER=xenbackup")
     with xen.running(cfg, "vm2") as domain:
         assert domain.marker == marker
