@@ -154,6 +154,10 @@ class RunState:
         others = tuple(s for s in self.snapshots if s.name != rec.name)
         return replace(self, snapshots=(*others, rec))
 
+    def with_stored(self, *snapshot_ids: str) -> RunState:
+        """The run state once restic stored these snapshots, which cleanup forgets if the run cannot be trusted."""
+        return replace(self, restic_snapshots=(*self.restic_snapshots, *snapshot_ids))
+
 
 def write_atomic(path: str, text: str, mode: int = 0o600) -> None:
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)

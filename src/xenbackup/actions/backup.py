@@ -91,7 +91,7 @@ def _record_stored(ctx: Context, vm: VM, run_id: str, stored: list[str]) -> None
     """Note a config the key check stored before the step failed, so that cleanup forgets it."""
     state = ctx.store.load(vm.name) if stored else None
     if state is not None and state.run_id == run_id:
-        ctx.store.save(replace(state, restic_snapshots=(*state.restic_snapshots, *stored)))
+        ctx.store.save(state.with_stored(*stored))
 
 
 def preflight(seen: Overview, vm: VM, disks: tuple[Disk, ...]) -> dict[str, bool]:
@@ -169,7 +169,7 @@ def step_snapshot(ctx: Context, vm: VM) -> RunState:
             raise
         repository_opened()
         if stored:
-            state = replace(state, restic_snapshots=(*state.restic_snapshots, *stored))
+            state = state.with_stored(*stored)
             log.info("saved domain config %s", config)
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
         tags = names.lv_tags(vm.name, state.run_id)
@@ -473,7 +473,7 @@ def _store_all(ctx: Context, vm: VM, state: RunState, current: _Current) -> tupl
     for rec in state.snapshots:
         result = _backup_disk(ctx, vm, state, rec, current, config if rec.disk_slug == carrier else None)
         summary = result if isinstance(result, BackupSummary) else result.summary
-        state = replace(state, restic_snapshots=(*state.restic_snapshots, summary.snapshot_id), summary=totals)
+        state = replace(state.with_stored(summary.snapshot_id), summary=totals)
         ctx.store.save(state)
         if not isinstance(result, BackupSummary):
             from .incremental import keep_base
@@ -528,7 +528,7 @@ def _store_config_alone(ctx: Context, vm: VM, state: RunState, config: str) -> R
     lengthen their lives."""
     tags = names.restic_tags(ctx.host, vm.name, names.CONFIG_DISK, names.CONFIG_DISK, state.run_id)
     summary = ctx.restic.backup([config], tags, ctx.host, lambda p: None)
-    state = replace(state, restic_snapshots=(*state.restic_snapshots, summary.snapshot_id))
+    state = state.with_stored(summary.snapshot_id)
     ctx.store.save(state)
     log.info("saved domain config %s", config)
     return state
