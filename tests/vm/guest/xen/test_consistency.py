@@ -29,15 +29,11 @@ from vmlib.counterguest import (
     is_paused,
     parse_counter,
 )
-from vmlib.product import CONFIG, PASSWORD, REPO, Journal, Xb, our_mounts, our_snapshots, sh
+from vmlib.product import CONFIG, PASSWORD, REPO, TCG_MAX_PAUSE, Journal, Xb, our_mounts, our_snapshots, sh
 from vmlib.storage import BLANK_DISKS
 
 UNIT = "xenbackup@db1.service"
 METRICS = Path("/var/lib/prometheus/node-exporter/xenbackup.prom")  # the default metrics_file
-# For every run that must pause db1 and succeed. The default (10 s) is meant for real hardware, where an
-# lvcreate takes well under a second. Under TCG one took 1.5-5 s: windows of 2.9-9.6 s were measured for
-# db1's two disks, and on a loaded host one run was cut short at 10 s. Only the max_pause tests go lower.
-TCG_MAX_PAUSE = 60
 
 
 @pytest.fixture(scope="module")
