@@ -360,13 +360,25 @@ class Restic:
         self.credentials_dir = credentials_dir if credentials_dir is not None else os.environ.get(
             "CREDENTIALS_DIRECTORY")
         self._extra_env: dict[str, str] | None = None
+        self._command_limit: float | None = None
+
+    def _variant(self, cfg: RepositoryConfig) -> Restic:
+        other = Restic(cfg, self.bin, self.credentials_dir, self.version_cache)
+        other._extra_env = self._extra_env
+        other._command_limit = self._command_limit
+        return other
+
+    def giving_up_after(self, seconds: float) -> Restic:
+        """The same repository, each of its lock-free commands (open, list and clear locks) killed after
+        `seconds`. restic 0.14 retries an unreachable remote repository for minutes before it fails; the
+        cleanup step, which only tidies locks, must not hold the unit in "deactivating" for that long."""
+        bounded = self._variant(self.cfg)
+        bounded._command_limit = seconds
+        return bounded
 
     def waiting_at_most(self, seconds: int) -> Restic:
         """The same repository with a shorter lock wait, for steps that systemd gives little time (cleanup)."""
-        shorter = Restic(replace(self.cfg, lock_wait=min(seconds, self.cfg.lock_wait)), self.bin,
-                         self.credentials_dir, self.version_cache)
-        shorter._extra_env = self._extra_env
-        return shorter
+        return self._variant(replace(self.cfg, lock_wait=min(seconds, self.cfg.lock_wait)))
 
     # --- secrets ---
 
@@ -532,7 +544,7 @@ class Restic:
     def _run_unlocked(self, *args: str) -> Completed:
         """A command that takes no repository lock (it runs with --no-lock, or is unlock itself)."""
         try:
-            return run(self.argv(*args), env=self.env(), secrets=self.secrets())
+            return run(self.argv(*args), env=self.env(), secrets=self.secrets(), timeout=self._command_limit)
         except CommandError as exc:
             raise self._masked(exc) from None
 
@@ -550,7 +562,8 @@ class Restic:
     def read_config(self) -> str | None:
         """None when restic decrypts the repository's config, else restic's first line saying why not."""
         # --no-lock: a prune elsewhere in the fleet may hold an exclusive lock, and this only reads.
-        probe = run(self.argv("cat", "config", "--no-lock"), env=self.env(), secrets=self.secrets(), check=False)
+        probe = run(self.argv("cat", "config", "--no-lock"), env=self.env(), secrets=self.secrets(), check=False,
+                    timeout=self._command_limit)
         if probe.returncode == 0:
             return None
         return self._why_not(probe.stderr)
@@ -673,7 +686,7 @@ class Restic:
         found = []
         for lock_id in self._run_unlocked("list", "locks", "--no-lock").stdout.split():
             text = run(self.argv("cat", "lock", lock_id, "--no-lock"), env=self.env(), secrets=self.secrets(),
-                       check=False)
+                       check=False, timeout=self._command_limit)
             if text.returncode == 0:  # else its holder removed it in between
                 found.append(parse_lock(lock_id, text.stdout))
         return found

@@ -243,7 +243,9 @@ def run(
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired as exc:
-            _stop(proc)
+            # A short grace: the command has had its time, and it may ignore SIGTERM (cleanup's children
+            # inherit cleanup's SIG_IGN, and restic 0.14 handles only SIGINT).
+            _stop(proc, grace=5.0)
             out, err = proc.communicate()
             raise CommandError(args, proc.returncode, mask_text((err or b"").decode(errors="replace"), secrets),
                                reason=f"timed out after {timeout:g} s") from exc

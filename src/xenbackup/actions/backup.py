@@ -614,6 +614,11 @@ CLEANUP_LOCK_WAIT = 120
 """Seconds cleanup waits for another process's repository lock: systemd gives ExecStopPost= 5 minutes
 (TimeoutStopSec=), and lvremove's retries need their share of it."""
 
+CLEANUP_GIVE_UP_AFTER = 30
+"""Seconds each restic command of cleanup's stale-lock clearing may take. A reachable repository answers in a
+few; a remote one that does not answer keeps restic 0.14 retrying for minutes (ten tries with backoff, each
+waiting for its connection to time out), and the next run clears the locks anyway."""
+
 
 def forget_run(restic: Restic, state: RunState, why: str) -> None:
     """An untrustworthy run must not leave a restic snapshot that could be restored as good."""
@@ -669,7 +674,7 @@ def _cleanup(ctx: Context, vm: VM, result: RunResult | None) -> int:
             # A failed run's restic may have died with its lock still in the repository, and its cleanup
             # may not have reached the repository either (a remote one that was down); a good run's shared
             # lock never meets it, but check, prune and forget would.
-            clear_stale_locks(ctx)
+            clear_stale_locks(ctx, CLEANUP_GIVE_UP_AFTER)
         if (state is not None and state.config_first and not state.overflowed and result is not RunResult.SUCCESS
                 and len(state.restic_snapshots) == 1):
             try:

@@ -100,9 +100,11 @@ def resume_paused(ctx: Context, vm: VM, state: RunState) -> bool:
     return True
 
 
-def clear_stale_locks(ctx: Context) -> None:
-    """A killed restic leaves its lock behind, which would block prune, check and restore."""
+def clear_stale_locks(ctx: Context, give_up_after: float | None = None) -> None:
+    """A killed restic leaves its lock behind, which would block prune, check and restore. With give_up_after,
+    each restic command is stopped after that many seconds: the next run clears the locks as well."""
     try:
-        ctx.restic.unlock_stale()
+        restic = ctx.restic if give_up_after is None else ctx.restic.giving_up_after(give_up_after)
+        restic.unlock_stale()
     except Exception as exc:
         log.warning("could not clear stale repository locks: %s", exc)
