@@ -323,19 +323,33 @@ def pool_fill(vg: str, pool: str) -> float:
     return max(float(value) for value in out)
 
 
-def test_thin_pool_filling_stops_the_run_before_it_is_full(thin_layout, xb: Xb, journal: Journal) -> None:
-    vg, pool, mnt = thin_layout.vg, thin_layout.pool, thin_layout.mountpoint
-    xb.write_config(f"""
+def thin_config(layout, slow: bool = False) -> str:
+    return (SLOW_UPLOAD if slow else "") + f"""
         [settings]
         watch_interval = 1
         [vm.vm1]
-        disks = [{{ lv = "{vg}/{thin_layout.lv}", mode = "files", path = "." }}]
-    """)
+        disks = [{{ lv = "{layout.vg}/{layout.lv}", mode = "files", path = "." }}]
+    """
+
+
+def test_thin_pool_filling_stops_the_run_before_it_is_full(thin_layout, xb: Xb, journal: Journal) -> None:
+    vg, pool, mnt = thin_layout.vg, thin_layout.pool, thin_layout.mountpoint
+    xb.write_config(thin_config(thin_layout))
     assert xb.start().returncode == 0, journal.text("-u", "xenbackup@vm1")
     earlier = xb.snapshots("vm:vm1", "mode:files")
-    sh("dd", "if=/dev/urandom", f"of={mnt / 'data' / 'big.img'}", "bs=1M", "count=250", "status=none")
+    ballast(mnt / "data")
+    # Most of the pool taken before the run, in one write of zeros (a thin pool allocates them all the same):
+    # the writer below then fills only the last part while restic uploads the ballast.
+    data_percent = float(sh("lvs", "--noheadings", "-o", "data_percent", f"{vg}/{pool}").stdout)
+    pool_mib = int(float(sh("lvs", "--noheadings", "--units", "m", "--nosuffix", "-o", "lv_size",
+                            f"{vg}/{pool}").stdout))
+    prefill_mib = int(pool_mib * (80 - data_percent) / 100)
+    sh("dd", "if=/dev/zero", f"of={mnt / 'prefill.img'}", "bs=4M", f"count={prefill_mib // 4}", "oflag=direct",
+       "status=none")
     sh("sync")
+    assert 75 < pool_fill(vg, pool) < 90
     static = tree_hashes(mnt / "data")
+    xb.write_config(thin_config(thin_layout, slow=True))
     sh("systemctl", "start", "--no-block", "xenbackup@vm1.service")
     xb.wait_for_restic(journal)
     # A VM writing new data while the snapshot pins the old blocks: the pool fills. The writer stops at 97 %
@@ -357,11 +371,13 @@ def test_thin_pool_filling_stops_the_run_before_it_is_full(thin_layout, xb: Xb, 
     assert pool_fill(vg, pool) < 100
 
     (mnt / "filler.img").unlink()
+    (mnt / "prefill.img").unlink()
     sh("sync")  # ext4 frees the blocks at its next commit; only then can fstrim hand them back to the pool
     sh("fstrim", str(mnt))
     assert pool_fill(vg, pool) < 60
     assert tree_hashes(mnt / "data") == static, "the origin changed"
     sh("systemctl", "reset-failed", "xenbackup@vm1.service", check=False)
+    xb.write_config(thin_config(thin_layout))
     assert xb.start().returncode == 0, journal.text("-u", "xenbackup@vm1")
     assert len(xb.snapshots("vm:vm1", "mode:files")) == len(earlier) + 1
     assert our_snapshots() == []

@@ -17,7 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from vmlib.power import boot_id, cut_power, forget_notes, load_notes
-from vmlib.product import MSG_STALE, Journal, Xb, fresh_product, our_mounts, our_snapshots, sh, tree_hashes
+from vmlib.product import (
+    MSG_STALE,
+    SLOW_UPLOAD,
+    Journal,
+    Xb,
+    ballast,
+    fresh_product,
+    our_mounts,
+    our_snapshots,
+    sh,
+    tree_hashes,
+)
 from vmlib.storage import (
     BLANK_DISKS,
     SEED_MOUNTPOINT,
@@ -61,7 +72,9 @@ def _before_the_power_cut() -> None:
     assert xb.start().returncode == 0, journal.text("-u", "xenbackup@vm1")
     earlier = sorted(str(s["id"]) for s in xb.snapshots("mode:files"))
 
-    sh("dd", "if=/dev/urandom", f"of={layout.vmdir / 'big.img'}", "bs=1M", "count=200", "status=none")
+    # restic uploads the ballast slowly: the power goes while it writes packs, without hundreds of MiB to make.
+    ballast(layout.vmdir)
+    xb.write_config(SLOW_UPLOAD + CONFIG)
     sh("sync")
     sh("lvcreate", "--yes", "-s", "-L", "32M", "-n", HUMAN_SNAPSHOT, f"{SEED_VG}/xenvm")
     files = tree_hashes(layout.vmdir)
@@ -115,6 +128,7 @@ def _after_the_power_cut(notes: dict[str, Any], tmp_path: Path) -> None:
         "the interrupted run must leave no backup, and the earlier one must stay"
     )
 
+    xb.write_config(CONFIG)
     run = xb.start()
     assert run.returncode == 0, journal.text("-u", "xenbackup@vm1")
     assert our_snapshots() == [] and our_mounts() == []
