@@ -25,7 +25,8 @@ RESULTS = Path("/mnt/results")
 
 @pytest.fixture(scope="session")
 def ceph() -> Ceph:
-    """Started once: under TCG the cluster takes two to three minutes to serve S3."""
+    """Started once: under TCG the cluster takes two to three minutes to serve S3. test_rgw.py, the only module
+    that uses it, stops it when its tests are done."""
     wait_for_disks((BLANK_DISKS[2],))
     clear_disk(BLANK_DISKS[2])
     cluster = start_cluster(BLANK_DISKS[2])

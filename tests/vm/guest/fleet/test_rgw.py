@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vmlib.ceph import Ceph, start_rgw_again, stop_rgw
+from vmlib.ceph import Ceph, start_rgw_again, stop_cluster, stop_rgw
 from vmlib.cmd import run, sha256_file
 from vmlib.fleet import (
     PASSWORD,
@@ -46,6 +46,8 @@ def rgw(ceph: Ceph, fleet_vms: FleetVms) -> Iterator[Repo]:
     HOSTS[0].xenbackup("init")
     yield repo
     remove_drop_ins([*(h.unit for h in HOSTS), PRUNE_UNIT])
+    # The last tests of this boot that need Ceph: the SFTP tests after them run without its daemons.
+    stop_cluster()
 
 
 def test_three_hosts_back_up_at_once_while_the_designated_host_prunes(rgw: Repo, fleet_vms: FleetVms) -> None:
