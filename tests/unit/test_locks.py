@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from xenbackup import repository
+from xenbackup import config, repository
 from xenbackup.actions.backup import CLEANUP_LOCK_WAIT, forget_run
+from xenbackup.actions.context import Context
 from xenbackup.config import RepositoryConfig
 from xenbackup.names import restic_tags as tags_for
 from xenbackup.repository import (
@@ -284,32 +285,17 @@ def test_cleanup_forgets_an_overflowed_run_within_its_own_short_wait(repo, quick
     assert CLEANUP_LOCK_WAIT < 300, "cleanup's wait must leave room inside TimeoutStopSec=5min"
 
 
-def test_a_good_run_after_a_failed_one_clears_the_lock_the_failure_could_not(tmp_path: Path, repo) -> None:
-    # Measured in the fleet suite: radosgw went down mid-backup, restic died with its lock still in the
-    # bucket, and that run's cleanup could not reach the repository to clear it. The next run succeeded under
-    # its shared lock, and `restic check` then met the dead lock.
-    from xenbackup import config
-    from xenbackup.actions.backup import step_cleanup
-    from xenbackup.actions.context import Context
-    from xenbackup.actions.record import RunResult
-
-    restic, env = repo
-    holder = _backup_holding_lock(restic, env)
-    holder.kill()
-    holder.wait()
-    assert len(_lock_files(restic)) == 1
-    lvs = tmp_path / "lvs"  # no snapshot of ours is left anywhere
+def _one_vm_context(tmp_path: Path, repository: str, commands: str = "") -> Context:
+    """vm1 in block mode on this repository ([repository] lines), with no snapshot of ours left anywhere."""
+    lvs = tmp_path / "lvs"
     lvs.write_text("#!/bin/sh\necho '{\"report\": [{\"lv\": []}]}'\n")
     lvs.chmod(0o755)
     path = tmp_path / "xenbackup.toml"
     path.write_text(f"""
 [commands]
 lvs = "{lvs}"
-[repository]
-url = "{restic.cfg.url}"
-password_file = "{restic.cfg.password_file}"
-cache_dir = "{restic.cfg.cache_dir}"
-[settings]
+{commands}[repository]
+{repository}[settings]
 runtime_dir = "{tmp_path / 'run'}"
 state_dir = "{tmp_path / 'state'}"
 metrics_file = ""
@@ -317,7 +303,26 @@ metrics_file = ""
 hypervisor = "none"
 disks = [{{ lv = "system/vm1", mode = "block" }}]
 """)
-    ctx = Context.from_config(config.load(str(path)))
+    return Context.from_config(config.load(str(path)))
+
+
+def test_a_good_run_after_a_failed_one_clears_the_lock_the_failure_could_not(tmp_path: Path, repo) -> None:
+    # Measured in the fleet suite: radosgw went down mid-backup, restic died with its lock still in the
+    # bucket, and that run's cleanup could not reach the repository to clear it. The next run succeeded under
+    # its shared lock, and `restic check` then met the dead lock.
+    from xenbackup.actions.backup import step_cleanup
+    from xenbackup.actions.record import RunResult
+
+    restic, env = repo
+    holder = _backup_holding_lock(restic, env)
+    holder.kill()
+    holder.wait()
+    assert len(_lock_files(restic)) == 1
+    ctx = _one_vm_context(tmp_path, f"""
+url = "{restic.cfg.url}"
+password_file = "{restic.cfg.password_file}"
+cache_dir = "{restic.cfg.cache_dir}"
+""")
     vm = ctx.cfg.vm("vm1")
     ctx.store.write_record("vm1", {"vm": "vm1", "result": "success", "finished": 1.0})
     assert step_cleanup(ctx, vm, RunResult.SUCCESS) == 0
@@ -332,9 +337,7 @@ def test_cleanup_gives_up_on_an_unreachable_repository_s_locks_within_its_limit(
     # A remote repository that does not answer (an endpoint behind a firewall that drops packets) keeps restic
     # 0.14 retrying for minutes: ten tries with backoff, each waiting for its connection to time out. The
     # failed run's cleanup would sit in "deactivating" all that time; the fake hangs like that.
-    from xenbackup import config
     from xenbackup.actions import backup
-    from xenbackup.actions.context import Context
     from xenbackup.actions.record import RunResult
 
     monkeypatch.setattr(backup, "CLEANUP_GIVE_UP_AFTER", 1)
@@ -342,27 +345,11 @@ def test_cleanup_gives_up_on_an_unreachable_repository_s_locks_within_its_limit(
     hanging.write_text('#!/bin/sh\n[ "$1" = version ] && { echo "restic 0.14.0 compiled with go1.19"; exit 0; }\n'
                        f'echo "$*" >> {tmp_path / "restic-calls.log"}\nexec sleep 60\n')
     hanging.chmod(0o755)
-    lvs = tmp_path / "lvs"
-    lvs.write_text("#!/bin/sh\necho '{\"report\": [{\"lv\": []}]}'\n")
-    lvs.chmod(0o755)
     (tmp_path / "password").write_text("pw\n")
-    path = tmp_path / "xenbackup.toml"
-    path.write_text(f"""
-[commands]
-lvs = "{lvs}"
-restic = "{hanging}"
-[repository]
+    ctx = _one_vm_context(tmp_path, f"""
 url = "s3:http://127.0.0.1:9/bucket"
 password_file = "{tmp_path / 'password'}"
-[settings]
-runtime_dir = "{tmp_path / 'run'}"
-state_dir = "{tmp_path / 'state'}"
-metrics_file = ""
-[vm.vm1]
-hypervisor = "none"
-disks = [{{ lv = "system/vm1", mode = "block" }}]
-""")
-    ctx = Context.from_config(config.load(str(path)))
+""", f'restic = "{hanging}"\n')
     start = time.monotonic()
     with caplog.at_level(logging.WARNING):
         assert backup.step_cleanup(ctx, ctx.cfg.vm("vm1"), RunResult.EXIT_CODE) == 0
