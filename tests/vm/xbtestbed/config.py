@@ -44,10 +44,11 @@ class InfraError(Exception):
 
 # The host flavour carries the product suite (about 15-20 min alone on 2 cores); the limit leaves room for a
 # slower or busier machine while host + xen stay inside CI's 90 minutes.
-DEFAULT_GUEST_TIMEOUTS = {Flavour.HOST: 3300.0, Flavour.XEN: 3000.0}
-"""Seconds for a whole boot, tests included. The product's suite makes the host
-flavour the long one, the consistency tests the xen one; with two suites booting
-at once both share the cores, and together they stay inside CI's 90 minutes."""
+DEFAULT_GUEST_TIMEOUTS = {Flavour.HOST: 4200.0, Flavour.XEN: 3000.0}
+"""Seconds for a whole boot, tests included: a limit for a hung guest, not a budget. The
+product's suite makes the host flavour the long one (its pytest took 2568 s on a slow
+CI machine, against a step limit of about 2900 s at the old 3300), the consistency
+tests the xen one."""
 
 
 def _env_seconds(name: str) -> float | None:
