@@ -26,6 +26,9 @@ from vmlib.sftp import SftpServer
 
 HOSTS = (Host("xen1", "vm4"), Host("xen2", "vm5"), Host("xen3", "vm6"))
 
+# Over the guest's 600 s per test: the three-host test took 378 s on a slow CI machine.
+pytestmark = pytest.mark.timeout(1200)
+
 
 def sftp_repo(server: SftpServer, known_hosts: str) -> Repo:
     lines = f'sftp_identity = "{server.identity}"\nsftp_known_hosts = "{known_hosts}"\n'
