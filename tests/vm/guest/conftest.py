@@ -10,7 +10,11 @@
     blank_disk    /dev/disk/by-id/virtio-xbtest3, wiped again afterwards.
 
 Every fixture removes what it made (umount, lvremove, vgremove, pvremove,
-wipefs), also after a failure, so tests stay independent. Helpers live in
+wipefs), also after a failure, so tests stay independent. seed_layout
+alone keeps its VG, LV and filesystem for the next test that asks for the
+same filesystem and writes vm1's files anew there; a layout that is not as
+it was made (another LV, a snapshot, a tag, a mount, a resize) is built
+again from a blank disk. Helpers live in
 the vmlib package (vmlib.storage, vmlib.xen, vmlib.cmd).
 """
 
@@ -26,6 +30,7 @@ from vmlib.storage import (
     SeedLayout,
     ThinLayout,
     clear_disk,
+    release_kept_layouts,
     wait_for_disks,
 )
 from vmlib.storage import (
@@ -38,6 +43,13 @@ from vmlib.storage import (
 
 def _fstype(request: pytest.FixtureRequest) -> str:
     return str(getattr(request, "param", "ext4"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kept_layouts_released() -> Iterator[None]:
+    """seed_layout keeps its VG for the next test; the session's end takes it down."""
+    yield
+    release_kept_layouts()
 
 
 @pytest.fixture
