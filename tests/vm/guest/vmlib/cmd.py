@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -78,3 +79,24 @@ def read_from(path: Path, offset: int) -> str:
             return file.read().decode(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+def processes_matching(pattern: str) -> list[tuple[int, str]]:
+    """(PID, command line) of every other process whose command line matches, oldest first, as `pgrep -af`
+    sees them (arguments joined by spaces). Read from /proc in this process: a poll that spawned pgrep
+    took a share of the one vCPU from the very run it waited for."""
+    regex = re.compile(pattern)
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            raw = Path(entry.path, "cmdline").read_bytes()
+            # Field 22 of stat, counted after the ")" that ends the command name: the start time.
+            started = int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[19])
+        except (OSError, IndexError, ValueError):
+            continue
+        line = raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+        if line and regex.search(line):
+            found.append((started, int(entry.name), line))
+    return [(pid, line) for _, pid, line in sorted(found)]

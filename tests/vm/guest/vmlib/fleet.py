@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmlib.cmd import run, sha256_file
+from vmlib.cmd import processes_matching, run, sha256_file
 from vmlib.product import Journal
 from vmlib.storage import clear_disk, create_volume_group, remove_volume_group, wait_for_disks
 
@@ -202,9 +202,8 @@ def wait_all(units: list[str], journal: Journal, timeout: float = 600) -> None:
 def newest_pid(pattern: str, timeout: float = 300) -> int:
     deadline = time.monotonic() + timeout
     while True:
-        out = run("pgrep", "-f", "-n", pattern, check=False).stdout.split()
-        if out:
-            return int(out[0])
+        if found := processes_matching(pattern):
+            return found[-1][0]
         assert time.monotonic() < deadline, f"no process matching {pattern!r}"
         time.sleep(0.05)
 
