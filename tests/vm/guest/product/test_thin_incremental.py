@@ -50,10 +50,13 @@ def write_random(device: Path, offset: int, length: int) -> None:
        "oflag=direct", "conv=notrunc", "status=none")
 
 
-def sha256(device: Path, size: int | None = None) -> str:
-    if size is None:
-        return sh("sha256sum", str(device)).stdout.split()[0]
-    return sh("sh", "-c", f"head -c {size} {device} | sha256sum").stdout.split()[0]
+def sha256(device: Path) -> str:
+    return sh("sha256sum", str(device)).stdout.split()[0]
+
+
+def identical(origin: Path, copy: Path, size: int) -> None:
+    out = sh("cmp", "-n", str(size), str(origin), str(copy), check=False)
+    assert out.returncode == 0, f"{copy} differs from {origin}: {out.stdout}{out.stderr}"
 
 
 def run_fields(journal: Journal) -> dict[str, int]:
@@ -83,7 +86,7 @@ def backup(xb: Xb, journal: Journal) -> tuple[dict[str, int], dict[str, object]]
 
 
 # Its own limit, over the suite's 600 s per test: two full passes of 1 GiB through restic (the first run and
-# the restore) and two sha256 reads of it took 410 s on one CI machine and passed 600 s on a slower one.
+# the restore) and, then, two sha256 reads of it took 410 s on one CI machine and passed 600 s on a slower one.
 @pytest.mark.timeout(1500)
 def test_second_run_reads_only_the_changed_segment(thin_layout, xb: Xb, tmp_path: Path) -> None:
     vg, pool = thin_layout.vg, thin_layout.pool
@@ -102,7 +105,6 @@ def test_second_run_reads_only_the_changed_segment(thin_layout, xb: Xb, tmp_path
     assert 12 * MiB <= SEGMENT
     write_random(device, 4 * SEGMENT + MiB, 10 * MiB)
     segments = 1024 * MiB // SEGMENT
-    want = sha256(device)
     journal = Journal()
     started = time.monotonic()
     second, snap2 = backup(xb, journal)
@@ -122,7 +124,10 @@ def test_second_run_reads_only_the_changed_segment(thin_layout, xb: Xb, tmp_path
     sh("lvcreate", "--yes", "-L", "1G", "-n", "blkr", vg)
     restore = sh("xenbackup", "restore", "vm1", "--to-lv", f"{vg}/blkr", check=False, timeout=900)
     assert restore.returncode == 0, restore.stdout + restore.stderr
-    assert sha256(Path(f"/dev/{vg}/blkr"), 1024 * MiB) == want
+    # Byte for byte against the origin, which nothing has written since the second run. Two sha256 passes of
+    # 1 GiB (before the run and after the restore) took about 60 s each under TCG; cmp reads the two devices
+    # in a fraction of that and proves more than equal digests. The restore's own sha256 read-back is logged.
+    identical(device, Path(f"/dev/{vg}/blkr"), 1024 * MiB)
     assert snap2["id"] != snap1["id"]
     assert our_mounts() == []
     assert list((STATE / "metadata-snapshots").iterdir()) == []
@@ -156,7 +161,7 @@ def test_base_gone_or_lv_grown_means_a_full_correct_read(thin_layout, xb: Xb, tm
 
 def test_sigkill_while_holding_the_metadata_snapshot_releases_it(thin_layout, xb: Xb) -> None:
     vg, pool = thin_layout.vg, thin_layout.pool
-    make_thin_lv(vg, pool, "blk", 128)
+    make_thin_lv(vg, pool, "blk", 32)  # two segments: what is held and released does not grow with the LV
     xb.write_config(config(vg, "blk"))
     backup(xb, Journal())
 
