@@ -250,10 +250,10 @@ def seed_layout(fstype: str = "ext4", disk: Path = BLANK_DISKS[0]) -> Iterator[S
     """The seed layout for the duration of a with-block.
 
     The VG, the LV and its filesystem stay for the next with-block that asks for the same filesystem, and
-    that one gets vm1's files written anew: about 20 LVM, udev and mkfs calls fewer per test, which cost
-    15-20 s under TCG. Whatever a test left otherwise (another LV, a snapshot, a tag, a mount, a resize, a
-    different filesystem) is found by `_seed_layout_intact`, and the layout is then built from a blank disk
-    as before. `release_kept_layouts` takes a kept layout down.
+    that one gets vm1's files written anew: about 20 LVM, udev and mkfs calls fewer per test, which took
+    10-20 s of setup and teardown under TCG. Whatever a test left otherwise (another LV, a snapshot, a tag,
+    a mount, a resize, a different filesystem) is found by `_seed_layout_intact`, and the layout is then
+    built from a blank disk as before. `release_kept_layouts` takes a kept layout down.
     """
     layout = _reset_seed_layout(fstype, disk)
     if layout is None:
