@@ -62,6 +62,9 @@ class CommandError(Exception):
         fatal = fatal_lines(self.stderr)
         if fatal:
             return fatal[-1]
+        after_retries = _verdict_after_retries(self.stderr)
+        if after_retries:
+            return after_retries
         lines = [line.strip() for line in self.stderr_tail.splitlines()]
         lines = [line for line in lines if line and not line.startswith("Run `")]
         for line in lines:
@@ -74,6 +77,30 @@ def fatal_lines(stderr: str) -> list[str]:
     """restic's `Fatal: ...` verdicts. Its retry messages and the verdict share stderr without locking, so a
     verdict can start in the middle of a line ("...connection refusedFatal: unable to save snapshot")."""
     return [line[line.index("Fatal: "):].strip() for line in stderr.splitlines() if "Fatal: " in line]
+
+
+_RETRY_NOTICE = " returned error, retrying after "
+_MAX_WRAPS = 4
+_LIBRARY_LOG = "also, the following messages were logged by a library:"
+
+
+def _verdict_after_retries(stderr: str) -> str:
+    """restic's verdict after its backend gave up retrying, when the error carries no stack and is no `Fatal:`.
+
+    restic prints such an error with "%+v": the cause on one line, then each wrapping message on its own
+    ("Get ...: connection refused" / "unable to create lock in backend"). Without this, the last retry
+    notice would pass for the reason. Returned outermost first, as Go's "%v" would print it.
+    """
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    retries = [i for i, line in enumerate(lines) if _RETRY_NOTICE in line]
+    if not retries:
+        return ""
+    tail = lines[retries[-1] + 1:]
+    if _LIBRARY_LOG in tail:
+        tail = tail[:tail.index(_LIBRARY_LOG)]
+    tail = [line for line in tail if not line.startswith(("Run `", "the `unlock` command"))]
+    # A wrapped error is a few lines; more is output of another kind, left to the general rule.
+    return ": ".join(reversed(tail)) if len(tail) <= _MAX_WRAPS else ""
 
 
 _GO_FRAME = re.compile(r"^\s+\S+\.(go|s):\d+$")

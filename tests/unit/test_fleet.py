@@ -204,6 +204,16 @@ def test_a_failed_restic_names_its_repository_and_its_fatal_line_not_the_lock_re
                           "connection refused")
 
 
+def test_a_lock_that_could_not_be_created_is_the_verdict_not_the_last_retry_notice() -> None:
+    # restic 0.14 with radosgw stopped before its lock check: the backend's error has no stack and is no
+    # Fatal, so restic prints it with "%+v", the cause first and then its wrapping message.
+    url = "http://127.0.0.1:7480/xen-backups/?delimiter=%2F&encoding-type=url&list-type=2&prefix=locks%2F"
+    refused = f'Get "{url}": dial tcp 127.0.0.1:7480: connect: connection refused'
+    stderr = "".join(f"List(lock) returned error, retrying after {d}: {refused}\n" for d in ("552ms", "1.31s"))
+    stderr += f"{refused}\nunable to create lock in backend\n"
+    assert CommandError(["restic", "backup"], 1, stderr).cause() == f"unable to create lock in backend: {refused}"
+
+
 def test_a_fatal_line_glued_to_a_retry_message_is_still_the_verdict() -> None:
     # Recorded in the fleet suite: restic's retry messages and its verdict share stderr without locking.
     lock = "Remove(<lock/1e4de9f531>) returned error, retrying after 803ms: dial tcp 127.0.0.1:7480: connection refused"

@@ -159,8 +159,11 @@ def test_radosgw_stopped_mid_backup_fails_the_unit_cleanly_and_the_next_run_succ
         # The failing step's own lines may lack the unit's name in the journal (its process is gone by the
         # time journald reads them); cleanup's verdict names the repository and restic's reason.
         verdict = [line for line in errors if line.startswith(f"backup of {host.vm} failed")]
-        assert verdict and rgw.url in verdict[-1] and "Fatal: " in verdict[-1], \
-            "\n".join(errors) or journal.text("-u", host.unit)
+        # Where radosgw went decides restic's verdict: a `Fatal:` mid-upload, or "unable to create lock in
+        # backend" (no Fatal, no stack) when the lock check met it. Either names the refused connection; a
+        # retry notice never stands in for it.
+        assert verdict and rgw.url in verdict[-1] and "connection refused" in verdict[-1] \
+            and "retrying after" not in verdict[-1], "\n".join(errors) or journal.text("-u", host.unit)
         assert our_snapshots() == [] and our_mounts() == [], "cleanup did not run"
     finally:
         start_rgw_again()
