@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -134,6 +135,21 @@ def test_no_secret_in_any_argv_in_a_child_that_logs_or_in_the_journal(rgw: Repo,
     assert not secrets_in(exported, secret_values), "a secret reached the journal"
 
 
+BYTES_READ = re.compile(r", \d+\.\d (KiB|MiB|GiB), ")
+"""The unit's StatusText once restic has read data ("vm3 fleet/vm3, 1.0 MiB, 250.0 KiB/s")."""
+
+
+def wait_for_bytes_read(unit: str, timeout: float = 300) -> None:
+    """Until restic has its lock in the bucket and is uploading: stopped earlier, radosgw would meet it at
+    the lock check, where it holds no lock yet, and what the test asks of the next run would not be there."""
+    deadline = time.monotonic() + timeout
+    status = ""
+    while not BYTES_READ.search(status):
+        assert time.monotonic() < deadline, f"restic read nothing in {timeout:.0f} s: {status!r}"
+        status = run("systemctl", "show", "-p", "StatusText", "--value", unit).stdout
+        time.sleep(0.5)
+
+
 def test_radosgw_stopped_mid_backup_fails_the_unit_cleanly_and_the_next_run_succeeds(rgw: Repo, ceph: Ceph,
                                                                                      fleet_vms: FleetVms) -> None:
     host = HOSTS[2]
@@ -147,7 +163,7 @@ def test_radosgw_stopped_mid_backup_fails_the_unit_cleanly_and_the_next_run_succ
     try:
         run("systemctl", "start", "--no-block", host.unit)
         newest_pid(r"(^|/)restic .*backup --json", timeout=300)
-        time.sleep(3)
+        wait_for_bytes_read(host.unit)
         stop_rgw()
         deadline = time.monotonic() + 600
         while unit_state(host.unit) not in ("inactive", "failed"):
