@@ -33,12 +33,13 @@ def config(vg: str, lv: str, extra: str = "") -> str:
 def make_thin_lv(vg: str, pool: str, name: str, size_mib: int) -> Path:
     sh("lvcreate", "--yes", "--type", "thin", "-V", f"{size_mib}M", "--thinpool", pool, "-n", name, vg)
     device = Path(f"/dev/{vg}/{name}")
-    # Some data in every segment, the rest left unmapped (zeros), so the pool is not filled. One process for
-    # all segments: a dd per segment cost a spawn each under TCG.
+    # Some data in every segment, the rest left unmapped (zeros), so the pool is not filled: 1 MiB is enough
+    # to map it, and each random MiB costs restic chunking, compression and encryption under TCG (a zero
+    # chunk is stored once). One process for all segments: a dd per segment cost a spawn each under TCG.
     fd = os.open(device, os.O_WRONLY)
     try:
         for seg in range(size_mib * MiB // SEGMENT):
-            os.pwrite(fd, os.urandom(2 * MiB), seg * SEGMENT + MiB)
+            os.pwrite(fd, os.urandom(MiB), seg * SEGMENT + MiB)
         os.fsync(fd)
     finally:
         os.close(fd)
