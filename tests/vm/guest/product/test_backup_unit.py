@@ -248,13 +248,13 @@ def test_thin_origin_gets_a_thin_snapshot(thin_layout, xb: Xb, journal: Journal,
 
 @pytest.mark.parametrize("seed_layout", ["ext4"], indirect=True)
 def test_block_mode_stores_the_device_bytes(seed_layout, xb: Xb, journal: Journal, tmp_path: Path) -> None:
-    sh("lvcreate", "--yes", "-L", "64M", "-n", "vm1disk", "system")
+    sh("lvcreate", "--yes", "-L", "16M", "-n", "vm1disk", "system")
     try:
-        sh("dd", "if=/dev/urandom", "of=/dev/system/vm1disk", "bs=1M", "count=64", "oflag=direct", "status=none")
+        sh("dd", "if=/dev/urandom", "of=/dev/system/vm1disk", "bs=1M", "count=16", "oflag=direct", "status=none")
         want = sh("sha256sum", "/dev/system/vm1disk").stdout.split()[0]
         xb.write_config("""
             [vm.vm1]
-            snapshot_size = "32M"
+            snapshot_size = "16M"
             disks = [{ lv = "system/vm1disk", mode = "block" }]
         """)
         run = xb.start()

@@ -31,11 +31,16 @@ def test_install_started_the_prune_and_verify_timers() -> None:
 def test_a_new_schedule_fires_after_reload_without_reboot_or_systemctl(seed_layout, xb: Xb,
                                                                        journal: Journal) -> None:
     xb.write_config(CONFIG)
+    started = time.monotonic()
     sh("xenbackup", "reload")
+    reload_seconds = time.monotonic() - started
     assert active("xenbackup@vm1.timer") == "inactive"
 
-    # What a new user does: add a schedule, then one command. No daemon-reload, no systemctl start.
-    expr = "*-*-* " + time.strftime("%H:%M:%S", time.localtime(time.time() + 60))
+    # What a new user does: add a schedule, then one command. No daemon-reload, no systemctl start. The
+    # schedule must not elapse before the reload and the checks after it are done; a fixed minute of lead
+    # was mostly idle, so the lead follows what the first reload took here.
+    lead = max(20.0, 3 * reload_seconds + 10)
+    expr = "*-*-* " + time.strftime("%H:%M:%S", time.localtime(time.time() + lead))
     xb.write_config(CONFIG.replace("[vm.vm1]\n", f'[vm.vm1]\nschedule = "{expr}"\nrandomized_delay = "0"\n'))
     out = sh("xenbackup", "reload")
     assert "scheduled VMs: vm1" in out.stdout, out.stdout

@@ -16,6 +16,7 @@ from vmlib.cmd import processes_matching, sha256_file, tree_hashes  # noqa: F401
 CONFIG = Path("/etc/xenbackup/xenbackup.toml")
 REPO = Path("/var/lib/xenbackup/repo")
 PASSWORD = Path("/etc/xenbackup/restic-password")
+STATE_DIR = Path("/var/lib/xenbackup/state")
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 600, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -141,7 +142,7 @@ def fresh_product() -> Iterator[Xb]:
         sh("systemctl", "stop", *units, check=False)
         sh("systemctl", "reset-failed", *units, check=False)
         reload = bool(scheduled_units())
-        sh("rm", "-rf", str(REPO), "/var/lib/xenbackup/state", "/run/systemd/system/xenbackup@vm1.timer.d",
+        sh("rm", "-rf", str(REPO), str(STATE_DIR), "/run/systemd/system/xenbackup@vm1.timer.d",
            str(CONFIG), str(PASSWORD))
         if reload:
             sh("systemctl", "daemon-reload")

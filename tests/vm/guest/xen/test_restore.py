@@ -128,20 +128,20 @@ def device_sha256(device: str) -> str:
 def test_block_restore_brings_back_the_device_and_the_guest_boots(
     seed_layout, domu_initramfs: Path, xb: Xb, journal: Journal, tmp_path: Path
 ) -> None:
-    sh("lvcreate", "--yes", "-L", "64M", "-n", "vm2disk", "system")
-    sh("lvcreate", "--yes", "-L", "16M", "-n", "tiny", "system")
+    sh("lvcreate", "--yes", "-L", "16M", "-n", "vm2disk", "system")
+    sh("lvcreate", "--yes", "-L", "8M", "-n", "tiny", "system")
     device = "/dev/system/vm2disk"
     marker = f"XBMARKER vm2 {secrets.token_hex(8)}"
     block = tmp_path / "image"
     with open(block, "wb") as f:
         f.write((marker + "\n").encode().ljust(4096, b"\0"))
-        f.write(os.urandom((64 << 20) - 4096))
+        f.write(os.urandom((16 << 20) - 4096))
     sh("dd", f"if={block}", f"of={device}", "bs=1M", "oflag=direct", "status=none")
     cfg = xen.DomU("vm2", xen.domu_kernel(), domu_initramfs, Path(device)).write_config(tmp_path / "vm2.cfg")
     xb.write_config(f"""
         [vm.vm2]
         domain_config = "{cfg}"
-        snapshot_size = "32M"
+        snapshot_size = "16M"
         disks = [{{ lv = "system/vm2disk", mode = "block" }}]
     """)
     with xen.running(cfg, "vm2") as domain:
@@ -168,7 +168,7 @@ def test_block_restore_brings_back_the_device_and_the_guest_boots(
     assert small.returncode == 1 and "smaller than the image" in small.stderr
     assert device_sha256("/dev/system/tiny") == tiny_before
 
-    sh("dd", "if=/dev/urandom", f"of={device}", "bs=1M", "count=64", "oflag=direct", "status=none")
+    sh("dd", "if=/dev/urandom", f"of={device}", "bs=1M", "count=16", "oflag=direct", "status=none")
     assert device_sha256(device) != at_backup
     cfg.write_text("# edited after the backup\n")
     restore = sh("xenbackup", "restore", "vm2", "--with-config", check=False, timeout=900)
