@@ -90,8 +90,9 @@ def one_line(journal: Journal, unit: str, needle: str) -> str:
 
 
 # The baseline's first run (repository init, password, one backup) costs 15-20 s under TCG in each of ten
-# tests, and every one of them would make the same repository of the same files. The first one's product
-# state is kept here and copied back for the next, as long as the seed's files and the config are the same.
+# tests, and every one of them would make the same repository of the same files: a session's seed layouts
+# all hold the same bytes. The first one's product state is kept here and copied back for the next, as long
+# as the seed's files and the config are the same.
 BASELINE_COPY = Path("/var/tmp/xbtest-faults-baseline")
 BASELINE_STATE = (REPO, STATE_DIR, PASSWORD)
 

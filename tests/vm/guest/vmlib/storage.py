@@ -133,11 +133,14 @@ def vg_free_bytes(vg: str) -> int:
     return int(output("vgs", "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_free", vg))
 
 
-def write_vm_image(path: Path, marker: str, size: int = VM_IMAGE_SIZE) -> None:
-    """A disk image of random data whose first line is `marker`."""
+def write_vm_image(path: Path, marker: str, size: int = VM_IMAGE_SIZE, body: bytes | None = None) -> None:
+    """A disk image of random data (or `body`) whose first line is `marker`."""
     with open(path, "wb") as image:
         image.write(marker.encode() + b"\n")
         remaining = size - image.tell()
+        if body is not None:
+            image.write(body[:remaining])
+            remaining -= min(remaining, len(body))
         while remaining > 0:
             chunk = min(remaining, 4 * 2**20)
             image.write(os.urandom(chunk))
@@ -194,11 +197,23 @@ def create_seed_layout(fstype: str = "ext4", disk: Path = BLANK_DISKS[0], lv_siz
     return _write_seed_files(fstype, disk)
 
 
+_SEED_CONTENT: list[tuple[str, bytes]] = []
+"""vm1's marker and the random data of its image, made once per pytest session. Every seed layout of a
+session holds the same files, so a test whose first backup of them is the same as an earlier test's can take
+a copy of that test's repository instead (the fault matrix's baseline)."""
+
+
+def _seed_content() -> tuple[str, bytes]:
+    if not _SEED_CONTENT:
+        _SEED_CONTENT.append((f"XBMARKER {SEED_VM} {secrets.token_hex(8)}", os.urandom(VM_IMAGE_SIZE)))
+    return _SEED_CONTENT[0]
+
+
 def _write_seed_files(fstype: str, disk: Path) -> SeedLayout:
     vmdir = SEED_MOUNTPOINT / SEED_VM
     vmdir.mkdir()
-    marker = f"XBMARKER {SEED_VM} {secrets.token_hex(8)}"
-    write_vm_image(vmdir / "disk.img", marker)
+    marker, body = _seed_content()
+    write_vm_image(vmdir / "disk.img", marker, body=body)
     write_seed_vm_files(vmdir, SEED_VM, vmdir / "disk.img")
     run("sync")
     return SeedLayout(fstype=fstype, disk=disk, marker=marker, files=tree_hashes(vmdir))
@@ -250,10 +265,11 @@ def seed_layout(fstype: str = "ext4", disk: Path = BLANK_DISKS[0]) -> Iterator[S
     """The seed layout for the duration of a with-block.
 
     The VG, the LV and its filesystem stay for the next with-block that asks for the same filesystem, and
-    that one gets vm1's files written anew: about 20 LVM, udev and mkfs calls fewer per test, which took
-    10-20 s of setup and teardown under TCG. Whatever a test left otherwise (another LV, a snapshot, a tag,
-    a mount, a resize, a different filesystem) is found by `_seed_layout_intact`, and the layout is then
-    built from a blank disk as before. `release_kept_layouts` takes a kept layout down.
+    that one gets vm1's files written anew (the same bytes all session, see _seed_content): about 20 LVM,
+    udev and mkfs calls fewer per test, which took 10-20 s of setup and teardown under TCG. Whatever a test
+    left otherwise (another LV, a snapshot, a tag, a mount, a resize, a different filesystem) is found by
+    `_seed_layout_intact`, and the layout is then built from a blank disk as before. `release_kept_layouts`
+    takes a kept layout down.
     """
     layout = _reset_seed_layout(fstype, disk)
     if layout is None:
