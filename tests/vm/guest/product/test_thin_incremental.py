@@ -55,9 +55,17 @@ def sha256(device: Path) -> str:
     return sh("sha256sum", str(device)).stdout.split()[0]
 
 
-def identical(origin: Path, copy: Path, size: int) -> None:
-    out = sh("cmp", "-n", str(size), str(origin), str(copy), check=False)
-    assert out.returncode == 0, f"{copy} differs from {origin}: {out.stdout}{out.stderr}"
+def identical(origin: Path, copy: Path, size: int, chunk: int = 4 * MiB) -> None:
+    """The first `size` bytes of both devices are equal. Read here in 4 MiB pieces: cmp took 48 s for 1 GiB
+    under TCG, reading each device in pieces of its 4 KiB block size, a system call each."""
+    with open(origin, "rb", buffering=0) as a, open(copy, "rb", buffering=0) as b:
+        for offset in range(0, size, chunk):
+            n = min(chunk, size - offset)
+            x, y = os.pread(a.fileno(), n, offset), os.pread(b.fileno(), n, offset)
+            assert len(x) == len(y) == n, f"short read at byte {offset}: {len(x)} and {len(y)} of {n}"
+            if x != y:
+                first = next(i for i in range(n) if x[i] != y[i])
+                raise AssertionError(f"{copy} differs from {origin} at byte {offset + first}")
 
 
 def run_fields(journal: Journal) -> dict[str, int]:
