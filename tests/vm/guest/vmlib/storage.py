@@ -8,6 +8,7 @@ disk, and `remove_volume_group` takes it all down again.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -134,17 +135,13 @@ def vg_free_bytes(vg: str) -> int:
 
 
 def write_vm_image(path: Path, marker: str, size: int = VM_IMAGE_SIZE, body: bytes | None = None) -> None:
-    """A disk image of random data (or `body`) whose first line is `marker`."""
+    """A disk image whose first line is `marker`, the rest `body` or, without one, random data."""
+    head = marker.encode() + b"\n"
+    if body is None:
+        body = os.urandom(size - len(head))
+    assert len(head) + len(body) == size, f"an image of {size} bytes cannot hold {len(body)} after {head!r}"
     with open(path, "wb") as image:
-        image.write(marker.encode() + b"\n")
-        remaining = size - image.tell()
-        if body is not None:
-            image.write(body[:remaining])
-            remaining -= min(remaining, len(body))
-        while remaining > 0:
-            chunk = min(remaining, 4 * 2**20)
-            image.write(os.urandom(chunk))
-            remaining -= chunk
+        image.write(head + body)
         os.fsync(image.fileno())
 
 
@@ -197,16 +194,13 @@ def create_seed_layout(fstype: str = "ext4", disk: Path = BLANK_DISKS[0], lv_siz
     return _write_seed_files(fstype, disk)
 
 
-_SEED_CONTENT: list[tuple[str, bytes]] = []
-"""vm1's marker and the random data of its image, made once per pytest session. Every seed layout of a
-session holds the same files, so a test whose first backup of them is the same as an earlier test's can take
-a copy of that test's repository instead (the fault matrix's baseline)."""
-
-
+@functools.cache
 def _seed_content() -> tuple[str, bytes]:
-    if not _SEED_CONTENT:
-        _SEED_CONTENT.append((f"XBMARKER {SEED_VM} {secrets.token_hex(8)}", os.urandom(VM_IMAGE_SIZE)))
-    return _SEED_CONTENT[0]
+    """vm1's marker and the random data of its image, made once per pytest session. Every seed layout of a
+    session holds the same files, so a test whose first backup of them is the same as an earlier test's can
+    take a copy of that test's repository instead (the fault matrix's baseline)."""
+    marker = f"XBMARKER {SEED_VM} {secrets.token_hex(8)}"
+    return marker, os.urandom(VM_IMAGE_SIZE - len(marker.encode()) - 1)
 
 
 def _write_seed_files(fstype: str, disk: Path) -> SeedLayout:
