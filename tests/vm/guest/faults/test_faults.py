@@ -102,8 +102,8 @@ def restore_baseline(key: str) -> bool:
     stamp = BASELINE_COPY / "key"
     if not stamp.is_file() or stamp.read_text() != key:
         return False
+    sh("rm", "-rf", *(str(path) for path in BASELINE_STATE))
     for index, path in enumerate(BASELINE_STATE):
-        sh("rm", "-rf", str(path))
         sh("cp", "-a", str(BASELINE_COPY / str(index)), str(path))
     return True
 
@@ -120,8 +120,9 @@ def keep_baseline(key: str) -> None:
 def baseline(seed_layout, xb: Xb, journal: Journal) -> Iterator[dict[str, str]]:
     """One good backup first, so that every fault is also checked against an earlier backup."""
     hashes = tree_hashes(seed_layout.vmdir)
-    xb.write_config(config())
-    key = json.dumps([hashes, config()], sort_keys=True)
+    text = config()
+    xb.write_config(text)
+    key = json.dumps([hashes, text], sort_keys=True)
     if not restore_baseline(key):
         assert xb.start().returncode == 0, journal.text("-u", "xenbackup@vm1")
         assert len(xb.snapshots("vm:vm1", "mode:files")) == 1
@@ -327,7 +328,7 @@ def test_overflow_discards_the_run(seed_layout, xb: Xb, journal: Journal, baseli
     assert overflow, journal.text("-u", "xenbackup@vm1")
     assert any(e.get("XENBACKUP_SUGGESTED_SIZE") for e in overflow)
     assert xb.snapshots("vm:vm1", "mode:files") == before, "an overflowed run left a restic snapshot"
-    record = json.loads(Path("/var/lib/xenbackup/state/vm1.json").read_text())
+    record = json.loads((STATE_DIR / "vm1.json").read_text())
     assert record["result"] == "overflow" and record["peak_fill"] == 100.0
     xb.write_config(config())
     assert_recovered(xb, journal, seed_layout, tree_hashes(seed_layout.vmdir))
@@ -348,7 +349,7 @@ def test_auto_extend_saves_a_filling_snapshot(seed_layout, xb: Xb, journal: Jour
     assert state == "inactive", text
     extended = [e for e in journal.entries("-u", "xenbackup@vm1.service") if e.get("MESSAGE_ID") == MSG_EXTENDED]
     assert extended, text
-    record = json.loads(Path("/var/lib/xenbackup/state/vm1.json").read_text())
+    record = json.loads((STATE_DIR / "vm1.json").read_text())
     assert record["result"] == "success" and 40 <= record["peak_fill"] < 100
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from vmlib import kvm
 from vmlib.cmd import run, sha256_file
-from vmlib.product import CONFIG, PASSWORD, REPO, TCG_MAX_PAUSE, Journal, Xb, our_mounts, our_snapshots, sh
+from vmlib.product import TCG_MAX_PAUSE, Journal, Xb, our_mounts, our_snapshots, remove_state, sh
 from vmlib.storage import BLANK_DISKS, create_volume_group, remove_volume_group, wait_for_disks
 
 VG = "system"
@@ -135,7 +135,7 @@ def kvm1(libvirtd: float, kvm_disks: KvmDisks) -> Iterator[KvmGuest]:
 def reset_product() -> None:
     sh("systemctl", "stop", UNIT, check=False)
     sh("systemctl", "reset-failed", UNIT, check=False)
-    sh("rm", "-rf", str(REPO), "/var/lib/xenbackup/state", str(CONFIG), str(PASSWORD))
+    remove_state()
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from vmlib.product import (
     MSG_STARTED,
     MSG_SUCCEEDED,
     SLOW_UPLOAD,
+    STATE_DIR,
     Journal,
     Xb,
     ballast,
@@ -88,7 +89,7 @@ def test_unit_backup_stores_origin_bytes_and_leaves_nothing(seed_layout, xb: Xb,
     assert cache.stat().st_mode & 0o777 == 0o600 and cache.stat().st_uid == 0
     key, raw = marshal.loads(cache.read_bytes())
     assert key[1] == str(CONFIG) and key[3] == CONFIG.stat().st_ino and "vm1" in raw["vm"]
-    assert json.loads(Path("/var/lib/xenbackup/state/vm1.json").read_text())["result"] == "success"
+    assert json.loads((STATE_DIR / "vm1.json").read_text())["result"] == "success"
     # The catalog explains the operator-facing events (journalctl -x).
     assert "Backup of VM vm1 succeeded" in journal.text("-x", "-u", "xenbackup@vm1")
     listing = sh("xenbackup", "list", "vm1").stdout

@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from vmlib.product import Journal, Xb, our_mounts, sh
+from vmlib.product import STATE_DIR, Journal, Xb, our_mounts, sh
 
 from xenbackup.thin import SEGMENT_SIZE as SEGMENT  # the installed product's segment size
 
 MiB = 1024 * 1024
 UNIT = "xenbackup@vm1"
-STATE = Path("/var/lib/xenbackup/state")
 
 
 def config(vg: str, lv: str, extra: str = "") -> str:
@@ -139,7 +138,7 @@ def test_second_run_reads_only_the_changed_segment(thin_layout, xb: Xb, tmp_path
     identical(device, Path(f"/dev/{vg}/blkr"), 1024 * MiB)
     assert snap2["id"] != snap1["id"]
     assert our_mounts() == []
-    assert list((STATE / "metadata-snapshots").iterdir()) == []
+    assert list((STATE_DIR / "metadata-snapshots").iterdir()) == []
 
 
 def test_base_gone_or_lv_grown_means_a_full_correct_read(thin_layout, xb: Xb, tmp_path: Path) -> None:
@@ -196,7 +195,7 @@ def test_sigkill_while_holding_the_metadata_snapshot_releases_it(thin_layout, xb
         sh("systemctl", "kill", "--signal=SIGKILL", f"{UNIT}.service")
         xb.wait_inactive()
         assert held_root() == "-"
-        assert list((STATE / "metadata-snapshots").iterdir()) == []
+        assert list((STATE_DIR / "metadata-snapshots").iterdir()) == []
     finally:
         slow.unlink()
         marker.unlink(missing_ok=True)

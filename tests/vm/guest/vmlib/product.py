@@ -17,6 +17,8 @@ CONFIG = Path("/etc/xenbackup/xenbackup.toml")
 REPO = Path("/var/lib/xenbackup/repo")
 PASSWORD = Path("/etc/xenbackup/restic-password")
 STATE_DIR = Path("/var/lib/xenbackup/state")
+STATE = (REPO, STATE_DIR, CONFIG, PASSWORD)
+"""What a test's product state is: repository, run records, config and repository password."""
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 600, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -131,6 +133,11 @@ def scheduled_units() -> list[Path]:
             *Path("/run/systemd/system").glob("xenbackup@*.timer.d")]
 
 
+def remove_state(*more: str) -> None:
+    """Remove the product's state (STATE) and `more` paths, in one rm."""
+    sh("rm", "-rf", *(str(path) for path in STATE), *more)
+
+
 def fresh_product() -> Iterator[Xb]:
     """A clean product state: no repository, no config, no run records; reset afterwards too.
 
@@ -142,8 +149,7 @@ def fresh_product() -> Iterator[Xb]:
         sh("systemctl", "stop", *units, check=False)
         sh("systemctl", "reset-failed", *units, check=False)
         reload = bool(scheduled_units())
-        sh("rm", "-rf", str(REPO), str(STATE_DIR), "/run/systemd/system/xenbackup@vm1.timer.d",
-           str(CONFIG), str(PASSWORD))
+        remove_state("/run/systemd/system/xenbackup@vm1.timer.d")
         if reload:
             sh("systemctl", "daemon-reload")
             assert not scheduled_units(), scheduled_units()

@@ -29,7 +29,7 @@ from vmlib.counterguest import (
     is_paused,
     parse_counter,
 )
-from vmlib.product import CONFIG, PASSWORD, REPO, TCG_MAX_PAUSE, Journal, Xb, our_mounts, our_snapshots, sh
+from vmlib.product import PASSWORD, REPO, TCG_MAX_PAUSE, Journal, Xb, our_mounts, our_snapshots, remove_state, sh
 from vmlib.storage import BLANK_DISKS
 
 UNIT = "xenbackup@db1.service"
@@ -47,7 +47,7 @@ def reset_product() -> None:
     these configs have no schedule, so the generator has nothing to change."""
     for action in ("stop", "reset-failed"):
         sh("systemctl", action, UNIT, check=False)
-    sh("rm", "-rf", str(REPO), "/var/lib/xenbackup/state", str(CONFIG), str(PASSWORD))
+    remove_state()
 
 
 @pytest.fixture
