@@ -257,6 +257,9 @@ SETTINGS_OPTS: dict[str, Opt] = {
     "thin_incremental": Opt(p_bool, False,
                             "block-mode disks on thin LVs: keep the last snapshot as a base and let restic read "
                             "only the 16 MiB segments thin_delta reports changed"),
+    "dmeventd_monitoring": Opt(p_bool, False,
+                               "register classic snapshots with dmeventd (lvcreate --monitor y), e.g. for "
+                               "lvm.conf's snapshot_autoextend; xenbackup's own guard watches and extends them"),
 }
 
 NOTIFY_OPTS: dict[str, Opt] = {
@@ -336,6 +339,7 @@ class Settings:
     verify_read_data_subset: str
     verify_restore_test: bool
     thin_incremental: bool = False
+    dmeventd_monitoring: bool = False
 
 
 @dataclass(frozen=True)

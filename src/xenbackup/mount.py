@@ -45,6 +45,36 @@ EXT_MAGIC = 0xEF53
 EXT_INCOMPAT_RECOVER = 0x0004  # dumpe2fs's "needs_recovery": the journal holds transactions not yet replayed
 
 
+# Superblock fields, as e2fsprogs' ext2_fs.h and the kernel's xfs_format.h define them.
+EXT_COMPAT_HAS_JOURNAL = 0x0004
+EXT3_INCOMPAT = 0x0002 | 0x0004 | 0x0010  # filetype, recover, meta_bg: all an ext3 may have
+EXT3_RO_COMPAT = 0x0001 | 0x0002 | 0x0004  # sparse_super, large_file, btree_dir
+EXT_INCOMPAT_JOURNAL_DEV = 0x0008
+EXT_FLAGS_TEST_FS = 0x0004
+XFS_MAGIC = b"XFSB"
+
+
+def superblock_fstype(head: bytes) -> str | None:
+    """ext2, ext3, ext4 or xfs, told from the device's first 2 KiB as blkid tells them; None for anything
+    else, or for a device that carries both signatures, which blkid then probes.
+
+    A snapshot is mounted inside its own lifetime, and `blkid -p` is one more process there (about 0.1 s
+    under emulation); these two are the filesystems of nearly every VM image."""
+    sb = head[EXT_SUPERBLOCK:EXT_SUPERBLOCK_END]
+    ext = len(sb) >= 0x68 and int.from_bytes(sb[0x38:0x3A], "little") == EXT_MAGIC
+    xfs = head[:4] == XFS_MAGIC
+    if ext == xfs:
+        return None
+    if xfs:
+        return "xfs"
+    compat, incompat, ro_compat = (int.from_bytes(sb[o:o + 4], "little") for o in (0x5C, 0x60, 0x64))
+    if incompat & EXT_INCOMPAT_JOURNAL_DEV or int.from_bytes(sb[0x160:0x164], "little") & EXT_FLAGS_TEST_FS:
+        return None  # an external journal (blkid: jbd), or a test filesystem (ext4dev)
+    if not compat & EXT_COMPAT_HAS_JOURNAL:
+        return "ext2" if not incompat & ~EXT3_INCOMPAT and not ro_compat & ~EXT3_RO_COMPAT else "ext4"
+    return "ext3" if not incompat & ~EXT3_INCOMPAT and not ro_compat & ~EXT3_RO_COMPAT else "ext4"
+
+
 def ext_needs_recovery(head: bytes) -> bool:
     """Whether an ext3/ext4 filesystem's journal needs recovery, from the device's first 2 KiB."""
     sb = head[EXT_SUPERBLOCK:EXT_SUPERBLOCK_END]
@@ -87,6 +117,13 @@ class Mounter:
         self.cmd = commands
 
     def fstype(self, device: str) -> str:
+        try:
+            with open(device, "rb", buffering=0) as dev:
+                known = superblock_fstype(dev.read(EXT_SUPERBLOCK_END))
+        except OSError:
+            known = None  # blkid says what is wrong with the device, in its words
+        if known is not None:
+            return known
         # -p probes the device itself: a brand-new snapshot is not in the udev database yet.
         out = run([self.cmd["blkid"], "-p", "-o", "export", device], check=False)
         for line in out.stdout.splitlines():

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -63,8 +64,17 @@ def test_malformed_reports_name_the_command(text: str) -> None:
 def test_classic_snapshot_argv_is_tagged() -> None:
     argv = Lvm(CMDS).create_snapshot_argv(LvRef("system", "xenvm"), "snap", SnapshotSize(1 << 30),
                                           ["xenbackup", "xenbackup-vm:vm1"])
-    assert argv == ["lvcreate", "--snapshot", "--name", "snap", "--size", f"{1 << 30}b",
+    assert argv == ["lvcreate", "--snapshot", "--name", "snap", "--size", f"{1 << 30}b", "--monitor", "n",
                     "--addtag", "xenbackup", "--addtag", "xenbackup-vm:vm1", "system/xenvm"]
+
+
+def test_dmeventd_monitors_classic_snapshots_only_when_the_host_asks_for_it() -> None:
+    """Unmonitored by default: the overflow guard extends the snapshot itself. `dmeventd_monitoring = true`
+    leaves LVM's own default (lvm.conf), and a thin snapshot, which the pool's monitoring covers, is
+    never told either way."""
+    origin, size = LvRef("system", "xenvm"), SnapshotSize(1 << 30)
+    assert "--monitor" not in Lvm(CMDS, monitor=True).create_snapshot_argv(origin, "snap", size, [])
+    assert "--monitor" not in Lvm(CMDS).create_snapshot_argv(LvRef("thin", "vm2"), "snap", None, [])
 
 
 def test_thin_snapshot_argv_has_no_size_and_is_activated() -> None:
@@ -149,6 +159,17 @@ def test_dm_names_double_the_dashes_as_lvm_does() -> None:
 
     assert dm_name(LvRef("system", "xenvm.xb-vm1-20261130")) == "system-xenvm.xb--vm1--20261130"
     assert dm_name(LvRef("vg-0", "web-01")) == "vg--0-web--01"
+
+
+def test_links_that_are_there_already_are_not_waited_for(fake_bin, tmp_path: Path) -> None:
+    udevadm = fake_bin("udevadm")
+    lvm = Lvm({**CMDS, "udevadm": str(udevadm)})
+    there, missing = tmp_path / "snap-a", tmp_path / "snap-b"
+    there.write_text("")
+    lvm.wait_for([str(there)])
+    assert not fake_bin.calls.exists()
+    lvm.wait_for([str(there), str(missing)])
+    assert fake_bin.calls.read_text().splitlines() == [f"udevadm wait --timeout=10 {there} {missing}"]
 
 
 def test_the_mount_step_waits_for_its_own_links_and_settles_only_without_udevadm_wait(fake_bin) -> None:

@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from xenbackup.mount import Mounter, MountError, ext_needs_recovery, mount_options, parse_mountinfo
+from xenbackup.mount import (
+    Mounter,
+    MountError,
+    ext_needs_recovery,
+    mount_options,
+    parse_mountinfo,
+    superblock_fstype,
+)
 
 MOUNTINFO = (
     "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
@@ -57,3 +64,51 @@ def test_needs_recovery_is_read_from_the_superblock_as_dumpe2fs_shows_it(tmp_pat
 def test_a_device_without_an_ext_superblock_is_an_error() -> None:
     with pytest.raises(MountError):
         ext_needs_recovery(bytes(2048))
+
+
+MKFS = {
+    "ext2": ["mkfs.ext2", "-q", "-F"],
+    "ext3": ["mkfs.ext3", "-q", "-F"],
+    "ext4": ["mkfs.ext4", "-q", "-F"],
+    "ext4-nojournal": ["mkfs.ext4", "-q", "-F", "-O", "^has_journal"],
+    "ext3-as-ext4": ["mkfs.ext4", "-q", "-F", "-t", "ext3"],
+    "journal-device": ["mke2fs", "-q", "-F", "-O", "journal_dev"],
+    "xfs": ["mkfs.xfs", "-q", "-f"],
+    "zeros": [],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MKFS))
+def test_the_superblock_names_the_filesystem_as_blkid_does_or_leaves_it_to_blkid(tmp_path: Path, kind: str) -> None:
+    img = tmp_path / "fs.img"
+    with open(img, "wb") as f:
+        f.truncate(320 << 20)  # mkfs.xfs wants 300 MiB
+    if MKFS[kind]:
+        subprocess.run([*MKFS[kind], str(img)], check=True, capture_output=True)
+    blkid = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", str(img)], capture_output=True, text=True,
+                           check=False).stdout.strip()
+    ours = superblock_fstype(img.read_bytes()[:2048])
+    if kind in ("journal-device", "zeros"):
+        assert ours is None and blkid in ("jbd", "")
+    else:
+        assert ours == blkid and blkid.startswith(("ext", "xfs"))
+
+
+def test_a_device_with_both_signatures_is_left_to_blkid() -> None:
+    head = bytearray(2048)
+    head[:4] = b"XFSB"
+    head[1024 + 0x38:1024 + 0x3A] = (0xEF53).to_bytes(2, "little")
+    assert superblock_fstype(bytes(head)) is None
+
+
+def test_the_mount_asks_blkid_only_for_what_the_superblock_does_not_tell(tmp_path: Path) -> None:
+    blkid = tmp_path / "blkid"
+    blkid.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls'}\necho TYPE=btrfs\n")
+    blkid.chmod(0o755)
+    mounter = Mounter({"blkid": str(blkid)})
+    assert mounter.fstype(str(_ext4_image(tmp_path))) == "ext4"
+    assert not (tmp_path / "calls").exists()
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(4096))
+    assert mounter.fstype(str(other)) == "btrfs"
+    assert (tmp_path / "calls").read_text().split() == ["-p", "-o", "export", str(other)]

@@ -136,6 +136,20 @@ def test_consistency_none_never_touches_the_guest(tools: Path) -> None:
     assert not any(c.startswith(("xl pause", "xl unpause")) for c in calls(tools))
 
 
+@pytest.mark.parametrize("monitored", [False, True])
+def test_the_host_s_dmeventd_setting_reaches_every_classic_lvcreate(tools: Path, monitored: bool) -> None:
+    write_cfg(tools)
+    path = tools / "xenbackup.toml"
+    setting = f"dmeventd_monitoring = {str(monitored).lower()}"
+    path.write_text(path.read_text().replace("[settings]\n", f"[settings]\n{setting}\n"))
+    cfg = config.load(str(path))
+    (tools / "calls").write_text("")
+    backup.step_snapshot(Context.from_config(cfg), cfg.vm("db1"))
+    creates = [c for c in (tools / "calls").read_text().splitlines() if c.startswith("lvcreate")]
+    assert len(creates) == 2
+    assert all(("--monitor n" in c) is not monitored for c in creates), creates
+
+
 def test_a_wrong_repository_password_fails_before_lvm(tools: Path) -> None:
     cfg = write_cfg(tools, password="right\n")
     ctx = Context.from_config(cfg)

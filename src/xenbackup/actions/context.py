@@ -51,7 +51,7 @@ class Context:
     def lvm(self) -> Lvm:
         from ..lvm import Lvm
 
-        return Lvm(self.cfg.commands)
+        return Lvm(self.cfg.commands, monitor=self.cfg.settings.dmeventd_monitoring)
 
     @cached_property
     def mounter(self) -> Mounter:

@@ -186,6 +186,9 @@ def test_sigkill_during_backup_still_runs_cleanup(seed_layout, xb: Xb, journal: 
         time.sleep(0.5)
     assert "% " in status or "%," in status, status
     assert "vm1 system/xenvm" in status and "/s" in status
+    # The overflow guard watches the snapshot, so dmeventd is not asked to (dmeventd_monitoring = false).
+    monitored = sh("lvs", "--noheadings", "-o", "seg_monitor", "@xenbackup").stdout.split("\n")
+    assert [m.strip() for m in monitored if m.strip()] == ["not monitored"], monitored
     sh("systemctl", "kill", "-s", "KILL", "xenbackup@vm1.service")
     assert xb.wait_inactive() == "failed"
     assert our_snapshots() == [] and our_mounts() == []
