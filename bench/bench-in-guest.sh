@@ -17,27 +17,9 @@ now() { date +%s.%N; }
 
 # --- the data set: the seed layout with a mixed-content image and many small files
 bench_volume 1536M
-mkdir -p /mnt/vmbackup /srv/xenvm/vm1/small
+mkdir -p /mnt/vmbackup
 log "writing ${image_mb} MB image and ${small_files} small files"
-python3 - "$image_mb" "$small_files" <<'PY'
-import os, random, sys
-mb, n = int(sys.argv[1]), int(sys.argv[2])
-rnd = random.Random(1)
-with open("/srv/xenvm/vm1/disk.img", "wb") as f:
-    for i in range(mb):
-        kind = i % 4
-        if kind == 0:
-            f.write(os.urandom(1 << 20))                    # incompressible
-        elif kind == 1:
-            f.write(bytes(1 << 20))                         # zeros
-        else:
-            words = [rnd.choice(["xen", "lvm", "restic", "backup", "snapshot", "journal"]) for _ in range(200)]
-            f.write((" ".join(words) * 200).encode()[: 1 << 20].ljust(1 << 20, b"."))
-for i in range(n):
-    with open(f"/srv/xenvm/vm1/small/f{i:05d}.txt", "w") as f:
-        f.write(f"file {i}\n" * rnd.randint(1, 200))
-PY
-sync
+bench_dataset "$image_mb" "$small_files"
 echo 'name = "vm1"' > /etc/xen-vm1.cfg
 
 pw=/root/bench-pw

@@ -24,3 +24,26 @@ bench_config() {  # password file, snapshot_size, then any further lines for [vm
         printf 'disks = [{ lv = "system/xenvm", mode = "files", path = "vm1" }]\n'
     } > /etc/xenbackup/xenbackup.toml
 }
+
+bench_dataset() {  # MB of mixed-content image (¼ random, ¼ zeros, ½ text), number of small files
+    mkdir -p /srv/xenvm/vm1/small
+    python3 - "$1" "$2" <<'PY'
+import os, random, sys
+mb, n = int(sys.argv[1]), int(sys.argv[2])
+rnd = random.Random(1)
+with open("/srv/xenvm/vm1/disk.img", "wb") as f:
+    for i in range(mb):
+        kind = i % 4
+        if kind == 0:
+            f.write(os.urandom(1 << 20))                    # incompressible
+        elif kind == 1:
+            f.write(bytes(1 << 20))                         # zeros
+        else:
+            words = [rnd.choice(["xen", "lvm", "restic", "backup", "snapshot", "journal"]) for _ in range(200)]
+            f.write((" ".join(words) * 200).encode()[: 1 << 20].ljust(1 << 20, b"."))
+for i in range(n):
+    with open(f"/srv/xenvm/vm1/small/f{i:05d}.txt", "w") as f:
+        f.write(f"file {i}\n" * rnd.randint(1, 200))
+PY
+    sync
+}
