@@ -1,4 +1,10 @@
 #!/bin/bash
+# Runs inside the test bed guest (host flavour): what each lvcreate/lvremove option costs inside the
+# copy-on-write window. The window's edges are the kernel's "change" uevents for the origin (its resume with
+# the snapshot-origin table inside lvcreate, and without it inside lvremove), stamped by udevadm monitor on
+# CLOCK_MONOTONIC, the clock the commands are timed with. Six rounds of each variant, every second one after
+# dropping the page cache; results in lvprobe.txt.
+#   tests/vm/run-guest script --flavour host bench/lvprobe-in-guest.sh
 set -uo pipefail
 results=${XBTEST_RESULTS:-/mnt/results}
 . "$(dirname "$0")/guest-volume.sh"
