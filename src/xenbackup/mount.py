@@ -112,16 +112,27 @@ def mounts_below(prefix: str) -> list[MountEntry]:
     return sorted(found, key=lambda m: m.target.count("/"), reverse=True)
 
 
+def _read_head(device: str) -> bytes:
+    with open(device, "rb", buffering=0) as dev:
+        return dev.read(EXT_SUPERBLOCK_END)
+
+
 class Mounter:
     def __init__(self, commands: Mapping[str, str]) -> None:
         self.cmd = commands
 
-    def fstype(self, device: str) -> str:
+    @staticmethod
+    def head(device: str) -> bytes:
+        """The device's first 2 KiB, where ext2/3/4 and xfs keep what the mount needs; b"" when the device
+        cannot be read: blkid says what is wrong with it, in its words."""
         try:
-            with open(device, "rb", buffering=0) as dev:
-                known = superblock_fstype(dev.read(EXT_SUPERBLOCK_END))
+            return _read_head(device)
         except OSError:
-            known = None  # blkid says what is wrong with the device, in its words
+            return b""
+
+    def fstype(self, device: str, head: bytes = b"") -> str:
+        """`head` as head() read it, when the caller has it already; read here otherwise."""
+        known = superblock_fstype(head or self.head(device))
         if known is not None:
             return known
         # -p probes the device itself: a brand-new snapshot is not in the udev database yet.
@@ -132,19 +143,19 @@ class Mounter:
                 return value
         raise MountError(f"{device} holds no filesystem that blkid recognises; use mode = \"block\" for it")
 
-    def journal_dirty(self, device: str, fstype: str) -> bool:
+    def journal_dirty(self, device: str, fstype: str, head: bytes = b"") -> bool:
         if fstype not in ("ext3", "ext4"):
             return False
         # One flag in the superblock: reading it costs a 2 KiB read where dumpe2fs cost a process.
-        with open(device, "rb", buffering=0) as dev:
-            return ext_needs_recovery(dev.read(EXT_SUPERBLOCK_END))
+        return ext_needs_recovery(head or _read_head(device))
 
     def mount_argv(self, device: str, target: str, fstype: str, options: Sequence[str]) -> list[str]:
         return [self.cmd["mount"], "-t", fstype, "-o", ",".join(options), device, target]
 
     def mount(self, device: str, target: str, extra: Sequence[str] = ()) -> MountEntry:
-        fstype = self.fstype(device)
-        opts = mount_options(fstype, self.journal_dirty(device, fstype), extra)
+        head = self.head(device)
+        fstype = self.fstype(device, head)
+        opts = mount_options(fstype, self.journal_dirty(device, fstype, head), extra)
         os.makedirs(target, mode=0o700, exist_ok=True)
         try:
             run(self.mount_argv(device, target, fstype, opts))
