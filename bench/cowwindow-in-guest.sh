@@ -51,7 +51,7 @@ bare() {
     umount /mnt/vmbackup
     lvremove -q -y system/vmbackup
     b=$(up)
-    echo "bare $1 $a $b $(python3 -c 'import json; print(json.load(open("/tmp/bare-summary.json"))["total_duration"])') $a $b" >> $runs
+    echo "bare $1 $a $b $(python3 -c 'import json; print(json.load(open("/tmp/bare-summary.json"))["total_duration"])')" >> $runs
 }
 unit() {  # method name, round; XENBACKUP_CONFIG for the unit from the manager's environment
     local a b
@@ -96,8 +96,8 @@ print(f"{'run':<8} {'wall':>6} {'events':>6} {'kernel':>7} {'lifetime':>8} {'res
 for line in open(runs):
     method, n, a, b, td, *life = line.split()
     a, b, td = float(a), float(b), float(td)
-    # the bare recipe's lifetime is its lvcreate's start to its lvremove's end, as the unit's own figure is
-    lifetime = float(life[1]) - float(life[0]) if method == "bare" else float(life[0])
+    # the bare recipe's lifetime is its run, lvcreate's start to lvremove's end, as the unit's own figure is
+    lifetime = b - a if method == "bare" else float(life[0])
     inside = [t for t in changes if a <= t <= b]
     kernel = inside[-1] - inside[0] if len(inside) >= 2 else float("nan")
     wall = sum(e - s for s, e in restics if a <= s <= b)

@@ -3,7 +3,8 @@
 # copy-on-write window. The window's edges are the kernel's "change" uevents for the origin (its resume with
 # the snapshot-origin table inside lvcreate, and without it inside lvremove), stamped by udevadm monitor on
 # CLOCK_MONOTONIC, the clock the commands are timed with. Six rounds of each variant, every second one after
-# dropping the page cache; results in lvprobe.txt.
+# dropping the page cache; results in lvprobe.txt. The "monitor-n" variant's lvremove runs with --noudevsync
+# too (as the published table was measured), so compare its remove_head with the others' before its cow.
 #   tests/vm/run-guest script --flavour host bench/lvprobe-in-guest.sh
 set -uo pipefail
 results=${XBTEST_RESULTS:-/mnt/results}
