@@ -8,6 +8,9 @@ reporting success, has nothing left to do and exits before it loads anything els
 imports and config fewer per run. Every other case (a failed or stopped run, a marker of another
 invocation or VM, no marker, a step run by hand outside a unit) takes the full cleanup.
 
+The unit's own `ExecStopPost=` makes the same check in a shell before it starts any Python, and runs
+`xenbackup step cleanup VM` only when the check fails; `taken` serves a drop-in that runs the step itself.
+
 Only os is imported here: this module runs before the rest of xenbackup is loaded.
 """
 
@@ -51,7 +54,7 @@ def leave(vm: str, environ: Mapping[str, str] = os.environ) -> None:
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     temporary = f"{path}.tmp"
     with open(temporary, "w", encoding="utf-8") as out:
-        out.write(vm)
+        out.write(f"{vm}\n")  # a line, for the unit's ExecStopPost= shell to `read`
     os.replace(temporary, path)
 
 
@@ -78,7 +81,7 @@ def taken(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> str |
             vm = marker.read()
     except OSError:
         return None
-    if vm != argv[2]:
+    if vm != f"{argv[2]}\n":
         return None
     os.unlink(path)
-    return f"cleanup after result=success: the backup step of {vm} finished the run; nothing left to release"
+    return f"cleanup after result=success: the backup step of {argv[2]} finished the run; nothing left to release"

@@ -594,7 +594,7 @@ def test_a_good_run_is_finished_by_its_backup_step_and_its_cleanup_step_loads_no
     assert record["snapshot_seconds"] is not None and len(record["restic_snapshots"]) == 1
     assert ctx.store.load("web1") is None, "the run state outlived its finished run"
     marker = runtime / ".finished" / INVOCATION
-    assert marker.read_text() == "web1"
+    assert marker.read_text() == "web1\n"
 
     (tools / "calls").write_text("")
     seen = tools / "modules.json"
@@ -636,6 +636,88 @@ def test_every_other_cleanup_takes_the_full_path(tmp_path: Path, argv: list[str]
         None if marker is None else
         "cleanup after result=success: the backup step of web1 finished the run; nothing left to release")
     assert list((tmp_path / ".finished").iterdir() if marker else []) == []
+
+
+UNIT = Path(__file__).parents[2] / "units" / "xenbackup@.service"
+
+
+def unit_stop_post(instance: str) -> list[str]:
+    """The unit's ExecStopPost= as systemd runs it for `instance`: continuation lines joined, words split,
+    `$$` and the specifiers resolved (an unknown specifier fails the test)."""
+    import re
+    import shlex
+
+    text = UNIT.read_text().replace("\\\n", " ")
+    (line,) = [entry for entry in text.splitlines() if entry.startswith("ExecStopPost=")]
+    specifiers = {"i": instance, "%": "%"}
+    return [re.sub(r"%(.)", lambda m: specifiers[m[1]], word).replace("$$", "$")
+            for word in shlex.split(line.partition("=")[2])]
+
+
+def run_stop_post(tmp_path: Path, instance: str, environ: dict[str, str]) -> tuple[str, str]:
+    """Runs the unit's ExecStopPost= with `xenbackup` on PATH a script that notes its arguments; returns
+    what the line wrote to stderr and the arguments `xenbackup` got ("" when it was not started)."""
+    import subprocess
+
+    bindir = tmp_path / "stop-post-bin"
+    bindir.mkdir(exist_ok=True)
+    called = tmp_path / "xenbackup-called"
+    called.write_text("")
+    fake = bindir / "xenbackup"
+    fake.write_text(f'#!/bin/sh\necho "$*" > {called}\n')
+    fake.chmod(0o755)
+    done = subprocess.run(unit_stop_post(instance), env={"PATH": f"{bindir}:/usr/bin:/bin", **environ},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stderr, called.read_text().strip()
+
+
+def test_the_unit_confirms_a_finished_run_in_a_shell_without_starting_python(
+        tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The marker the backup step leaves is read by the unit's own ExecStopPost= line, which then starts no
+    interpreter at all."""
+    runtime, ctx, _ = run_in_a_unit(tools, monkeypatch)
+    record = ctx.store.read_record("web1")
+    environ = {"INVOCATION_ID": INVOCATION, "RUNTIME_DIRECTORY": str(runtime), "SERVICE_RESULT": "success"}
+    (tools / "calls").write_text("")
+    stderr, called = run_stop_post(tools, "web1", environ)
+    assert stderr == "cleanup after result=success: the backup step of web1 finished the run; nothing left to release\n"
+    assert called == "" and not (tools / "calls").read_text()
+    assert list((runtime / ".finished").iterdir()) == []
+    assert ctx.store.read_record("web1") == record
+
+
+@pytest.mark.parametrize(("instance", "env", "marker"), [
+    ("web1", {}, "web1"),                                  # the one case for the short path
+    ("web1", {"SERVICE_RESULT": "exit-code"}, "web1"),     # the unit failed after all
+    ("web1", {"SERVICE_RESULT": "signal"}, "web1"),
+    ("web1", {"SERVICE_RESULT": "timeout"}, "web1"),
+    ("web1", {"INVOCATION_ID": "f" * 32}, "web1"),         # another invocation's run
+    ("web1", {"INVOCATION_ID": ""}, "web1"),
+    ("web2", {}, "web1"),                                  # another VM's run
+    ("web1", {}, "web1x"),
+    ("web1", {}, None),                                    # the backup step left the run to cleanup
+    ("web1", {"RUNTIME_DIRECTORY": ""}, "web1"),           # not in a unit
+])
+def test_the_unit_s_stop_line_and_the_cleanup_step_agree_on_when_a_run_is_finished(
+        tmp_path: Path, instance: str, env: dict[str, str], marker: str | None) -> None:
+    """Every case but a good run's own marker starts `xenbackup step cleanup VM`, and the shell line takes
+    the short path exactly when the step's own check (for a drop-in that runs the step itself) would."""
+    from xenbackup import handoff
+
+    environ = {"INVOCATION_ID": INVOCATION, "RUNTIME_DIRECTORY": str(tmp_path), "SERVICE_RESULT": "success"}
+    finished = tmp_path / ".finished"
+    if marker is not None:
+        handoff.leave(marker, environ)
+    stderr, called = run_stop_post(tmp_path, instance, {**environ, **env})
+    short = called == ""
+    assert short == (marker == instance and not env), (stderr, called)
+    assert called in ("", f"step cleanup {instance}")
+    assert list(finished.iterdir() if finished.exists() else []) == ([] if short or marker is None
+                                                                     else [finished / INVOCATION])
+    if marker is not None:
+        handoff.leave(marker, environ)
+    assert (handoff.taken(["step", "cleanup", instance], {**environ, **env}) is not None) == short
 
 
 def test_a_run_with_more_to_clean_up_is_left_to_the_cleanup_step(tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:

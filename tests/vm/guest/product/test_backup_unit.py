@@ -78,9 +78,12 @@ def test_unit_backup_stores_origin_bytes_and_leaves_nothing(seed_layout, xb: Xb,
     assert {e.get("XENBACKUP_PHASE") for e in ours} >= {"snapshot", "mount", "backup", "cleanup"}
     ids = [e.get("MESSAGE_ID") for e in ours]
     assert MSG_STARTED in ids and MSG_SUCCEEDED in ids and MSG_FAILED not in ids
-    # The backup step finished the good run; the cleanup step found its invocation's marker and loaded nothing.
+    # The backup step finished the good run; the unit's ExecStopPost= shell found its invocation's marker
+    # and started no interpreter.
     assert [e.get("XENBACKUP_PHASE") for e in ours if e.get("MESSAGE_ID") == MSG_SUCCEEDED] == ["cleanup"]
-    assert "the backup step of vm1 finished the run; nothing left to release" in journal.text("-u", "xenbackup@vm1")
+    (confirmed,) = [e for e in entries if str(e.get("MESSAGE", "")).endswith(
+        "the backup step of vm1 finished the run; nothing left to release")]
+    assert confirmed.get("_EXE") == os.path.realpath("/bin/sh"), confirmed.get("_EXE")
     assert list(Path("/run/xenbackup/.finished").iterdir()) == []
     assert_head_start_taken(ours, journal)
     # A later step kept what tomllib made of the config for the next one: the run outlasted the 2 s a
