@@ -10,6 +10,7 @@ fake state directories in a scratch directory; nothing touches LVM or a reposito
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -94,6 +95,11 @@ def main() -> int:
         cfg = write_fleet(scratch, args.vms)
         env = {**os.environ, "XENBACKUP_CONFIG": str(cfg)}
         env.pop("JOURNAL_STREAM", None)
+        # The package's launcher starts each step without `site` and puts the package's directory on
+        # sys.path itself; PYTHONPATH does that here, so a .pth of the machine's own Python is not counted.
+        spec = importlib.util.find_spec("xenbackup")
+        assert spec is not None and spec.origin is not None
+        bare_env = {**env, "PYTHONPATH": str(Path(spec.origin).parents[1])}
         cli_probe = scratch / "cli_probe.py"
         cli_probe.write_text(CLI_PROBE)
         gen_probe = scratch / "gen_probe.py"
@@ -111,7 +117,7 @@ def main() -> int:
         verbs += [("status", [py, str(cli_probe), "status", "--json"])]
         print(f"python {sys.version.split()[0]}; interpreter start (python3 -c pass): "
               f"{median_wall([py, '-c', 'pass'], env, args.repeat) * 1000:.0f} ms")
-        print(f"{'verb':<16} {'imports (ms)':>12} {'wall (ms)':>10}")
+        print(f"{'verb':<16} {'imports (ms)':>12} {'wall (ms)':>10} {'imports -S (ms)':>16}")
         for label, argv in [*verbs, ("generator", [])]:
             def make() -> list[str]:
                 return generator_argv() if label == "generator" else argv  # noqa: B023
@@ -119,7 +125,10 @@ def main() -> int:
                 import_ms(run_timed([py, "-X", "importtime", *make()[1:]], env)[1].stderr)
                 for _ in range(args.repeat))
             wall = statistics.median(run_timed(make(), env)[0] for _ in range(args.repeat))
-            print(f"{label:<16} {imports:>12.0f} {wall * 1000:>10.0f}")
+            bare = statistics.median(
+                import_ms(run_timed([py, "-S", "-X", "importtime", *make()[1:]], bare_env)[1].stderr)
+                for _ in range(args.repeat))
+            print(f"{label:<16} {imports:>12.0f} {wall * 1000:>10.0f} {bare:>16.0f}")
         status_s, status = run_timed([py, str(cli_probe), "status", "--json"], env)
         rows = json.loads(status.stdout or "[]")
         if len(rows) != args.vms:
