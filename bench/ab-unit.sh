@@ -14,6 +14,13 @@ ab_setup() {
     xenbackup init >/dev/null
 }
 
+ab_dropin() {  # the drop-in text for xenbackup@vm1.service, or nothing for the unit as packaged
+    local dir=/run/systemd/system/xenbackup@vm1.service.d
+    mkdir -p "$dir"
+    if [ -n "${1:-}" ]; then printf '%s' "$1" > "$dir/ab.conf"; else rm -f "$dir/ab.conf"; fi
+    systemctl daemon-reload
+}
+
 lifetime() {  # the last run's XENBACKUP_SNAPSHOT_SECONDS
     journalctl -u xenbackup@vm1.service -o json -n 200 | python3 -c '
 import json, sys

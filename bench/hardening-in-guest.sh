@@ -9,16 +9,13 @@ set -euo pipefail
 results=${XBTEST_RESULTS:-/mnt/results}
 . "$(dirname "$0")/ab-unit.sh"
 ab_setup
-dropin=/run/systemd/system/xenbackup@vm1.service.d
 use() {
-    mkdir -p "$dropin"
-    rm -f "$dropin/ab.conf"
     case "$1" in
-    nofilter) printf '[Service]\nSystemCallFilter=\n' > "$dropin/ab.conf" ;;
-    noseccomp) printf '[Service]\nSystemCallFilter=\nSystemCallArchitectures=\nRestrictAddressFamilies=\n%s\n' \
-        'RestrictNamespaces=no' 'LockPersonality=no' 'RestrictRealtime=no' > "$dropin/ab.conf" ;;
+    nofilter) ab_dropin "$(printf '[Service]\nSystemCallFilter=\n')" ;;
+    noseccomp) ab_dropin "$(printf '%s\n' '[Service]' SystemCallFilter= SystemCallArchitectures= \
+        RestrictAddressFamilies= RestrictNamespaces=no LockPersonality=no RestrictRealtime=no)" ;;
+    *) ab_dropin "" ;;
     esac
-    systemctl daemon-reload
 }
 ab_runs nofilter packaged nofilter "${1:-5}" "${2:-4}"
 ab_runs noseccomp packaged noseccomp "${1:-5}" "${2:-4}"

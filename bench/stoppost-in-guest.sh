@@ -10,15 +10,12 @@ results=${XBTEST_RESULTS:-/mnt/results}
 . "$(dirname "$0")/ab-unit.sh"
 ab_setup
 
-dropin=/run/systemd/system/xenbackup@vm1.service.d
 use() {
-    mkdir -p "$dropin"
     if [ "$1" = python ]; then
-        printf '[Service]\nExecStopPost=\nExecStopPost=xenbackup step cleanup %%i\n' > "$dropin/ab.conf"
+        ab_dropin "$(printf '[Service]\nExecStopPost=\nExecStopPost=xenbackup step cleanup %%i\n')"
     else
-        rm -f "$dropin/ab.conf"
+        ab_dropin ""
     fi
-    systemctl daemon-reload
 }
 ab_runs stoppost shell python "${1:-8}" "${2:-4}"
 # From the backup step's verdict to the unit's end, per run: what the stop line costs after the snapshot is gone.
