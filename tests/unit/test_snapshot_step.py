@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -654,33 +655,28 @@ def unit_stop_post(instance: str) -> list[str]:
             for word in shlex.split(line.partition("=")[2])]
 
 
-def run_stop_post(tmp_path: Path, instance: str, environ: dict[str, str]) -> tuple[str, str]:
-    """Runs the unit's ExecStopPost= with `xenbackup` on PATH a script that notes its arguments; returns
-    what the line wrote to stderr and the arguments `xenbackup` got ("" when it was not started)."""
+def run_stop_post(fake_bin: Any, instance: str, environ: dict[str, str]) -> tuple[str, str]:
+    """Runs the unit's ExecStopPost= with a fake `xenbackup` (conftest's fake_bin) on PATH; returns what the
+    line wrote to stderr and the command line `xenbackup` was started with ("" when it was not started)."""
     import subprocess
 
-    bindir = tmp_path / "stop-post-bin"
-    bindir.mkdir(exist_ok=True)
-    called = tmp_path / "xenbackup-called"
-    called.write_text("")
-    fake = bindir / "xenbackup"
-    fake.write_text(f'#!/bin/sh\necho "$*" > {called}\n')
-    fake.chmod(0o755)
-    done = subprocess.run(unit_stop_post(instance), env={"PATH": f"{bindir}:/usr/bin:/bin", **environ},
+    fake_bin("xenbackup")
+    fake_bin.calls.unlink(missing_ok=True)
+    done = subprocess.run(unit_stop_post(instance), env={"PATH": f"{fake_bin.dir}:/usr/bin:/bin", **environ},
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
-    return done.stderr, called.read_text().strip()
+    return done.stderr, fake_bin.calls.read_text().strip() if fake_bin.calls.exists() else ""
 
 
 def test_the_unit_confirms_a_finished_run_in_a_shell_without_starting_python(
-        tools: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tools: Path, fake_bin: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The marker the backup step leaves is read by the unit's own ExecStopPost= line, which then starts no
     interpreter at all."""
     runtime, ctx, _ = run_in_a_unit(tools, monkeypatch)
     record = ctx.store.read_record("web1")
     environ = {"INVOCATION_ID": INVOCATION, "RUNTIME_DIRECTORY": str(runtime), "SERVICE_RESULT": "success"}
     (tools / "calls").write_text("")
-    stderr, called = run_stop_post(tools, "web1", environ)
+    stderr, called = run_stop_post(fake_bin, "web1", environ)
     assert stderr == "cleanup after result=success: the backup step of web1 finished the run; nothing left to release\n"
     assert called == "" and not (tools / "calls").read_text()
     assert list((runtime / ".finished").iterdir()) == []
@@ -700,7 +696,7 @@ def test_the_unit_confirms_a_finished_run_in_a_shell_without_starting_python(
     ("web1", {"RUNTIME_DIRECTORY": ""}, "web1"),           # not in a unit
 ])
 def test_the_unit_s_stop_line_and_the_cleanup_step_agree_on_when_a_run_is_finished(
-        tmp_path: Path, instance: str, env: dict[str, str], marker: str | None) -> None:
+        tmp_path: Path, fake_bin: Any, instance: str, env: dict[str, str], marker: str | None) -> None:
     """Every case but a good run's own marker starts `xenbackup step cleanup VM`, and the shell line takes
     the short path exactly when the step's own check (for a drop-in that runs the step itself) would."""
     from xenbackup import handoff
@@ -709,10 +705,10 @@ def test_the_unit_s_stop_line_and_the_cleanup_step_agree_on_when_a_run_is_finish
     finished = tmp_path / ".finished"
     if marker is not None:
         handoff.leave(marker, environ)
-    stderr, called = run_stop_post(tmp_path, instance, {**environ, **env})
+    stderr, called = run_stop_post(fake_bin, instance, {**environ, **env})
     short = called == ""
     assert short == (marker == instance and not env), (stderr, called)
-    assert called in ("", f"step cleanup {instance}")
+    assert called in ("", f"xenbackup step cleanup {instance}")
     assert list(finished.iterdir() if finished.exists() else []) == ([] if short or marker is None
                                                                      else [finished / INVOCATION])
     if marker is not None:
